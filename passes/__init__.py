@@ -1,0 +1,53 @@
+"""The pass pipeline. Each pass is `(gm, settings) -> gm`, one job, one file.
+
+PREPARE runs on the traced ANN before calibration (the graph still computes the ANN exactly);
+LOWER runs after thresholds are set and turns it into the time-folded spiking graph.
+OPTIONAL passes may be switched off (convert(..., passes=[...])); the others are required.
+`print(snnconv.passes.describe())` lists the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from snnconv.passes.broadcast_input import broadcast_input
+from snnconv.passes.commute_maxpool import commute_maxpool
+from snnconv.passes.fold_batchnorm import fold_batchnorm
+from snnconv.passes.functionalize_inplace import functionalize_inplace
+from snnconv.passes.hoist_static_input import hoist_static_input
+from snnconv.passes.lower_activations import lower_activations
+from snnconv.passes.remove_identity import remove_identity
+
+Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
+
+PREPARE: list[Pass] = [functionalize_inplace, remove_identity, lower_activations, commute_maxpool]
+LOWER: list[Pass] = [fold_batchnorm, broadcast_input, hoist_static_input]
+OPTIONAL = {"fold_batchnorm", "hoist_static_input"}
+
+
+def enabled(p: Pass, settings) -> bool:
+    return p.__name__ not in OPTIONAL or settings.passes is None or p.__name__ in settings.passes
+
+
+def run(passes: list[Pass], gm: fx.GraphModule, settings, log: list | None = None) -> fx.GraphModule:
+    """Run each enabled pass; `log` collects (pass name, graph code after it)."""
+    for p in passes:
+        if not enabled(p, settings):
+            continue
+        gm = p(gm, settings)
+        gm.graph.lint()
+        if log is not None:
+            log.append((p.__name__, gm.code))
+    return gm
+
+
+def describe() -> str:
+    lines = []
+    for stage, passes in (("prepare", PREPARE), ("lower", LOWER)):
+        for i, p in enumerate(passes, 1):
+            opt = " (optional)" if p.__name__ in OPTIONAL else ""
+            doc = (p.__module__ and __import__(p.__module__, fromlist=["_"]).__doc__ or "").strip()
+            lines.append(f"{stage} {i}. {p.__name__}{opt}: {doc.splitlines()[0] if doc else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Every ReLU-like activation node (module, function, method, in-place, ReLU6, clamp(0, a)) becomes a
+call of one Neuron module. In ANN mode the Neuron computes the same clamp, so calibration sees the ANN."""
+
+import torch.fx as fx
+
+from snnconv.runtime.modules import Neuron
+from snnconv.trace import activation_clip
+
+
+def add_neuron(gm: fx.GraphModule, settings, anchor: fx.Node, source: fx.Node, clip) -> fx.Node:
+    """Insert `_snn.<name>(source)` after `anchor`; the module carries the node's name for reports."""
+    name = f"_snn.{anchor.name}"
+    while True:
+        try:
+            gm.get_submodule(name)
+            name += "_"
+        except AttributeError:
+            break
+    gm.add_submodule(name, Neuron(settings.clock, settings.neuron, clip))
+    with gm.graph.inserting_after(anchor):
+        new = gm.graph.call_module(name, (source,))
+    new.meta.update(snn_kind="neuron", stack_trace=anchor.stack_trace)
+    new.stack_trace = anchor.stack_trace
+    return new
+
+
+def lower_activations(gm: fx.GraphModule, settings) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if node.meta.get("snn_kind") != "activation":
+            continue
+        _, clip = activation_clip(node, gm)
+        neuron = add_neuron(gm, settings, node, node.args[0], None if clip is None else float(clip))
+        node.replace_all_uses_with(neuron)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm

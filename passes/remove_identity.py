@@ -1,0 +1,26 @@
+"""Dropout (identity at inference), nn.Identity, `contiguous` and dead nodes leave the graph."""
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+
+
+def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _IDENTITY_MODULES)
+    if node.op == "call_function":
+        return node.target in _IDENTITY_FUNCTIONS
+    return node.op == "call_method" and node.target == "contiguous"
+
+
+def remove_identity(gm: fx.GraphModule, settings) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if _is_identity(node, gm):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

@@ -1,0 +1,141 @@
+"""The modules a converted graph calls. None holds a persistent tensor, so none adds a state_dict key.
+
+Every module shares one `Clock`: the SpikingModel sets it before running the graph, so one graph serves
+the ANN (calibration), layer-by-layer runs over any number of steps, and step-by-step streaming.
+Inside the graph, tensors after the first neuron carry time folded into the batch: [steps * N, ...].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from snnconv.runtime import get_backend
+
+
+@dataclass
+class Clock:
+    mode: str = "ann"          # 'ann': behave as the ANN (calibration); 'snn': spiking dynamics
+    steps: int = 1             # time steps this graph call covers
+    input_static: bool = True  # the input is one [N, ...] tensor fed at every step (direct encoding)
+    backend: str = "auto"
+
+
+@dataclass
+class NeuronConfig:
+    kind: str = "if"           # 'if' or 'lif'
+    reset: str = "soft"        # 'soft' (subtract threshold) or 'hard' (set to v_reset)
+    v_reset: float = 0.0
+    v_init: float = 0.5        # initial membrane, as a fraction of the threshold
+    tau: float = 2.0           # LIF time constant: decay = 1 - 1/tau
+
+    @property
+    def decay(self) -> float:
+        return 1.0 - 1.0 / self.tau if self.kind == "lif" else 1.0
+
+
+class Neuron(nn.Module):
+    """Replaces one ReLU-like activation clamp(x, 0, clip).
+
+    ANN mode: computes the activation itself and feeds an observer (calibration).
+    SNN mode: integrate-and-fire (or LIF) with threshold `threshold`, spikes valued `threshold`.
+    """
+
+    def __init__(self, clock: Clock, config: NeuronConfig, clip: float | None = None):
+        super().__init__()
+        self.clock, self.config, self.clip = clock, config, clip
+        self.register_buffer("threshold", torch.tensor(1.0), persistent=False)
+        self.static_input = False   # set by the hoisting pass: input is the same at every step
+        self.observer = None
+        self.v: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        th = self.threshold
+        th = f"{th.item():.4g}" if th.numel() == 1 else f"per-channel[{th.numel()}]"
+        return f"{self.config.kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}"
+
+    def reset(self) -> None:
+        self.v = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clock.mode == "ann":
+            y = torch.clamp(x, 0, self.clip) if self.clip is not None else torch.relu(x)
+            if self.observer is not None:
+                self.observer(y)
+            return y
+        steps = self.clock.steps
+        static = self.static_input and self.clock.input_static
+        shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
+        x_in = x if static else x.view(steps, *shape)
+        theta = self.threshold
+        if theta.dim() > 0:  # per-channel: [C] -> broadcast over the channel dim (dim 1 of [N, C, ...])
+            theta = theta.view(-1, *([1] * (len(shape) - 2)))
+        if self.v is None or self.v.shape != shape:
+            state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            self.v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous()
+        out = torch.empty((steps, *shape), dtype=x.dtype, device=x.device)
+        cfg = self.config
+        get_backend(self.clock.backend, x.device)(
+            x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
+            v_reset=cfg.v_reset, decay=cfg.decay, out=out)
+        return out.view(steps * shape[0], *shape[1:])
+
+
+class SpikeMaxPool(nn.Module):
+    """Max pooling placed on the analog input of a neuron (the prepare pass moves it there).
+
+    On an input that is the same at every step it is plain max pooling. On a time-varying input the max
+    of per-step values over-estimates the max of their averages, so each step passes on the current value
+    at the position whose running sum is largest: the output's average converges to the input average
+    at the argmax, the ANN's max of the average input.
+    """
+
+    def __init__(self, clock: Clock, pool_kwargs: dict, dims: int):
+        super().__init__()
+        self.clock, self.pool_kwargs, self.dims = clock, pool_kwargs, dims
+        self.static_input = False
+        self.acc: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.pool_kwargs.items())
+
+    def reset(self) -> None:
+        self.acc = None
+
+    def _pool(self, x: torch.Tensor, **extra) -> torch.Tensor:
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
+        return fn(x, **self.pool_kwargs, **extra)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clock.mode == "ann" or (self.static_input and self.clock.input_static):
+            return self._pool(x)
+        steps = self.clock.steps
+        xs = x.view(steps, x.shape[0] // steps, *x.shape[1:])
+        if self.acc is None or self.acc.shape != xs.shape[1:]:
+            self.acc = torch.zeros(xs.shape[1:], dtype=torch.float32, device=x.device)
+        outs = []
+        for t in range(steps):
+            self.acc += xs[t]
+            _, idx = self._pool(self.acc, return_indices=True)
+            outs.append(xs[t].flatten(2).gather(2, idx.flatten(2)).view(idx.shape))
+        return torch.cat(outs, 0)
+
+
+class TimeBroadcast(nn.Module):
+    """Turns a step-invariant [N, ...] tensor into [steps * N, ...] where it meets time-varying ones."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock = clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clock.mode == "ann" or not self.clock.input_static or self.clock.steps == 1:
+            return x
+        return x.unsqueeze(0).expand(self.clock.steps, *x.shape).reshape(-1, *x.shape[1:])
+
+
+def stateful_modules(root: nn.Module):
+    return [m for m in root.modules() if isinstance(m, (Neuron, SpikeMaxPool))]

@@ -1,0 +1,12 @@
+"""snnconv: convert trained PyTorch ANNs into spiking neural networks that keep their weights.
+
+    snn = snnconv.convert(model, T=8, calib=data)
+    y = snn(x)                      # mean output over T steps, ANN-shaped
+"""
+
+from snnconv.convert import convert
+from snnconv.errors import ConversionError
+from snnconv.model import SpikingModel
+
+__all__ = ["convert", "ConversionError", "SpikingModel"]
+__version__ = "0.1.0"

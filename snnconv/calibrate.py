@@ -1,0 +1,91 @@
+"""Calibration: run the prepared graph as the ANN, observe each neuron's activation, pick thresholds.
+
+Like quantize_fx's observers: a `Stats` object hangs on every Neuron while calibration data flows.
+Thresholds are the activation's max or a high percentile (robust to rare outliers), per layer or per
+channel, capped by the activation's own clip (ReLU6 -> 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from snnconv.errors import ConversionError
+from snnconv.runtime.modules import Neuron
+
+_SAMPLE = 1 << 18  # values per batch and channel-set fed to quantile (torch.quantile caps input size)
+
+
+class Stats:
+    def __init__(self, per_channel: bool, q: float):
+        self.per_channel, self.q = per_channel, q
+        self.max: torch.Tensor | None = None
+        self.quantiles: list[torch.Tensor] = []
+
+    def __call__(self, y: torch.Tensor) -> None:
+        y = y.detach().float()
+        flat = y.transpose(0, 1).reshape(y.shape[1], -1) if self.per_channel and y.dim() > 1 else y.reshape(1, -1)
+        if flat.shape[1] > _SAMPLE:
+            flat = flat[:, torch.randint(flat.shape[1], (_SAMPLE,), device=flat.device)]
+        m = flat.amax(dim=1)
+        self.max = m if self.max is None else torch.maximum(self.max, m)
+        self.quantiles.append(torch.quantile(flat, self.q, dim=1))
+
+    def threshold(self, method: str) -> torch.Tensor:
+        value = self.max if method == "max" else torch.stack(self.quantiles).mean(0)
+        return value if self.per_channel else value.reshape(())
+
+
+def batches(calib, limit: int | None) -> Iterator[torch.Tensor]:
+    """Calibration inputs from a tensor [M, ...], an iterable of tensors, or a loader yielding (x, y, ...)."""
+    if isinstance(calib, torch.Tensor):
+        source: Iterable = calib.split(128)
+    elif isinstance(calib, Iterable):
+        source = calib
+    else:
+        raise ConversionError(f"calib must be a tensor, an iterable of tensors or a DataLoader, got "
+                              f"{type(calib).__name__}")
+    for i, item in enumerate(source):
+        if limit is not None and i >= limit:
+            return
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(x, dict):
+            raise ConversionError("calibration batches that are dicts are not supported; yield x or (x, y)")
+        if not isinstance(x, torch.Tensor):
+            raise ConversionError(f"calibration batch {i} is a {type(x).__name__}, not a tensor")
+        if x.numel() == 0:
+            continue
+        if not torch.isfinite(x).all():
+            raise ConversionError(f"calibration batch {i} contains NaN or Inf; clean the data first")
+        yield x
+
+
+def calibrate(gm, settings, calib, limit: int | None, check) -> None:
+    """Observe every Neuron over the calibration data and set its threshold. `check(x, y)` validates the
+    prepared graph's output against the ANN on the first batch."""
+    neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
+    q = settings.percentile / 100.0
+    for n in neurons:
+        n.observer = Stats(settings.per_channel, q)
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in batches(calib, limit):
+                y = gm(x)
+                if seen == 0:
+                    check(x, y)
+                seen += 1
+    finally:
+        observers = [n.observer for n in neurons]
+        for n in neurons:
+            n.observer = None
+    if seen == 0:
+        raise ConversionError("calibration data is empty: pass calib= a tensor or DataLoader of inputs "
+                              "(a few hundred training samples), or threshold=<float> for a data-free "
+                              "conversion")
+    for n, stats in zip(neurons, observers):
+        th = stats.threshold(settings.threshold_method)
+        if n.clip is not None:
+            th = th.clamp(max=n.clip)
+        n.threshold = torch.where(th > 0, th, torch.ones_like(th)).to(n.threshold.device)

@@ -1,0 +1,114 @@
+"""convert(): trace -> prepare passes -> calibrate -> lower passes -> SpikingModel."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from snnconv import passes as pipeline
+from snnconv.calibrate import batches, calibrate
+from snnconv.errors import ConversionError
+from snnconv.model import SpikingModel
+from snnconv.runtime import backend_names
+from snnconv.runtime.modules import Neuron, NeuronConfig
+from snnconv.settings import Settings
+from snnconv.trace import annotate, trace
+
+
+def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk):
+    def bad(msg):
+        raise ConversionError(msg)
+    if not isinstance(T, int) or isinstance(T, bool) or T <= 0:
+        bad(f"T must be a positive integer number of time steps, got {T!r}")
+    if neuron not in ("if", "lif"):
+        bad(f"neuron must be 'if' or 'lif', got {neuron!r}")
+    if reset not in ("soft", "hard"):
+        bad(f"reset must be 'soft' (subtract threshold) or 'hard' (to v_reset), got {reset!r}")
+    if method not in ("max", "percentile"):
+        bad(f"method must be 'max' or 'percentile', got {method!r}")
+    if not 0 < percentile <= 100:
+        bad(f"percentile must be in (0, 100], got {percentile!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0):
+        bad(f"threshold must be a positive number, got {threshold!r}")
+    if backend not in backend_names():
+        bad(f"backend must be one of {backend_names()}, got {backend!r}")
+    if not 0 <= v_init <= 1:
+        bad(f"v_init is a fraction of the threshold in [0, 1], got {v_init!r}")
+    if tau <= 1:
+        bad(f"tau must be > 1 (decay = 1 - 1/tau), got {tau!r}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
+        bad(f"chunk must be a positive number of steps or None, got {chunk!r}")
+
+
+def _adopt(gm, ann: nn.Module) -> None:
+    """Point the GraphModule at the ANN's own module tree, so passes and the SNN share every module."""
+    gm._parameters, gm._buffers, gm._modules = ann._parameters, ann._buffers, ann._modules
+    gm._non_persistent_buffers_set = ann._non_persistent_buffers_set
+
+
+def _output_check(ann: nn.Module):
+    def check(x, y):
+        ref = ann(x)
+        ys, refs = (y, ref) if isinstance(y, (tuple, list)) else ((y,), (ref,))
+        for a, b in zip(ys, refs):
+            if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()):
+                raise ConversionError(
+                    "the traced graph does not reproduce the model's own output (max difference "
+                    f"{(a - b).abs().max().item():.3g}): forward() likely depends on state or Python values "
+                    "that tracing froze; make forward() a pure function of its input")
+    return check
+
+
+def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None = None,
+            method: str = "percentile", percentile: float = 99.99, per_channel: bool = False,
+            neuron: str = "if", reset: str = "soft", v_reset: float = 0.0, v_init: float = 0.5,
+            tau: float = 2.0, passes: list[str] | None = None, chunk: int | None = None,
+            backend: str = "auto", calib_batches: int | None = 64, example_input: torch.Tensor | None = None,
+            ) -> SpikingModel:
+    """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
+
+    calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
+    come from it (method 'percentile' of `percentile`, or 'max'; per layer, or per channel).
+    threshold: a fixed threshold for every neuron instead (data-free; `example_input` then gives shapes).
+    neuron 'if' or 'lif' (decay 1 - 1/tau); reset 'soft' (subtract) or 'hard' (to v_reset);
+    v_init: initial membrane as a fraction of the threshold (0.5: theta/2).
+    passes: the optional passes to run (default all; [] for none); chunk: steps per chunk.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk)
+    unknown = set(passes or ()) - pipeline.OPTIONAL
+    if unknown:
+        raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
+    if calib is None:
+        if threshold is None:
+            raise ConversionError("no calibration data: pass calib= a tensor or DataLoader of inputs (a few "
+                                  "hundred training samples), or threshold=<float> for a data-free conversion")
+        if example_input is None:
+            raise ConversionError("a data-free conversion (threshold=...) needs example_input= one input batch")
+        calib = example_input
+    settings = Settings(T=T, neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
+                        threshold_method="fixed" if threshold is not None else method, percentile=percentile,
+                        per_channel=per_channel, fixed_threshold=threshold,
+                        passes=None if passes is None else tuple(passes), chunk=chunk)
+    settings.clock.backend = backend
+
+    ann = copy.deepcopy(model).eval()  # the user's model is never touched
+    gm = annotate(trace(ann))
+    _adopt(gm, ann)
+    log = [("trace", gm.code)]
+    gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
+    first = next(batches(calib, 1), None)
+    if first is None:
+        raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
+    calibrate(gm, settings, calib, calib_batches, _output_check(ann))
+    if threshold is not None:
+        for m in gm.modules():
+            if isinstance(m, Neuron):
+                m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
+    gm = pipeline.run(pipeline.LOWER, gm, settings, log)
+    snn = SpikingModel(ann, gm, settings, input_ndim=first.dim())
+    snn.pass_log = log
+    return snn

@@ -1,0 +1,148 @@
+"""SpikingModel: the converted network. It adopts the ANN's own module tree, so its state_dict keys and
+values are the ANN's; the spiking graph runs over that same tree, T steps per call."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from snnconv.errors import ConversionError
+from snnconv.runtime.modules import Neuron, stateful_modules
+from snnconv.settings import Settings
+
+
+def _map(fn, y):
+    if isinstance(y, torch.Tensor):
+        return fn(y)
+    if isinstance(y, (tuple, list)):
+        return type(y)(_map(fn, v) for v in y)
+    if isinstance(y, dict):
+        return {k: _map(fn, v) for k, v in y.items()}
+    return y
+
+
+class SpikingModel(nn.Module):
+    """A spiking twin of an ANN. `snn(x)` takes the ANN's input [N, ...] and returns the ANN-shaped output
+    averaged over T steps.
+
+    - `snn(x, time_major=True)`: x is [T, N, ...], a different input at each step.
+    - `snn(x, per_step=True)`: return the per-step outputs [T, N, ...] instead of their mean.
+    - `snn.step_mode = 's'`: each call is one step (streaming); call `snn.reset()` between samples.
+    """
+
+    def __init__(self, ann: nn.Module, gm: fx.GraphModule, settings: Settings, input_ndim: int):
+        super().__init__()
+        self._parameters, self._buffers, self._modules = ann._parameters, ann._buffers, ann._modules
+        self._non_persistent_buffers_set = ann._non_persistent_buffers_set
+        self.__dict__["graph_module"] = gm  # not a child: its modules are ours already
+        self.settings, self.input_ndim = settings, input_ndim
+        self.step_mode = "m"
+        self.pass_log: list[tuple[str, str]] = []
+
+    @property
+    def T(self) -> int:
+        return self.settings.T
+
+    @T.setter
+    def T(self, value: int) -> None:
+        if not isinstance(value, int) or value <= 0:
+            raise ConversionError(f"T must be a positive integer, got {value!r}")
+        self.settings.T = value
+
+    def reset(self) -> None:
+        """Clear every neuron's membrane (and pooling state) before a new sample in step mode 's'."""
+        for m in stateful_modules(self):
+            m.reset()
+
+    def neurons(self) -> dict[str, Neuron]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, Neuron)}
+
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        return {name: n.threshold.detach().clone() for name, n in self.neurons().items()}
+
+    def _check_input(self, x, time_major: bool) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ConversionError(f"input must be a tensor, got {type(x).__name__}")
+        want = self.input_ndim + (1 if time_major else 0)
+        if x.dim() != want:
+            layout = "[T, N, ...]" if time_major else "[N, ...]"
+            raise ConversionError(f"input has {x.dim()} dims {tuple(x.shape)}, expected {want} ({layout} as in "
+                                  "calibration); for a time-major input pass time_major=True")
+        if not x.is_floating_point():
+            raise ConversionError(f"input dtype {x.dtype} is not floating point; convert with x.float()")
+        if not torch.isfinite(x).all():
+            raise ConversionError("input contains NaN or Inf")
+
+    def _run(self, x: torch.Tensor, steps: int, input_static: bool):
+        clock = self.settings.clock
+        clock.mode, clock.steps, clock.input_static = "snn", steps, input_static
+        try:
+            return self.graph_module(x)
+        finally:
+            clock.mode = "ann"
+
+    def forward(self, x: torch.Tensor, *, time_major: bool = False, per_step: bool = False):
+        if self.step_mode not in ("m", "s"):
+            raise ConversionError(f"step_mode must be 'm' or 's', got {self.step_mode!r}")
+        self._check_input(x, time_major and self.step_mode == "m")
+        with torch.no_grad():
+            if self.step_mode == "s":
+                return self._run(x, 1, True)
+            self.reset()
+            T = x.shape[0] if time_major else self.T
+            n = x.shape[1] if time_major else x.shape[0]
+            chunk = self.settings.chunk or T
+            total, outs = None, []
+            for t0 in range(0, T, chunk):
+                steps = min(chunk, T - t0)
+                xin = x[t0:t0 + steps].flatten(0, 1) if time_major else x
+                y = _map(lambda a: a.view(steps, n, *a.shape[1:]), self._run(xin, steps, not time_major))
+                if per_step:
+                    outs.append(y)
+                else:
+                    s = _map(lambda a: a.sum(0), y)
+                    total = s if total is None else _map_pair(total, s)
+            self.reset()
+            if per_step:
+                return outs[0] if len(outs) == 1 else _cat(outs)
+            return _map(lambda a: a / T, total)
+
+    def conversion_state(self) -> dict:
+        """Everything the conversion decided that is not a weight (JSON-able): T, options, thresholds."""
+        return {"settings": self.settings.to_dict(),
+                "thresholds": {k: v.tolist() for k, v in self.thresholds().items()}}
+
+    def load_conversion_state(self, state: dict) -> None:
+        neurons = self.neurons()
+        missing = set(neurons) ^ set(state["thresholds"])
+        if missing:
+            raise ConversionError(f"conversion state does not match this graph: neurons {sorted(missing)}")
+        s = Settings.from_dict(state["settings"])
+        for f in ("T", "threshold_method", "percentile", "per_channel", "fixed_threshold", "chunk"):
+            setattr(self.settings, f, getattr(s, f))
+        self.settings.neuron.__dict__.update(s.neuron.__dict__)
+        self.settings.clock.backend = s.clock.backend
+        for name, n in neurons.items():
+            n.threshold = torch.tensor(state["thresholds"][name], dtype=torch.float32,
+                                       device=n.threshold.device)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, step_mode={self.step_mode!r}, neurons={len(self.neurons())}"
+
+
+def _map_pair(a, b):
+    if isinstance(a, torch.Tensor):
+        return a + b
+    if isinstance(a, (tuple, list)):
+        return type(a)(_map_pair(u, v) for u, v in zip(a, b))
+    return {k: _map_pair(a[k], b[k]) for k in a}
+
+
+def _cat(outs: list):
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs, 0)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([o[i] for o in outs]) for i in range(len(first)))
+    return {k: _cat([o[k] for o in outs]) for k in first}

@@ -1,0 +1,37 @@
+"""Everything a conversion decides that is not a weight: lives outside the state_dict, saved as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from snnconv.runtime.modules import Clock, NeuronConfig
+
+
+@dataclass
+class Settings:
+    T: int = 8
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    threshold_method: str = "percentile"   # 'max', 'percentile', or 'fixed'
+    percentile: float = 99.99
+    per_channel: bool = False
+    fixed_threshold: float | None = None
+    passes: tuple[str, ...] | None = None  # optional passes to run; None: all
+    chunk: int | None = None               # time steps per layer-by-layer chunk; None: all T at once
+    clock: Clock = field(default_factory=Clock, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("clock")
+        d["backend"] = self.clock.backend
+        d["passes"] = list(self.passes) if self.passes is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Settings:
+        d = dict(d)
+        backend = d.pop("backend", "auto")
+        d["neuron"] = NeuronConfig(**d["neuron"])
+        d["passes"] = tuple(d["passes"]) if d.get("passes") is not None else None
+        s = cls(**d)
+        s.clock.backend = backend
+        return s

@@ -1,0 +1,180 @@
+"""Front end: torch.fx tracing with an explicit leaf policy, and the table of ops a converted SNN can run.
+
+Leaf policy: built-in torch.nn modules (Conv, BatchNorm, ReLU, pools, ...) stay single `call_module`
+nodes; containers and the user's own modules are traced through, so every op is visible to the passes.
+Every node gets `node.meta["snn_kind"]`: 'activation' (becomes a neuron), 'maxpool', 'linear' (stateless
+and linear in its tensor inputs, safe on time-folded batches), or 'value' (shape arithmetic).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from snnconv.errors import ConversionError, describe, frame_of
+
+CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_LINEAR_MODULES = CONV_LINEAR + BATCHNORM + (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.ChannelShuffle)
+_LINEAR_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten, torch.cat,
+    torch.concat, torch.add, torch.sub, operator.add, operator.sub, operator.iadd, operator.neg,
+    operator.getitem, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.transpose, torch.chunk,
+    torch.split, torch.unsqueeze, torch.squeeze, torch.reshape, torch.permute, F.pad, torch.channel_shuffle,
+    F.channel_shuffle if hasattr(F, "channel_shuffle") else torch.channel_shuffle, torch.mean,
+    operator.mul, operator.truediv, torch.mul, torch.div,
+}
+_LINEAR_METHODS = {"view", "reshape", "flatten", "add", "add_", "sub", "contiguous", "transpose", "permute",
+                   "chunk", "split", "unsqueeze", "squeeze", "mean", "mul", "div", "__getitem__", "neg",
+                   "view_as", "reshape_as", "expand_as"}
+_VALUE_METHODS = {"size", "dim", "numel", "__len__"}
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh, F.hardtanh_,
+                  torch.clamp, torch.clip, torch.clamp_min}
+_ACT_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
+_MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
+
+_HINTS = {
+    "sigmoid": "sigmoid is not a ReLU-like activation: integrate-and-fire neurons cannot represent it",
+    "tanh": "tanh takes negative values: integrate-and-fire neurons cannot represent it",
+    "gelu": "GELU is not piecewise linear: retrain with nn.ReLU",
+    "silu": "SiLU/Swish is not piecewise linear: retrain with nn.ReLU",
+    "hardswish": "Hardswish multiplies the input by a gate: retrain with nn.ReLU",
+    "hardsigmoid": "Hardsigmoid gates are multiplicative: retrain with nn.ReLU",
+    "softmax": "softmax over a time-varying input differs from softmax of the rate; drop it from the "
+               "model (argmax is unchanged) and apply it to snn(x) afterwards",
+    "layer_norm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
+    "layernorm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
+    "mul": "product of two time-varying tensors (gating): a spiking network cannot multiply rates",
+    "leaky": "LeakyReLU passes negative values: use nn.ReLU",
+    "elu": "ELU passes negative values: use nn.ReLU",
+    "maxpool": "max pooling of spikes with return_indices / dilation / ceil_mode is not supported",
+}
+
+
+class _Tracer(fx.Tracer):
+    """fx's default leaf rule (torch.nn built-ins are leaves, Sequential is traced) with stack traces on."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace `model`; a failure becomes a ConversionError naming the user's source line."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = frame_of(exc)
+        fix = ("move data-dependent Python control flow (if/for on tensor values) out of forward(), "
+               "or into a submodule that contains no activation and mark it a leaf")
+        raise ConversionError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+                              f"  at {where}\n  fix: {fix}") from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | None]:
+    """(is a ReLU-like activation, its upper clip or None) for one node."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.ReLU6):
+            return True, 6.0
+        if isinstance(m, nn.Hardtanh):
+            return m.min_val == 0, float(m.max_val)
+        return isinstance(m, nn.ReLU), None
+    if node.target in (F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_"):
+        return True, None
+    if node.target is F.relu6:
+        return True, 6.0
+    if node.target in (F.hardtanh, F.hardtanh_):
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+        return lo == 0, hi
+    if node.target in (torch.clamp_min, "clamp_min", "clamp_min_"):
+        return _arg(node, 1, "min") == 0, None
+    if node.target in (torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_"):
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        return lo == 0 and (hi is None or isinstance(hi, (int, float))), hi
+    return False, None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a.meta.get("snn_kind") != "value"]
+
+
+def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
+    """(kind, reason): kind is None for an op the SNN cannot run, with the reason why."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return "linear", ""
+    t = node.target
+    if node.op == "call_module":
+        m = gm.get_submodule(t)
+        name = type(m).__name__
+        if isinstance(m, _ACT_MODULES):
+            ok, _ = activation_clip(node, gm)
+            return ("activation", "") if ok else (None, f"{name} with min_val != 0 takes negative values")
+        if isinstance(m, MAXPOOL_MODULES):
+            ok = not m.return_indices and m.dilation in (1, (1,), (1, 1), (1, 1, 1))
+            return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
+        if isinstance(m, _LINEAR_MODULES):
+            return "linear", ""
+        return None, _HINTS.get(name.lower(), f"module type {name} has no spiking equivalent")
+    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    tensor_inputs = _tensor_args(node)
+    if node.op == "call_method" and t in _VALUE_METHODS:
+        return "value", ""
+    if node.op == "call_function" and t is getattr and node.args[1] in ("shape", "ndim", "dtype", "device"):
+        return "value", ""
+    if not tensor_inputs and node.op == "call_function" and t.__module__ in ("_operator", "operator"):
+        return "value", ""
+    if t in _ACT_FUNCTIONS or t in _ACT_METHODS:
+        ok, _ = activation_clip(node, gm)
+        return ("activation", "") if ok else (None, "clamp/hardtanh must have min=0 and a constant max")
+    if t in _MAXPOOL_FUNCTIONS:
+        ok = not _arg(node, 6, "return_indices", False) and _arg(node, 4, "dilation", 1) in (1, (1, 1))
+        return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
+    if t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div") and len(tensor_inputs) > 1:
+        return None, _HINTS["mul"]
+    if t in (torch.mean, "mean"):
+        dims = _arg(node, 1, "dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        if dims is None or 0 in dims:
+            return None, "mean over the batch dimension (or over all dims) mixes samples; give dim=(2, 3)"
+    if t in _LINEAR_FUNCTIONS or t in _LINEAR_METHODS:
+        return "linear", ""
+    key = name.lower().strip("_")
+    return None, _HINTS.get(key, f"op {name} has no spiking equivalent")
+
+
+def annotate(gm: fx.GraphModule) -> fx.GraphModule:
+    """Set node.meta['snn_kind'] on every node; raise one ConversionError listing every unsupported op."""
+    problems = []
+    for node in gm.graph.nodes:
+        kind, reason = _classify(node, gm)
+        if kind is None:
+            problems.append(f"  - {describe(node)}\n      why: {reason}")
+            kind = "linear"
+        node.meta["snn_kind"] = kind
+    if problems:
+        raise ConversionError(
+            f"{type(gm).__name__}: {len(problems)} op(s) cannot be converted to a spiking network:\n"
+            + "\n".join(problems)
+            + "\n  fix: replace them with supported ops (ReLU-like activations, conv/linear/BN, "
+            "avg/max pooling, add, cat, flatten/view) or retrain without them")
+    return gm
