@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch.fx as fx
-
 from snnconv.passes.broadcast_input import broadcast_input
 from snnconv.passes.commute_maxpool import commute_maxpool
 from snnconv.passes.fold_batchnorm import fold_batchnorm
@@ -48,6 +47,6 @@ def describe() -> str:
     for stage, passes in (("prepare", PREPARE), ("lower", LOWER)):
         for i, p in enumerate(passes, 1):
             opt = " (optional)" if p.__name__ in OPTIONAL else ""
-            doc = (p.__module__ and __import__(p.__module__, fromlist=["_"]).__doc__ or "").strip()
+            doc = ((p.__module__ and __import__(p.__module__, fromlist=["_"]).__doc__) or "").strip()
             lines.append(f"{stage} {i}. {p.__name__}{opt}: {doc.splitlines()[0] if doc else ''}")
     return "\n".join(lines)

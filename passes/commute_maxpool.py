@@ -7,9 +7,9 @@ which is plain pooling on step-invariant input and rate-gated pooling on time-va
 
 import torch.fx as fx
 import torch.nn.functional as F
-
 from snnconv.passes.lower_activations import add_neuron
 from snnconv.runtime.modules import Neuron, SpikeMaxPool
+
 from snnconv.trace import MAXPOOL_MODULES
 
 _FN_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}

@@ -2,8 +2,8 @@
 call of one Neuron module. In ANN mode the Neuron computes the same clamp, so calibration sees the ANN."""
 
 import torch.fx as fx
-
 from snnconv.runtime.modules import Neuron
+
 from snnconv.trace import activation_clip
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from snnconv.runtime import get_backend
 
 

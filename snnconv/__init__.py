@@ -8,5 +8,5 @@ from snnconv.convert import convert
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
 
-__all__ = ["convert", "ConversionError", "SpikingModel"]
+__all__ = ["ConversionError", "SpikingModel", "convert"]
 __version__ = "0.1.0"

@@ -97,7 +97,7 @@ class SpikingModel(nn.Module):
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
                 xin = x[t0:t0 + steps].flatten(0, 1) if time_major else x
-                y = _map(lambda a: a.view(steps, n, *a.shape[1:]), self._run(xin, steps, not time_major))
+                y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self._run(xin, steps, not time_major))
                 if per_step:
                     outs.append(y)
                 else:
