@@ -34,9 +34,9 @@ def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
         name = f"_snn.{node.name}"
         gm.add_submodule(name, SpikeMaxPool(settings.clock, kwargs, dims))
         src = node.args[0]
-        neuron = None
+        neuron, neuron_node = None, None
         if src.op == "call_module" and isinstance(gm.get_submodule(src.target), Neuron):
-            neuron, src = gm.get_submodule(src.target), src.args[0]
+            neuron, neuron_node, src = gm.get_submodule(src.target), src, src.args[0]
         with gm.graph.inserting_after(node):
             pooled = gm.graph.call_module(name, (src,))
         pooled.meta["snn_kind"], pooled.stack_trace = "maxpool", node.stack_trace
@@ -45,6 +45,9 @@ def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
             out = add_neuron(gm, settings, pooled, pooled, neuron.clip)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
+        if neuron_node is not None and not neuron_node.users:  # the pooled neuron replaced it entirely
+            gm.graph.erase_node(neuron_node)
+            gm.delete_submodule(neuron_node.target)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

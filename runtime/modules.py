@@ -87,9 +87,9 @@ class SpikeMaxPool(nn.Module):
     """Max pooling placed on the analog input of a neuron (the prepare pass moves it there).
 
     On an input that is the same at every step it is plain max pooling. On a time-varying input the max
-    of per-step values over-estimates the max of their averages, so each step passes on the current value
-    at the position whose running sum is largest: the output's average converges to the input average
-    at the argmax, the ANN's max of the average input.
+    of per-step values over-estimates the max of their averages, so it pools the running sum instead and
+    emits its increment: out[t] = maxpool(sum x[:t+1]) - maxpool(sum x[:t]). The outputs up to any step
+    then sum to exactly the max pool of the inputs' sum, the ANN's max of the average input.
     """
 
     def __init__(self, clock: Clock, pool_kwargs: dict, dims: int):
@@ -97,16 +97,17 @@ class SpikeMaxPool(nn.Module):
         self.clock, self.pool_kwargs, self.dims = clock, pool_kwargs, dims
         self.static_input = False
         self.acc: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.pool_kwargs.items())
 
     def reset(self) -> None:
-        self.acc = None
+        self.acc = self.prev = None
 
-    def _pool(self, x: torch.Tensor, **extra) -> torch.Tensor:
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
-        return fn(x, **self.pool_kwargs, **extra)
+        return fn(x, **self.pool_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clock.mode == "ann" or (self.static_input and self.clock.input_static):
@@ -114,13 +115,16 @@ class SpikeMaxPool(nn.Module):
         steps = self.clock.steps
         xs = x.view(steps, x.shape[0] // steps, *x.shape[1:])
         if self.acc is None or self.acc.shape != xs.shape[1:]:
-            self.acc = torch.zeros(xs.shape[1:], dtype=torch.float32, device=x.device)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            self.acc = torch.zeros(xs.shape[1:], dtype=dtype, device=x.device)
+            self.prev = None
         outs = []
         for t in range(steps):
             self.acc += xs[t]
-            _, idx = self._pool(self.acc, return_indices=True)
-            outs.append(xs[t].flatten(2).gather(2, idx.flatten(2)).view(idx.shape))
-        return torch.cat(outs, 0)
+            pooled = self._pool(self.acc)
+            outs.append(pooled if self.prev is None else pooled - self.prev)
+            self.prev = pooled
+        return torch.cat(outs, 0).to(x.dtype)
 
 
 class TimeBroadcast(nn.Module):

@@ -43,14 +43,18 @@ def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_i
 
 
 def _adopt(gm, ann: nn.Module) -> None:
-    """Point the GraphModule at the ANN's own module tree, so passes and the SNN share every module."""
-    gm._parameters, gm._buffers, gm._modules = ann._parameters, ann._buffers, ann._modules
+    """Point the GraphModule at the ANN's own modules, so passes and the SNN share every one of them. The
+    top-level dict is a copy: modules the passes add must not show up in the ANN (a Sequential runs them)."""
+    gm._parameters, gm._buffers, gm._modules = ann._parameters, ann._buffers, dict(ann._modules)
     gm._non_persistent_buffers_set = ann._non_persistent_buffers_set
 
 
-def _output_check(ann: nn.Module):
+def _output_check(ann: nn.Module, first: torch.Tensor):
+    with torch.no_grad():
+        ref_first = ann(first)
+
     def check(x, y):
-        ref = ann(x)
+        ref = ref_first
         ys, refs = (y, ref) if isinstance(y, (tuple, list)) else ((y,), (ref,))
         for a, b in zip(ys, refs):
             if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()):
@@ -96,19 +100,20 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     settings.clock.backend = backend
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
+    first = next(batches(calib, 1), None)
+    if first is None:
+        raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
+    check = _output_check(ann, first)
     gm = annotate(trace(ann))
     _adopt(gm, ann)
     log = [("trace", gm.code)]
     gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
-    first = next(batches(calib, 1), None)
-    if first is None:
-        raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
-    calibrate(gm, settings, calib, calib_batches, _output_check(ann))
+    calibrate(gm, settings, calib, calib_batches, check)
     if threshold is not None:
         for m in gm.modules():
             if isinstance(m, Neuron):
                 m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
     gm = pipeline.run(pipeline.LOWER, gm, settings, log)
-    snn = SpikingModel(ann, gm, settings, input_ndim=first.dim())
+    snn = SpikingModel(gm, settings, input_ndim=first.dim())
     snn.pass_log = log
     return snn

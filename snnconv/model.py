@@ -1,4 +1,4 @@
-"""SpikingModel: the converted network. It adopts the ANN's own module tree, so its state_dict keys and
+"""SpikingModel: the converted network. It adopts the ANN's own modules, so its state_dict keys and
 values are the ANN's; the spiking graph runs over that same tree, T steps per call."""
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ class SpikingModel(nn.Module):
     - `snn.step_mode = 's'`: each call is one step (streaming); call `snn.reset()` between samples.
     """
 
-    def __init__(self, ann: nn.Module, gm: fx.GraphModule, settings: Settings, input_ndim: int):
+    def __init__(self, gm: fx.GraphModule, settings: Settings, input_ndim: int):
         super().__init__()
-        self._parameters, self._buffers, self._modules = ann._parameters, ann._buffers, ann._modules
-        self._non_persistent_buffers_set = ann._non_persistent_buffers_set
+        self._parameters, self._buffers, self._modules = gm._parameters, gm._buffers, gm._modules
+        self._non_persistent_buffers_set = gm._non_persistent_buffers_set
         self.__dict__["graph_module"] = gm  # not a child: its modules are ours already
         self.settings, self.input_ndim = settings, input_ndim
         self.step_mode = "m"

@@ -1,0 +1,52 @@
+"""Small networks the tests convert: every supported op form appears in at least one."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ResCatNet(nn.Module):
+    """Conv/BN stem, a residual block (`+=`, torch.add), a cat branch, max/avg pooling, view head."""
+
+    def __init__(self, c=8, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(2)
+        self.a1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.a2 = nn.Conv2d(c, c, 3, padding=1)
+        self.b1 = nn.Conv2d(c, c // 2, 1)
+        self.b2 = nn.Conv2d(c, c // 2, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(2 * c * 4 * 4, classes)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        y = F.relu(self.bn1(self.a1(x)))
+        y = self.a2(y)
+        y += x
+        x = torch.relu(y)
+        z = torch.cat([self.b1(x).relu(), F.relu6(self.b2(x))], dim=1)
+        x = torch.add(x, z)
+        x = F.adaptive_avg_pool2d(torch.clamp(x, min=0), 4)
+        x = self.drop(x)
+        x = torch.cat([x, x * 0.5], 1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def notebook_net(seed: int = 0, C: int = 8) -> nn.Module:
+    """The seeds' notebook net (Linear-IF-Linear-IF) as its ANN: Linear-ReLU-Linear-ReLU."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(C, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).eval()
