@@ -1,0 +1,133 @@
+"""Every unsupported form gives a ConversionError naming the op, the graph node and the user's line."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import snnconv
+from snnconv import ConversionError
+
+
+def _net(body):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.ln = nn.LayerNorm(4)
+            self.gelu = nn.GELU()
+
+        def forward(self, x):
+            return body(self, self.fc(x))
+    return Net().eval()
+
+
+CASES = {
+    "sigmoid": (lambda s, h: torch.sigmoid(h), "sigmoid"),
+    "gelu_module": (lambda s, h: s.gelu(h), "GELU"),
+    "silu": (lambda s, h: F.silu(h), "silu"),
+    "tanh_method": (lambda s, h: h.tanh(), "tanh"),
+    "softmax": (lambda s, h: F.relu(h).softmax(-1), "softmax"),
+    "layernorm": (lambda s, h: s.ln(h), "LayerNorm"),
+    "gating": (lambda s, h: F.relu(h) * torch.sigmoid(h), "mul"),
+    "leaky": (lambda s, h: F.leaky_relu(h), "leaky_relu"),
+    "clamp_negative": (lambda s, h: h.clamp(-1, 1), "clamp"),
+    "mean_over_batch": (lambda s, h: F.relu(h).mean(0, keepdim=True), "mean"),
+    "global_mean": (lambda s, h: F.relu(h).mean(), "mean"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_unsupported_op_names_node_and_line(case):
+    body, op = CASES[case]
+    with pytest.raises(ConversionError) as info:
+        snnconv.convert(_net(body), T=4, calib=torch.randn(8, 4))
+    msg = str(info.value)
+    assert op in msg, msg
+    assert re.search(r"%\w+ : \[num_users=\d+\] = call_", msg), msg          # the graph node
+    assert "test_errors.py" in msg and "line" in msg, msg                      # the user's source line
+    assert "fix:" in msg
+
+
+def test_every_offending_op_listed_in_one_message():
+    with pytest.raises(ConversionError) as info:
+        snnconv.convert(_net(lambda s, h: torch.sigmoid(s.gelu(h)) + F.silu(h)), T=4, calib=torch.randn(8, 4))
+    msg = str(info.value)
+    assert "3 op(s)" in msg and "sigmoid" in msg and "GELU" in msg and "silu" in msg
+
+
+def test_data_dependent_control_flow():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if h.sum() > 0:  # data-dependent branch
+                return F.relu(h)
+            return h
+
+    with pytest.raises(ConversionError) as info:
+        snnconv.convert(Net(), T=4, calib=torch.randn(8, 4))
+    msg = str(info.value)
+    assert "cannot trace" in msg and "if h.sum() > 0" in msg and "test_errors.py" in msg and "fix:" in msg
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"T": 0}, "T must be a positive integer"),
+    ({"T": 2.5}, "T must be a positive integer"),
+    ({"neuron": "izhikevich"}, "neuron must be"),
+    ({"reset": "none"}, "reset must be"),
+    ({"method": "mean"}, "method must be"),
+    ({"percentile": 150}, "percentile"),
+    ({"backend": "triton"}, "backend must be"),
+    ({"v_init": 2}, "v_init"),
+    ({"passes": ["no_such_pass"]}, "unknown passes"),
+    ({"threshold": -1.0}, "threshold must be"),
+])
+def test_bad_options(kwargs, fragment):
+    kwargs = {"T": 4, **kwargs}
+    with pytest.raises(ConversionError, match=fragment):
+        snnconv.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), calib=torch.randn(8, 4), **kwargs)
+
+
+def test_missing_or_empty_calibration():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ConversionError, match="no calibration data"):
+        snnconv.convert(model, T=4)
+    with pytest.raises(ConversionError, match="empty"):
+        snnconv.convert(model, T=4, calib=[])
+    with pytest.raises(ConversionError, match="empty"):
+        snnconv.convert(model, T=4, calib=torch.empty(0, 4))
+    with pytest.raises(ConversionError, match="NaN"):
+        snnconv.convert(model, T=4, calib=torch.tensor([[float("nan")] * 4]))
+    with pytest.raises(ConversionError, match="nn.Module"):
+        snnconv.convert("model.pth", T=4, calib=torch.randn(8, 4))
+
+
+def test_bad_inputs_at_run_time():
+    snn = snnconv.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), T=4, calib=torch.randn(8, 4))
+    with pytest.raises(ConversionError, match="expected 2"):
+        snn(torch.randn(2, 3, 4))
+    with pytest.raises(ConversionError, match="NaN"):
+        snn(torch.full((2, 4), float("inf")))
+    with pytest.raises(ConversionError, match="floating point"):
+        snn(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ConversionError, match="T must be"):
+        snn.T = -3
+    snn.step_mode = "x"
+    with pytest.raises(ConversionError, match="step_mode"):
+        snn(torch.randn(2, 4))
+
+
+def test_calibration_loader_forms():
+    """A tensor, a list of tensors and a DataLoader of (x, y) give the same thresholds."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(256, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(256)), batch_size=128)
+    ths = [snnconv.convert(model, T=4, calib=c).thresholds() for c in (x, list(x.split(128)), loader)]
+    for th in ths[1:]:
+        assert all(torch.allclose(th[k], ths[0][k]) for k in th)
