@@ -24,7 +24,7 @@ def user_source_line(stack_trace: str | None) -> str:
         if line.startswith("File ") and not any(s in line for s in _INTERNAL):
             code = frames[i + 1] if i + 1 < len(frames) and not frames[i + 1].startswith("File ") else ""
             best = f"{line[5:]}: {code}" if code else line[5:]
-    return best or frames[-1]
+    return best or frames[0]
 
 
 def frame_of(exc: BaseException) -> str:
