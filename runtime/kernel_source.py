@@ -1,0 +1,103 @@
+"""The CUDA neuron kernel's source and variants: one place that names them for NVRTC, nvcc and the host build."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+SOURCE = KERNEL_DIR / "neuron.cu"
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def name(dtype: str, static: bool, soft: bool, leak: bool, count: bool) -> str:
+    b = lambda f: "true" if f else "false"  # noqa: E731
+    return f"snn_neuron<{DTYPES[dtype]}, {b(static)}, {b(soft)}, {b(leak)}, {b(count)}>"
+
+
+def all_variants() -> list[tuple]:
+    return [(d, *flags) for d in DTYPES for flags in itertools.product((False, True), repeat=4)]
+
+
+def instantiations() -> str:
+    """Explicit template instantiations of every variant (for ahead-of-time PTX and host builds)."""
+    lines = []
+    for v in all_variants():
+        n = name(*v)
+        t = "float" if v[0] == "float32" else "snn_u16"
+        lines.append(f"template __global__ void {n}(const {t}*, {t}*, float*, const float*, float*, long long, "
+                     "int, int, long long, float, float);")
+    return "\n".join(lines)
+
+
+def full_source() -> str:
+    """The kernel source with every variant instantiated (what ahead-of-time compilers build)."""
+    return SOURCE.read_text() + "\n" + instantiations() + "\n"
+
+
+def ptx_with_nvcc(arch: str, nvcc: str = "nvcc") -> str:
+    """Compile every variant to PTX with nvcc for `arch` (e.g. 'sm_90'); needs no GPU."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        src, ptx = Path(d) / "neuron_all.cu", Path(d) / "neuron.ptx"
+        src.write_text(full_source())
+        proc = subprocess.run([nvcc, "-std=c++17", "-ptx", f"-arch={arch}", "-o", str(ptx), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {arch}:\n{proc.stderr}")
+        return ptx.read_text()
+
+
+def ptx_with_nvrtc(arch: str) -> str:
+    """Compile every variant to PTX with NVRTC (pip package nvidia-cuda-nvrtc-cu12); needs no GPU."""
+    import ctypes
+    import glob
+    import os
+
+    import nvidia.cuda_nvrtc as pkg  # the pip package's namespace
+
+    libs = [p for d in pkg.__path__ for p in glob.glob(os.path.join(d, "lib", "libnvrtc.so*"))]
+    if not libs:
+        raise RuntimeError("libnvrtc not found in the nvidia-cuda-nvrtc-cu12 package")
+    lib = ctypes.CDLL(sorted(libs)[0])
+    prog = ctypes.c_void_p()
+    src = full_source().encode()
+
+    def check(code, what, log=False):
+        if code != 0:
+            detail = ""
+            if log:
+                n = ctypes.c_size_t()
+                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+                buf = ctypes.create_string_buffer(n.value)
+                lib.nvrtcGetProgramLog(prog, buf)
+                detail = buf.value.decode(errors="replace")
+            raise RuntimeError(f"NVRTC {what} failed (code {code}) for {arch}:\n{detail}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"neuron.cu", 0, None, None), "create")
+    opts = [b"-std=c++17", f"--gpu-architecture=compute_{arch.split('_')[1]}".encode()]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    try:
+        check(lib.nvrtcCompileProgram(prog, len(opts), arr), "compile", log=True)
+        n = ctypes.c_size_t()
+        check(lib.nvrtcGetPTXSize(prog, ctypes.byref(n)), "get PTX size")
+        buf = ctypes.create_string_buffer(n.value)
+        check(lib.nvrtcGetPTX(prog, buf), "get PTX")
+        return buf.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def host_library_source() -> str:
+    """C++ that wraps every variant in an extern "C" host launcher `snn_host_<i>` (index in all_variants)."""
+    out = ['#define SNN_HOST 1', '#include "neuron.cu"']
+    for i, v in enumerate(all_variants()):
+        t = "float" if v[0] == "float32" else "snn_u16"
+        out.append(
+            f'extern "C" void snn_host_{i}(const {t}* x, {t}* out, float* v, const float* th, float* count, '
+            "long long M, int steps, int C, long long inner, float v_reset, float decay, int threads) {\n"
+            f"  SNN_HOST_LAUNCH(({name(*v)}), (M + threads - 1) / threads, threads, "
+            "x, out, v, th, count, M, steps, C, inner, v_reset, decay);\n}")
+    return "\n".join(out) + "\n"

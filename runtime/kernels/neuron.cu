@@ -1,0 +1,74 @@
+// Fused multi-step spiking neuron: one thread per neuron, the membrane in a register for all steps.
+// Reads each input once (once in all if STATIC: the same input every step), writes each output once.
+// Arithmetic matches runtime/torch_backend.py exactly in float32 (no FMA contraction: __fadd_rn etc.).
+//
+// Template parameters: DT storage dtype of x and out (0 float32, 1 float16, 2 bfloat16; state is float32),
+// STATIC input fed at every step, SOFT reset (else hard, to v_reset), LEAK (LIF: v = decay * v + x),
+// COUNT adds each neuron's spike count to `count` (firing rates, rate decoding).
+// Compiled by NVRTC through CuPy at run time, by nvcc to PTX in CI, and by g++ through host_shim.h.
+
+#ifdef SNN_HOST
+#include "host_shim.h"
+#endif
+
+typedef unsigned short snn_u16;
+
+#ifndef SNN_HOST
+__device__ __forceinline__ float snn_f16_to_f32(snn_u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ snn_u16 snn_f32_to_f16(float f) {
+  snn_u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+#endif
+
+template <int DT> struct SnnStorage { typedef snn_u16 type; };
+template <> struct SnnStorage<0> { typedef float type; };
+
+__device__ __forceinline__ float snn_bf16_to_f32(snn_u16 b) {
+  return __uint_as_float(((unsigned int)b) << 16);
+}
+__device__ __forceinline__ snn_u16 snn_f32_to_bf16(float f) {  // round to nearest even; inputs are finite
+  unsigned int u = __float_as_uint(f);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return (snn_u16)(u >> 16);
+}
+
+template <int DT> __device__ __forceinline__ float snn_load(const typename SnnStorage<DT>::type v);
+template <> __device__ __forceinline__ float snn_load<0>(const float v) { return v; }
+template <> __device__ __forceinline__ float snn_load<1>(const snn_u16 v) { return snn_f16_to_f32(v); }
+template <> __device__ __forceinline__ float snn_load<2>(const snn_u16 v) { return snn_bf16_to_f32(v); }
+
+template <int DT> __device__ __forceinline__ typename SnnStorage<DT>::type snn_store(float v);
+template <> __device__ __forceinline__ float snn_store<0>(float v) { return v; }
+template <> __device__ __forceinline__ snn_u16 snn_store<1>(float v) { return snn_f32_to_f16(v); }
+template <> __device__ __forceinline__ snn_u16 snn_store<2>(float v) { return snn_f32_to_bf16(v); }
+
+template <int DT, bool STATIC, bool SOFT, bool LEAK, bool COUNT>
+__global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
+                           typename SnnStorage<DT>::type* __restrict__ out, float* __restrict__ v,
+                           const float* __restrict__ theta, float* __restrict__ count, long long M, int steps,
+                           int C, long long inner, float v_reset, float decay) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= M) return;
+  const float th = theta[C == 1 ? 0 : (int)((i / inner) % C)];
+  float vi = v[i];
+  const float xs = STATIC ? snn_load<DT>(x[i]) : 0.0f;
+  float n = 0.0f;
+#pragma unroll 4
+  for (int t = 0; t < steps; ++t) {
+    const float xt = STATIC ? xs : snn_load<DT>(x[(long long)t * M + i]);
+    const float h = LEAK ? __fadd_rn(__fmul_rn(vi, decay), xt) : __fadd_rn(vi, xt);
+    const bool s = h >= th;
+    const float o = s ? th : 0.0f;
+    out[(long long)t * M + i] = snn_store<DT>(o);
+    vi = SOFT ? __fsub_rn(h, o) : (s ? v_reset : h);
+    if (COUNT) n += s ? 1.0f : 0.0f;
+  }
+  v[i] = vi;
+  if (COUNT) count[i] += n;
+}
