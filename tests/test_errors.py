@@ -98,13 +98,13 @@ def test_missing_or_empty_calibration():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(ConversionError, match="no calibration data"):
         snnconv.convert(model, T=4)
-    with pytest.raises(ConversionError, match="empty"):
+    with pytest.raises(ConversionError, match="is empty"):
         snnconv.convert(model, T=4, calib=[])
-    with pytest.raises(ConversionError, match="empty"):
+    with pytest.raises(ConversionError, match="is empty"):
         snnconv.convert(model, T=4, calib=torch.empty(0, 4))
     with pytest.raises(ConversionError, match="NaN"):
         snnconv.convert(model, T=4, calib=torch.tensor([[float("nan")] * 4]))
-    with pytest.raises(ConversionError, match="nn.Module"):
+    with pytest.raises(ConversionError, match=r"nn\.Module"):
         snnconv.convert("model.pth", T=4, calib=torch.randn(8, 4))
 
 
