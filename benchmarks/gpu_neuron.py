@@ -75,6 +75,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cupy_backend.check_available()
     print(f"device: {torch.cuda.get_device_name()}")
+    torch._dynamo.config.recompile_limit = 64  # one compile per (T, dtype)
     compiled = None if args.no_compile else torch.compile(if_loop, dynamic=True)
     header = (f"{'dtype':>8} {'T':>3} {'N':>6} {'copy GB/s':>10} {'kernel ms':>10} {'GB/s':>7} {'% copy':>7} "
               f"{'torch ms':>9} {'compile ms':>10} {'vs torch':>9} {'vs compile':>10}")

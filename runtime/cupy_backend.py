@@ -50,7 +50,9 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     inner = M // (v.shape[0] * C) if C > 1 else 1
     with cp.cuda.Device(v.device.index):
         kern = _kernel(_DTYPES[x.dtype], static, soft_reset, decay != 1.0, count is not None)
-        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(v.device).cuda_stream)
+        ptr = torch.cuda.current_stream(v.device).cuda_stream
+        stream = cp.cuda.Stream.from_external(ptr) if hasattr(cp.cuda.Stream, "from_external") \
+            else cp.cuda.ExternalStream(ptr)
         args = (x.data_ptr(), out.data_ptr(), v.data_ptr(), th.data_ptr(),
                 count.data_ptr() if count is not None else 0, cp.int64(M), cp.int32(steps), cp.int32(C),
                 cp.int64(inner), cp.float32(v_reset), cp.float32(decay))

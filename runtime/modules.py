@@ -36,6 +36,13 @@ class NeuronConfig:
         return 1.0 - 1.0 / self.tau if self.kind == "lif" else 1.0
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Keep channels-last tensors channels-last (see passes/channels_last.py)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class Neuron(nn.Module):
     """Replaces one ReLU-like activation clamp(x, 0, clip).
 
@@ -50,6 +57,7 @@ class Neuron(nn.Module):
         self.static_input = False   # set by the hoisting pass: input is the same at every step
         self.observer = None
         self.v: torch.Tensor | None = None
+        self._out, self._out_key = None, None
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -58,6 +66,14 @@ class Neuron(nn.Module):
 
     def reset(self) -> None:
         self.v = None
+
+    def _buffer(self, shape, dtype, device, fmt) -> torch.Tensor:
+        """The output buffer, reused across calls: fresh large allocations cost page faults on every call.
+        Valid until this neuron runs again; SpikingModel copies anything it hands out."""
+        key = (shape, dtype, device, fmt)
+        if self._out_key != key:
+            self._out, self._out_key = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt), key
+        return self._out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clock.mode == "ann":
@@ -70,12 +86,15 @@ class Neuron(nn.Module):
         shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
         x_in = x if static else x.view(steps, *shape)
         theta = self.threshold
+        if theta.device != x.device:
+            self.threshold = theta = theta.to(x.device)
         if theta.dim() > 0:  # per-channel: [C] -> broadcast over the channel dim (dim 1 of [N, C, ...])
             theta = theta.view(-1, *([1] * (len(shape) - 2)))
+        fmt = _memory_format(x)
         if self.v is None or self.v.shape != shape:
             state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            self.v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous()
-        out = torch.empty((steps, *shape), dtype=x.dtype, device=x.device)
+            self.v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous(memory_format=fmt)
+        out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         cfg = self.config
         get_backend(self.clock.backend, x.device)(
             x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
@@ -96,8 +115,8 @@ class SpikeMaxPool(nn.Module):
         super().__init__()
         self.clock, self.pool_kwargs, self.dims = clock, pool_kwargs, dims
         self.static_input = False
-        self.acc: torch.Tensor | None = None
-        self.prev: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None   # running sum of the input
+        self.prev: torch.Tensor | None = None  # max pool of that running sum
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.pool_kwargs.items())
@@ -114,17 +133,15 @@ class SpikeMaxPool(nn.Module):
             return self._pool(x)
         steps = self.clock.steps
         xs = x.view(steps, x.shape[0] // steps, *x.shape[1:])
-        if self.acc is None or self.acc.shape != xs.shape[1:]:
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            self.acc = torch.zeros(xs.shape[1:], dtype=dtype, device=x.device)
-            self.prev = None
-        outs = []
-        for t in range(steps):
-            self.acc += xs[t]
-            pooled = self._pool(self.acc)
-            outs.append(pooled if self.prev is None else pooled - self.prev)
-            self.prev = pooled
-        return torch.cat(outs, 0).to(x.dtype)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = torch.cumsum(xs.to(dtype), 0, out=torch.empty_like(xs, dtype=dtype))  # all running sums, one op
+        if self.acc is not None:      # continuing a previous call ('s' mode, time chunks)
+            acc += self.acc
+        pooled = self._pool(acc.flatten(0, 1)).unflatten(0, (steps, xs.shape[1]))
+        prev = self.prev if self.prev is not None else torch.zeros_like(pooled[0])
+        out = torch.diff(pooled, dim=0, prepend=prev.unsqueeze(0))
+        self.acc, self.prev = acc[-1], pooled[-1]
+        return out.flatten(0, 1).to(x.dtype)
 
 
 class TimeBroadcast(nn.Module):

@@ -18,22 +18,27 @@ import torch
 
 def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
               soft_reset: bool, v_reset: float, decay: float, out: torch.Tensor) -> torch.Tensor:
-    """Run `steps` steps; x is [steps, ...] or, when `static`, one [...] tensor fed at every step."""
+    """Run `steps` steps; x is [steps, ...] or, when `static`, one [...] tensor fed at every step.
+
+    Three in-place ops per step: out[t] holds the 0/1 spike until the end, where one multiply scales all
+    steps by theta (bitwise the same as scaling each step)."""
     theta = theta.to(v.dtype)
-    same_dtype = out.dtype == v.dtype
+    scalar = theta.dim() == 0
+    th = theta.item() if scalar else theta
+    spikes = out if out.dtype == v.dtype else torch.empty(out.shape, dtype=v.dtype, device=v.device)
     for t in range(steps):
         xt = x if static else x[t]
         if decay != 1.0:
             v.mul_(decay)
         v.add_(xt)
-        spike = v >= theta
-        if same_dtype:
-            st = torch.mul(spike, theta, out=out[t])
+        st = torch.ge(v, theta, out=spikes[t])
+        if not soft_reset:
+            v.masked_fill_(st.bool(), v_reset)
+        elif scalar:
+            v.sub_(st, alpha=th)
         else:
-            st = spike * theta
-            out[t].copy_(st)
-        if soft_reset:
-            v.sub_(st)
-        else:
-            v.masked_fill_(spike, v_reset)
+            v.sub_(st * theta)
+    spikes.mul_(theta)
+    if spikes is not out:
+        out.copy_(spikes)
     return out

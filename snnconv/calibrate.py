@@ -88,4 +88,4 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         th = stats.threshold(settings.threshold_method)
         if n.clip is not None:
             th = th.clamp(max=n.clip)
-        n.threshold = torch.where(th > 0, th, torch.ones_like(th)).to(n.threshold.device)
+        n.threshold = torch.where(th > 0, th, torch.ones_like(th))

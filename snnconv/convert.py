@@ -93,16 +93,16 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
         if example_input is None:
             raise ConversionError("a data-free conversion (threshold=...) needs example_input= one input batch")
         calib = example_input
-    settings = Settings(T=T, neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
+    first = next(batches(calib, 1), None)
+    if first is None:
+        raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
+    settings = Settings(T=T, input_ndim=first.dim(), neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
                         threshold_method="fixed" if threshold is not None else method, percentile=percentile,
                         per_channel=per_channel, fixed_threshold=threshold,
                         passes=None if passes is None else tuple(passes), chunk=chunk)
     settings.clock.backend = backend
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
-    first = next(batches(calib, 1), None)
-    if first is None:
-        raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
     check = _output_check(ann, first)
     gm = annotate(trace(ann))
     _adopt(gm, ann)
@@ -114,6 +114,6 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
             if isinstance(m, Neuron):
                 m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
     gm = pipeline.run(pipeline.LOWER, gm, settings, log)
-    snn = SpikingModel(gm, settings, input_ndim=first.dim())
+    snn = SpikingModel(gm, settings)
     snn.pass_log = log
     return snn

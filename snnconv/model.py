@@ -31,12 +31,12 @@ class SpikingModel(nn.Module):
     - `snn.step_mode = 's'`: each call is one step (streaming); call `snn.reset()` between samples.
     """
 
-    def __init__(self, gm: fx.GraphModule, settings: Settings, input_ndim: int):
+    def __init__(self, gm: fx.GraphModule, settings: Settings):
         super().__init__()
         self._parameters, self._buffers, self._modules = gm._parameters, gm._buffers, gm._modules
         self._non_persistent_buffers_set = gm._non_persistent_buffers_set
         self.__dict__["graph_module"] = gm  # not a child: its modules are ours already
-        self.settings, self.input_ndim = settings, input_ndim
+        self.settings = settings
         self.step_mode = "m"
         self.pass_log: list[tuple[str, str]] = []
 
@@ -64,7 +64,7 @@ class SpikingModel(nn.Module):
     def _check_input(self, x, time_major: bool) -> None:
         if not isinstance(x, torch.Tensor):
             raise ConversionError(f"input must be a tensor, got {type(x).__name__}")
-        want = self.input_ndim + (1 if time_major else 0)
+        want = self.settings.input_ndim + (1 if time_major else 0)
         if x.dim() != want:
             layout = "[T, N, ...]" if time_major else "[N, ...]"
             raise ConversionError(f"input has {x.dim()} dims {tuple(x.shape)}, expected {want} ({layout} as in "
@@ -87,8 +87,8 @@ class SpikingModel(nn.Module):
             raise ConversionError(f"step_mode must be 'm' or 's', got {self.step_mode!r}")
         self._check_input(x, time_major and self.step_mode == "m")
         with torch.no_grad():
-            if self.step_mode == "s":
-                return self._run(x, 1, True)
+            if self.step_mode == "s":  # neuron outputs live in reused buffers: hand out copies
+                return _map(torch.clone, self._run(x, 1, True))
             self.reset()
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
@@ -99,7 +99,7 @@ class SpikingModel(nn.Module):
                 xin = x[t0:t0 + steps].flatten(0, 1) if time_major else x
                 y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self._run(xin, steps, not time_major))
                 if per_step:
-                    outs.append(y)
+                    outs.append(_map(torch.clone, y))
                 else:
                     s = _map(lambda a: a.sum(0), y)
                     total = s if total is None else _map_pair(total, s)

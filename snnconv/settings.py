@@ -17,6 +17,7 @@ class Settings:
     fixed_threshold: float | None = None
     passes: tuple[str, ...] | None = None  # optional passes to run; None: all
     chunk: int | None = None               # time steps per layer-by-layer chunk; None: all T at once
+    input_ndim: int = 0                    # rank of the model's input [N, ...]
     clock: Clock = field(default_factory=Clock, repr=False)
 
     def to_dict(self) -> dict:
