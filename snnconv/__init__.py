@@ -7,6 +7,7 @@
 from snnconv.convert import convert
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
+from snnconv.report import inspect
 
-__all__ = ["ConversionError", "SpikingModel", "convert"]
+__all__ = ["ConversionError", "SpikingModel", "convert", "inspect"]
 __version__ = "0.1.0"

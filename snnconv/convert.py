@@ -17,7 +17,8 @@ from snnconv.settings import Settings
 from snnconv.trace import annotate, trace
 
 
-def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk):
+def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk,
+                   memory_budget_mb):
     def bad(msg):
         raise ConversionError(msg)
     if not isinstance(T, int) or isinstance(T, bool) or T <= 0:
@@ -40,6 +41,8 @@ def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_i
         bad(f"tau must be > 1 (decay = 1 - 1/tau), got {tau!r}")
     if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
         bad(f"chunk must be a positive number of steps or None, got {chunk!r}")
+    if memory_budget_mb is not None and not memory_budget_mb > 0:
+        bad(f"memory_budget_mb must be a positive number of MiB, got {memory_budget_mb!r}")
 
 
 def _adopt(gm, ann: nn.Module) -> None:
@@ -65,12 +68,34 @@ def _output_check(ann: nn.Module, first: torch.Tensor):
     return check
 
 
+def _activation_bytes(gm, x: torch.Tensor) -> int:
+    """Bytes of every activation of one ANN-mode pass, per sample: a conservative size of one time step."""
+    total = 0
+
+    def count(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+        elif isinstance(t, (tuple, list)):
+            for u in t:
+                count(u)
+
+    class _Counter(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            count(out)
+            return out
+    with torch.no_grad():
+        _Counter(gm).run(x)
+    return total // max(1, x.shape[0])
+
+
 def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None = None,
             method: str = "percentile", percentile: float = 99.99, per_channel: bool = False,
             neuron: str = "if", reset: str = "soft", v_reset: float = 0.0, v_init: float = 0.5,
             tau: float = 2.0, passes: list[str] | None = None, chunk: int | None = None,
-            backend: str = "auto", calib_batches: int | None = 64, example_input: torch.Tensor | None = None,
-            ) -> SpikingModel:
+            backend: str = "auto", memory_budget_mb: float | None = None, calib_batches: int | None = 64,
+            example_input: torch.Tensor | None = None) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
     calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
@@ -78,11 +103,13 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     threshold: a fixed threshold for every neuron instead (data-free; `example_input` then gives shapes).
     neuron 'if' or 'lif' (decay 1 - 1/tau); reset 'soft' (subtract) or 'hard' (to v_reset);
     v_init: initial membrane as a fraction of the threshold (0.5: theta/2).
-    passes: the optional passes to run (default all; [] for none); chunk: steps per chunk.
+    passes: the optional passes to run (default all; [] for none); chunk: steps per chunk, or
+    memory_budget_mb: pick the chunk so that one chunk's activations stay within this many MiB.
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
-    _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk)
+    _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk,
+                   memory_budget_mb)
     unknown = set(passes or ()) - pipeline.OPTIONAL
     if unknown:
         raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
@@ -99,7 +126,8 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     settings = Settings(T=T, input_ndim=first.dim(), neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
                         threshold_method="fixed" if threshold is not None else method, percentile=percentile,
                         per_channel=per_channel, fixed_threshold=threshold,
-                        passes=None if passes is None else tuple(passes), chunk=chunk)
+                        passes=None if passes is None else tuple(passes), chunk=chunk,
+                        memory_budget_mb=memory_budget_mb)
     settings.clock.backend = backend
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
@@ -109,6 +137,7 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     log = [("trace", gm.code)]
     gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
     calibrate(gm, settings, calib, calib_batches, check)
+    settings.step_bytes_per_sample = _activation_bytes(gm, first)
     if threshold is not None:
         for m in gm.modules():
             if isinstance(m, Neuron):

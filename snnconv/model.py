@@ -92,7 +92,7 @@ class SpikingModel(nn.Module):
             self.reset()
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
-            chunk = self.settings.chunk or T
+            chunk = self._chunk(T, n)
             total, outs = None, []
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
@@ -108,6 +108,14 @@ class SpikingModel(nn.Module):
                 return outs[0] if len(outs) == 1 else _cat(outs)
             return _map(lambda a: a / T, total)
 
+    def _chunk(self, T: int, n: int) -> int:
+        s = self.settings
+        if s.chunk:
+            return s.chunk
+        if s.memory_budget_mb and s.step_bytes_per_sample:
+            return max(1, min(T, int(s.memory_budget_mb * 2**20 // (s.step_bytes_per_sample * n))))
+        return T
+
     def conversion_state(self) -> dict:
         """Everything the conversion decided that is not a weight (JSON-able): T, options, thresholds."""
         return {"settings": self.settings.to_dict(),
@@ -119,7 +127,8 @@ class SpikingModel(nn.Module):
         if missing:
             raise ConversionError(f"conversion state does not match this graph: neurons {sorted(missing)}")
         s = Settings.from_dict(state["settings"])
-        for f in ("T", "threshold_method", "percentile", "per_channel", "fixed_threshold", "chunk"):
+        for f in ("T", "threshold_method", "percentile", "per_channel", "fixed_threshold", "chunk",
+                  "memory_budget_mb"):
             setattr(self.settings, f, getattr(s, f))
         self.settings.neuron.__dict__.update(s.neuron.__dict__)
         self.settings.clock.backend = s.clock.backend

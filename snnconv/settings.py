@@ -18,6 +18,8 @@ class Settings:
     passes: tuple[str, ...] | None = None  # optional passes to run; None: all
     chunk: int | None = None               # time steps per layer-by-layer chunk; None: all T at once
     input_ndim: int = 0                    # rank of the model's input [N, ...]
+    memory_budget_mb: float | None = None  # pick `chunk` so one chunk's activations fit this budget
+    step_bytes_per_sample: int = 0         # all activations of one step for one sample (measured at convert)
     clock: Clock = field(default_factory=Clock, repr=False)
 
     def to_dict(self) -> dict:

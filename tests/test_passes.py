@@ -1,0 +1,143 @@
+"""Each optional pass leaves the spikes unchanged (outputs within float tolerance where folding changes
+rounding) and the state_dict keys untouched; time chunks give the unchunked outputs with less memory."""
+
+import pytest
+import torch
+import torch.nn as nn
+from nets import ResCatNet, randomize_bn
+from snnconv.runtime.modules import Neuron
+
+import snnconv
+from snnconv import passes
+
+
+def _spikes(snn, x):
+    """Every neuron's per-step output, recorded by forward hooks."""
+    rec = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
+             for n, m in snn.neurons().items()]
+    y = snn(x, per_step=True)
+    for h in hooks:
+        h.remove()
+    return y, {n: torch.cat(v) for n, v in rec.items()}
+
+
+@pytest.mark.parametrize("name", sorted(passes.OPTIONAL))
+def test_pass_keeps_spikes_and_keys(name):
+    ann = randomize_bn(ResCatNet()).double()
+    calib = torch.rand(64, 3, 16, 16, dtype=torch.float64)
+    x = torch.rand(16, 3, 16, 16, dtype=torch.float64)
+    without = snnconv.convert(ann, T=6, calib=calib, passes=sorted(passes.OPTIONAL - {name}))
+    with_ = snnconv.convert(ann, T=6, calib=calib, passes=sorted(passes.OPTIONAL))
+    assert list(with_.state_dict()) == list(without.state_dict()) == list(ann.state_dict())
+    y0, s0 = _spikes(without, x)
+    y1, s1 = _spikes(with_, x)
+    assert s0.keys() == s1.keys()
+    if name == "fold_batchnorm":  # folding reorders float64 arithmetic: spikes may flip only at exact ties
+        for k in s0:
+            assert (s0[k] != s1[k]).double().mean() < 1e-3, k
+        assert torch.allclose(y0, y1, atol=1e-6)
+    else:
+        for k in s0:
+            assert torch.equal(s0[k], s1[k]), k
+        assert torch.equal(y0, y1)
+
+
+def test_every_pass_keeps_keys_and_graph_lints():
+    ann = randomize_bn(ResCatNet())
+    snn = snnconv.convert(ann, T=4, calib=torch.rand(16, 3, 16, 16))
+    names = [n for n, _ in snn.pass_log]
+    assert names[0] == "trace" and set(passes.OPTIONAL) <= set(names)
+    assert list(snn.state_dict()) == list(ann.state_dict())
+    text = snnconv.inspect(snn)
+    for n in names[1:]:
+        assert n in text
+    assert "fold_batchnorm" in text and "+    " in text  # diffs of the graph code
+
+
+def test_fold_batchnorm_refolds_after_load():
+    a, b = randomize_bn(ResCatNet(), 1), randomize_bn(ResCatNet(), 2)
+    x = torch.rand(8, 3, 16, 16)
+    snn = snnconv.convert(a, T=4, calib=x)
+    ref = snnconv.convert(b, T=4, calib=x, passes=[])
+    snn.load_state_dict(b.state_dict())
+    for (_, n1), (_, n2) in zip(snn.neurons().items(), ref.neurons().items()):
+        n1.threshold = n2.threshold.clone()
+    assert torch.allclose(snn(x), ref(x), atol=1e-4)
+
+
+def test_hoisting_runs_stem_once():
+    """The ops before the first neuron see the batch N, not T*N."""
+    ann = randomize_bn(ResCatNet())
+    x = torch.rand(4, 3, 16, 16)
+    snn = snnconv.convert(ann, T=8, calib=x)
+    seen = []
+    conv = snn.stem[0]
+    h = conv.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    snn(x)
+    h.remove()
+    assert seen == [] or seen == [4]  # folded into FoldedBN (not called) or called once on N
+    folded = [m for m in snn.modules() if type(m).__name__ == "FoldedBN"]
+    batches = []
+    hooks = [m.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0])) for m in folded]
+    snn(x)
+    for h in hooks:
+        h.remove()
+    assert batches[0] == 4 and 32 in batches
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_equals_unchunked(chunk):
+    """Identical in float64. In float32 oneDNN may pick another convolution algorithm for another batch
+    size, so there the bound is float rounding."""
+    for dtype in (torch.float64, torch.float32):
+        ann = randomize_bn(ResCatNet()).to(dtype)
+        x = torch.rand(8, 3, 16, 16, dtype=dtype)
+        snn = snnconv.convert(ann, T=10, calib=x)
+        full = snn(x, per_step=True)
+        snn.settings.chunk = chunk
+        chunked = snn(x, per_step=True)
+        if dtype == torch.float64:
+            assert torch.equal(chunked, full)
+            assert torch.allclose(snn(x), full.mean(0), rtol=0, atol=1e-12)
+        else:
+            assert (chunked - full).abs().max() < 1e-5
+
+
+def test_peak_memory_falls_with_chunk_size():
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 32 * 32, 10)).eval()
+    x = torch.rand(8, 3, 32, 32)
+    snn = snnconv.convert(ann, T=32, calib=x, passes=["fold_batchnorm", "hoist_static_input"])
+    peaks = {}
+    for chunk in (32, 8, 1):
+        snn.settings.chunk = chunk
+        for m in snn.modules():  # drop buffers sized for the previous chunk
+            if isinstance(m, Neuron):
+                m._out, m._out_key = None, None
+        peaks[chunk] = _torch_peak(snn, x)
+    assert peaks[32] > peaks[8] > peaks[1], peaks
+    assert peaks[32] > 4 * peaks[1]
+    # a memory budget picks the chunk: a budget of about 8 steps' activations gives chunk 8's peak or less
+    snn.settings.chunk = None
+    snn.settings.memory_budget_mb = 8 * snn.settings.step_bytes_per_sample * len(x) / 2**20
+    assert snn._chunk(32, len(x)) == 8
+    assert _torch_peak(snn, x) <= peaks[8] * 1.05
+
+
+def _torch_peak(snn, x) -> int:
+    """Peak bytes allocated by torch on the CPU during one forward, from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+    for m in snn.modules():
+        if isinstance(m, Neuron):
+            m._out, m._out_key = None, None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        snn(x)
+    live = peak = 0
+    leaves = (e for e in prof.events() if not e.cpu_children and e.cpu_memory_usage != 0)  # no double counting
+    events = sorted(leaves, key=lambda e: e.time_range.start)
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
