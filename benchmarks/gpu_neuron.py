@@ -14,6 +14,7 @@ import itertools
 import statistics
 
 import torch
+
 from snnconv.runtime import cupy_backend, torch_backend
 
 

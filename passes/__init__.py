@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch.fx as fx
+
 from snnconv.passes.broadcast_input import broadcast_input
 from snnconv.passes.channels_last import channels_last
 from snnconv.passes.commute_maxpool import commute_maxpool

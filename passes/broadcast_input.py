@@ -2,6 +2,7 @@
 time-folded batch [steps * N, ...]. The baseline placement; hoist_static_input moves it later."""
 
 import torch.fx as fx
+
 from snnconv.runtime.modules import TimeBroadcast
 
 

@@ -6,6 +6,7 @@ same keys (only their strides change); `view` becomes `reshape`, which copies on
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
 from snnconv.runtime.modules import TimeBroadcast
 
 

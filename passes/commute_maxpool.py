@@ -7,9 +7,9 @@ which is plain pooling on step-invariant input and rate-gated pooling on time-va
 
 import torch.fx as fx
 import torch.nn.functional as F
+
 from snnconv.passes.lower_activations import add_neuron
 from snnconv.runtime.modules import Neuron, SpikeMaxPool
-
 from snnconv.trace import MAXPOOL_MODULES
 
 _FN_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
@@ -43,6 +43,8 @@ def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
         out = pooled
         if neuron is not None:
             out = add_neuron(gm, settings, pooled, pooled, neuron.clip)
+            new = gm.get_submodule(out.target)
+            new.levels, new.fixed, new.threshold = neuron.levels, neuron.fixed, neuron.threshold.clone()
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         if neuron_node is not None and not neuron_node.users:  # the pooled neuron replaced it entirely

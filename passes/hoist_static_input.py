@@ -4,6 +4,7 @@ integrate a constant; the broadcast over time moves to where step-invariant tens
 """
 
 import torch.fx as fx
+
 from snnconv.passes.broadcast_input import insert_broadcast
 from snnconv.runtime.modules import Neuron, SpikeMaxPool, TimeBroadcast
 

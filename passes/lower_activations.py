@@ -1,9 +1,11 @@
 """Every ReLU-like activation node (module, function, method, in-place, ReLU6, clamp(0, a)) becomes a
 call of one Neuron module. In ANN mode the Neuron computes the same clamp, so calibration sees the ANN."""
 
+import torch
 import torch.fx as fx
-from snnconv.runtime.modules import Neuron
 
+from snnconv.qcfs import QCFS
+from snnconv.runtime.modules import Neuron
 from snnconv.trace import activation_clip
 
 
@@ -30,6 +32,10 @@ def lower_activations(gm: fx.GraphModule, settings) -> fx.GraphModule:
             continue
         _, clip = activation_clip(node, gm)
         neuron = add_neuron(gm, settings, node, node.args[0], None if clip is None else float(clip))
+        source = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(source, QCFS):  # trained threshold and quantisation: no calibration needed
+            m = gm.get_submodule(neuron.target)
+            m.levels, m.fixed, m.threshold = source.levels, True, torch.tensor(clip)
         node.replace_all_uses_with(neuron)
         gm.graph.erase_node(node)
     gm.recompile()

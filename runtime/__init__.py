@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from snnconv.runtime import torch_backend
 
 from snnconv.errors import ConversionError
+from snnconv.runtime import torch_backend
 
 Backend = Callable[..., torch.Tensor]
 _cupy_state: dict = {}

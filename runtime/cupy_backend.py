@@ -4,6 +4,7 @@ cached per variant. Torch tensors are passed by data pointer, zero-copy, on torc
 from __future__ import annotations
 
 import torch
+
 from snnconv.runtime import kernel_source, torch_backend
 
 try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from snnconv.runtime import get_backend
 
 
@@ -54,6 +55,9 @@ class Neuron(nn.Module):
         super().__init__()
         self.clock, self.config, self.clip = clock, config, clip
         self.register_buffer("threshold", torch.tensor(1.0), persistent=False)
+        self.bias: torch.Tensor | None = None  # per-channel current added every step (bias calibration)
+        self.levels: int | None = None  # QCFS quantisation levels of the ANN activation (snnconv.qcfs)
+        self.fixed = False              # threshold given by the model (QCFS), not by calibration
         self.static_input = False   # set by the hoisting pass: input is the same at every step
         self.observer = None
         self.v: torch.Tensor | None = None
@@ -62,7 +66,8 @@ class Neuron(nn.Module):
     def extra_repr(self) -> str:
         th = self.threshold
         th = f"{th.item():.4g}" if th.numel() == 1 else f"per-channel[{th.numel()}]"
-        return f"{self.config.kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}"
+        bias = "" if self.bias is None else ", calibrated bias"
+        return f"{self.config.kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}{bias}"
 
     def reset(self) -> None:
         self.v = None
@@ -77,12 +82,18 @@ class Neuron(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clock.mode == "ann":
-            y = torch.clamp(x, 0, self.clip) if self.clip is not None else torch.relu(x)
+            if self.levels is not None:
+                y = torch.clamp(torch.floor(x * (self.levels / self.clip) + 0.5) / self.levels, 0, 1) * self.clip
+            else:
+                y = torch.clamp(x, 0, self.clip) if self.clip is not None else torch.relu(x)
             if self.observer is not None:
                 self.observer(y)
             return y
         steps = self.clock.steps
         static = self.static_input and self.clock.input_static
+        if self.bias is not None:  # calibrated correction of the input current (bias calibration)
+            b = self.bias.to(x.device, x.dtype)
+            x = x + (b.view(-1, *([1] * (x.dim() - 2))) if b.dim() > 0 else b)
         shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
         x_in = x if static else x.view(steps, *shape)
         theta = self.threshold

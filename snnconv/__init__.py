@@ -7,7 +7,8 @@
 from snnconv.convert import convert
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
+from snnconv.qcfs import QCFS
 from snnconv.report import inspect
 
-__all__ = ["ConversionError", "SpikingModel", "convert", "inspect"]
+__all__ = ["QCFS", "ConversionError", "SpikingModel", "convert", "inspect"]
 __version__ = "0.1.0"

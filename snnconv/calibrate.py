@@ -85,7 +85,43 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
                               "(a few hundred training samples), or threshold=<float> for a data-free "
                               "conversion")
     for n, stats in zip(neurons, observers):
+        if n.fixed:
+            continue
         th = stats.threshold(settings.threshold_method)
         if n.clip is not None:
             th = th.clamp(max=n.clip)
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
+
+
+def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
+    """Bias calibration (after Li et al., ICML 2021): layer by layer, in graph order, shift each neuron's
+    input current by the per-channel gap between the ANN's mean activation and the SNN's mean output, so
+    errors do not pile up with depth. The shift lives in the neuron (outside the state_dict)."""
+    gm = snn.graph_module
+    order = [gm.get_submodule(n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Neuron)]
+    xs = list(batches(calib, limit))
+
+    def channel_mean(t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        return t.transpose(0, 1).reshape(t.shape[1], -1).mean(1) if t.dim() > 1 else t.mean().reshape(1)
+
+    with torch.no_grad():
+        ann_means = {n: [] for n in order}
+        for n in order:  # the ANN's mean activation of each neuron layer, per channel
+            n.observer = lambda y, n=n: ann_means[n].append(channel_mean(y))
+        for x in xs:
+            gm(x)
+        for n in order:
+            n.observer = None
+        ann_means = {n: torch.stack(v).mean(0) for n, v in ann_means.items()}
+        for _ in range(iterations):
+            for n in order:
+                seen = []
+                hook = n.register_forward_hook(lambda m, i, o, seen=seen: seen.append(channel_mean(o)))
+                for x in xs:
+                    snn(x)
+                hook.remove()
+                gap = (ann_means[n] - torch.stack(seen).mean(0)).float()
+                gap = gap if gap.numel() > 1 else gap.reshape(())
+                n.bias = gap if n.bias is None else n.bias + gap

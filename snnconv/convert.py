@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from snnconv import passes as pipeline
-from snnconv.calibrate import batches, calibrate
+from snnconv.calibrate import batches, calibrate, calibrate_bias
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
 from snnconv.runtime import backend_names
@@ -91,11 +91,12 @@ def _activation_bytes(gm, x: torch.Tensor) -> int:
 
 
 def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None = None,
-            method: str = "percentile", percentile: float = 99.99, per_channel: bool = False,
+            method: str = "percentile", percentile: float = 99.99, per_channel: bool = True,
             neuron: str = "if", reset: str = "soft", v_reset: float = 0.0, v_init: float = 0.5,
             tau: float = 2.0, passes: list[str] | None = None, chunk: int | None = None,
             backend: str = "auto", memory_budget_mb: float | None = None, calib_batches: int | None = 64,
-            example_input: torch.Tensor | None = None) -> SpikingModel:
+            example_input: torch.Tensor | None = None, bias_calibration: bool = False,
+            bias_batches: int = 4) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
     calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
@@ -103,6 +104,8 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     threshold: a fixed threshold for every neuron instead (data-free; `example_input` then gives shapes).
     neuron 'if' or 'lif' (decay 1 - 1/tau); reset 'soft' (subtract) or 'hard' (to v_reset);
     v_init: initial membrane as a fraction of the threshold (0.5: theta/2).
+    bias_calibration: after thresholds, correct each neuron layer's input current, layer by layer, by
+    the gap between the ANN's and the SNN's mean output on `bias_batches` calibration batches.
     passes: the optional passes to run (default all; [] for none); chunk: steps per chunk, or
     memory_budget_mb: pick the chunk so that one chunk's activations stay within this many MiB.
     """
@@ -140,9 +143,11 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     settings.step_bytes_per_sample = _activation_bytes(gm, first)
     if threshold is not None:
         for m in gm.modules():
-            if isinstance(m, Neuron):
+            if isinstance(m, Neuron) and not m.fixed:
                 m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
     gm = pipeline.run(pipeline.LOWER, gm, settings, log)
     snn = SpikingModel(gm, settings)
     snn.pass_log = log
+    if bias_calibration:
+        calibrate_bias(snn, calib, bias_batches)
     return snn

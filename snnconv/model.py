@@ -119,7 +119,8 @@ class SpikingModel(nn.Module):
     def conversion_state(self) -> dict:
         """Everything the conversion decided that is not a weight (JSON-able): T, options, thresholds."""
         return {"settings": self.settings.to_dict(),
-                "thresholds": {k: v.tolist() for k, v in self.thresholds().items()}}
+                "thresholds": {k: v.tolist() for k, v in self.thresholds().items()},
+                "biases": {k: n.bias.tolist() for k, n in self.neurons().items() if n.bias is not None}}
 
     def load_conversion_state(self, state: dict) -> None:
         neurons = self.neurons()
@@ -132,9 +133,11 @@ class SpikingModel(nn.Module):
             setattr(self.settings, f, getattr(s, f))
         self.settings.neuron.__dict__.update(s.neuron.__dict__)
         self.settings.clock.backend = s.clock.backend
+        biases = state.get("biases", {})
         for name, n in neurons.items():
             n.threshold = torch.tensor(state["thresholds"][name], dtype=torch.float32,
                                        device=n.threshold.device)
+            n.bias = torch.tensor(biases[name], dtype=torch.float32) if name in biases else None
 
     def extra_repr(self) -> str:
         return f"T={self.T}, step_mode={self.step_mode!r}, neurons={len(self.neurons())}"

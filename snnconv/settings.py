@@ -13,7 +13,7 @@ class Settings:
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     threshold_method: str = "percentile"   # 'max', 'percentile', or 'fixed'
     percentile: float = 99.99
-    per_channel: bool = False
+    per_channel: bool = True
     fixed_threshold: float | None = None
     passes: tuple[str, ...] | None = None  # optional passes to run; None: all
     chunk: int | None = None               # time steps per layer-by-layer chunk; None: all T at once

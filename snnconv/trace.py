@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from snnconv.errors import ConversionError, describe, frame_of
+from snnconv.qcfs import QCFS
 
 CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -38,7 +39,7 @@ _LINEAR_METHODS = {"view", "reshape", "flatten", "add", "add_", "sub", "contiguo
                    "chunk", "split", "unsqueeze", "squeeze", "mean", "mul", "div", "__getitem__", "neg",
                    "view_as", "reshape_as", "expand_as"}
 _VALUE_METHODS = {"size", "dim", "numel", "__len__"}
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, QCFS)
 _ACT_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh, F.hardtanh_,
                   torch.clamp, torch.clip, torch.clamp_min}
 _ACT_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
@@ -63,11 +64,15 @@ _HINTS = {
 
 
 class _Tracer(fx.Tracer):
-    """fx's default leaf rule (torch.nn built-ins are leaves, Sequential is traced) with stack traces on."""
+    """fx's default leaf rule (torch.nn built-ins are leaves, Sequential is traced), QCFS as a leaf too,
+    with stack traces on."""
 
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QCFS) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -96,6 +101,8 @@ def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | No
         m = gm.get_submodule(node.target)
         if isinstance(m, nn.ReLU6):
             return True, 6.0
+        if isinstance(m, QCFS):
+            return True, max(float(m.threshold.detach()), 1e-6)
         if isinstance(m, nn.Hardtanh):
             return m.min_val == 0, float(m.max_val)
         return isinstance(m, nn.ReLU), None

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from nets import ResCatNet, notebook_net, randomize_bn
-from snnconv.runtime.modules import Clock, Neuron, SpikeMaxPool
 
 import snnconv
+from snnconv.runtime.modules import Clock, Neuron, SpikeMaxPool
 
 
 def spiking_reference(net: nn.Sequential, x_seq: torch.Tensor) -> torch.Tensor:

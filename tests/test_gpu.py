@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
-from snnconv.runtime import kernel_source as ks
-from snnconv.runtime import torch_backend
 
 import snnconv
+from snnconv.runtime import kernel_source as ks
+from snnconv.runtime import torch_backend
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+
 from snnconv.runtime import kernel_source as ks
 from snnconv.runtime import torch_backend
 

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+
 from snnconv.runtime import torch_backend
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 from nets import ResCatNet, randomize_bn
-from snnconv.runtime.modules import Neuron
 
 import snnconv
 from snnconv import passes
+from snnconv.runtime.modules import Neuron
 
 
 def _spikes(snn, x):

@@ -1,0 +1,91 @@
+"""Conversion methods against what their theory states: QCFS is exact at T = L, bias calibration shrinks
+the layer error, thresholds follow their statistic."""
+
+import pytest
+import torch
+import torch.nn as nn
+from nets import ResCatNet, randomize_bn
+
+import snnconv
+from snnconv import QCFS
+
+
+def test_qcfs_converts_exactly_at_T_equals_L():
+    torch.manual_seed(0)
+    L = 8
+    ann = nn.Sequential(nn.Linear(10, 64), QCFS(levels=L, threshold=1.7), nn.Linear(64, 5)).double().eval()
+    x = torch.randn(512, 10, dtype=torch.float64)
+    snn = snnconv.convert(ann, T=L, calib=x)
+    neuron = next(iter(snn.neurons().values()))
+    assert neuron.threshold.item() == pytest.approx(1.7) and neuron.fixed
+    assert torch.allclose(snn(x), ann(x), atol=1e-9)          # the mean over T = L steps is QCFS itself
+    snn.T = L + 3                                             # elsewhere only close
+    assert not torch.allclose(snn(x), ann(x), atol=1e-9)
+
+
+def test_qcfs_deep_net_is_closest_at_T_equals_L():
+    """Past the first layer the match is in expectation (deeper inputs vary over time): still, T = L is
+    where the SNN comes closest to the QCFS ANN."""
+    torch.manual_seed(0)
+    L = 4
+    ann = nn.Sequential(nn.Linear(10, 64), QCFS(L, 2.0), nn.Linear(64, 64), QCFS(L, 2.0), nn.Linear(64, 5)).eval()
+    x = torch.randn(512, 10)
+    ref = ann(x)
+    snn = snnconv.convert(ann, T=L, calib=x)
+    err = {}
+    for T in (1, 2, L, 2 * L, 4 * L):
+        snn.T = T
+        err[T] = ((snn(x) - ref).norm() / ref.norm()).item()
+    assert min(err, key=err.get) == L and err[L] < 0.3, err
+
+
+def test_qcfs_trains_its_threshold():
+    act = QCFS(4, 1.0)
+    y = act(torch.linspace(-1, 3, 50, requires_grad=True))
+    y.sum().backward()
+    assert act.threshold.grad is not None and act.threshold.grad.abs() > 0
+    assert set(torch.unique(y.detach() / 1.0 * 4).tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def _layer_errors(snn, ann_acts, x):
+    rec = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.__setitem__(n, o)) for n, m in snn.neurons().items()]
+    snn(x)
+    for h in hooks:
+        h.remove()
+    def channel_gap(n):  # |mean SNN rate - mean ANN activation|, per channel, summed
+        rate = rec[n].view(snn.T, -1, *rec[n].shape[1:]).mean(0)
+        return (rate - ann_acts[n]).transpose(0, 1).reshape(rate.shape[1], -1).mean(1).abs().sum().item()
+    return {n: channel_gap(n) for n in rec}
+
+
+def test_bias_calibration_reduces_layer_error():
+    torch.manual_seed(0)
+    ann = randomize_bn(ResCatNet())
+    calib, x = torch.rand(256, 3, 16, 16), torch.rand(128, 3, 16, 16)
+    plain = snnconv.convert(ann, T=4, calib=calib, per_channel=False)
+    tuned = snnconv.convert(ann, T=4, calib=calib, per_channel=False, bias_calibration=True)
+    assert list(tuned.state_dict()) == list(ann.state_dict())
+    assert all(n.bias is not None for n in tuned.neurons().values())
+    # the ANN's activation at each neuron, from the prepared graph in ANN mode
+    acts = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o)) for n, m in plain.neurons().items()]
+    plain.graph_module(x)
+    for h in hooks:
+        h.remove()
+    e0, e1 = _layer_errors(plain, acts, x), _layer_errors(tuned, acts, x)  # on inputs not calibrated on
+    assert all(e1[n] < e0[n] for n in e0), (e0, e1)
+
+
+@pytest.mark.parametrize("method,per_channel", [("max", False), ("max", True), ("percentile", False)])
+def test_thresholds_follow_their_statistic(method, per_channel):
+    ann = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2)).eval()
+    x = torch.randn(64, 2, 4, 4)
+    snn = snnconv.convert(ann, T=4, calib=x, method=method, per_channel=per_channel, percentile=50.0)
+    act = torch.relu(ann[0](x))
+    th = next(iter(snn.neurons().values())).threshold
+    if method == "max":
+        expect = act.amax((0, 2, 3)) if per_channel else act.max()
+    else:
+        expect = torch.quantile(act.reshape(-1), 0.5)
+    assert torch.allclose(th, expect)
