@@ -1,4 +1,4 @@
-"""The MNIST networks the benchmarks train (one epoch, CPU) and cache under .cache/."""
+"""The networks the accuracy benchmarks train on CPU (MNIST: one epoch; digits: 30) and cache in .cache/."""
 
 from __future__ import annotations
 
@@ -9,29 +9,84 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from snnconv import QCFS
 from snnconv.data import load_mnist
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache"
 MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
 
 
-def vgg_mnist() -> nn.Module:
-    """VGG-style: 4 conv-BN-ReLU, 2 max pools, 1 hidden linear-ReLU: 5 neuron layers."""
+def _act(qcfs_levels: int | None) -> nn.Module:
+    return nn.ReLU(inplace=True) if qcfs_levels is None else QCFS(qcfs_levels, threshold=4.0)
+
+
+def vgg_mnist(hw: int = 28, qcfs_levels: int | None = None) -> nn.Module:
+    """VGG-style: 4 conv-BN-act, 2 max pools, a hidden linear-act: 5 neuron layers."""
     def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), _act(qcfs_levels)]
     return nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (hw // 4) ** 2, 128), _act(qcfs_levels),
                          nn.Dropout(0.2), nn.Linear(128, 10))
 
 
-def trained(name: str, factory, data_dir: Path = MNIST, epochs: int = 1, seed: int = 0) -> nn.Module:
-    """Train once (Adam, batch 64, `epochs` epochs) and cache the state_dict; later calls load it."""
-    model = factory()
-    path = CACHE / f"{name}_e{epochs}_s{seed}.pt"
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu1, self.relu2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """Stem + 3 residual blocks (7 neuron layers), global average pool, linear head."""
+
+    def __init__(self, hw: int = 28):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(_Block(32, 32, 1), _Block(32, 64, 2), _Block(64, 64, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+FACTORIES = {"vgg": vgg_mnist, "resnet": SmallResNet, "vgg_qcfs4": lambda hw=28: vgg_mnist(hw, qcfs_levels=4)}
+
+
+def digits_data():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
+def dataset(name: str, data_dir: Path = MNIST):
+    if name == "digits":
+        return digits_data()
+    return load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
+
+
+def trained(arch: str, data: str = "mnist", data_dir: Path = MNIST, seed: int = 0) -> nn.Module:
+    """Train once (Adam, batch 64) and cache the state_dict; later calls load it."""
+    hw = 8 if data == "digits" else 28
+    model = FACTORIES[arch](hw)
+    epochs = 30 if data == "digits" else 1
+    path = CACHE / f"{arch}_{data}_e{epochs}_s{seed}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    x, y = load_mnist(data_dir, "train")
+    (x, y), _ = dataset(data, data_dir)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -41,7 +96,7 @@ def trained(name: str, factory, data_dir: Path = MNIST, epochs: int = 1, seed: i
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-    print(f"trained {name} for {epochs} epoch(s) in {time.perf_counter() - t0:.0f} s")
+    print(f"trained {arch} on {data} for {epochs} epoch(s) in {time.perf_counter() - t0:.0f} s", flush=True)
     CACHE.mkdir(exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()

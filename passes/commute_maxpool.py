@@ -40,6 +40,8 @@ def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
         with gm.graph.inserting_after(node):
             pooled = gm.graph.call_module(name, (src,))
         pooled.meta["snn_kind"], pooled.stack_trace = "maxpool", node.stack_trace
+        if neuron_node is not None:
+            pooled.meta["snn_origin"] = neuron_node.meta.get("snn_origin")
         out = pooled
         if neuron is not None:
             out = add_neuron(gm, settings, pooled, pooled, neuron.clip)

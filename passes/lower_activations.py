@@ -21,7 +21,8 @@ def add_neuron(gm: fx.GraphModule, settings, anchor: fx.Node, source: fx.Node, c
     gm.add_submodule(name, Neuron(settings.clock, settings.neuron, clip))
     with gm.graph.inserting_after(anchor):
         new = gm.graph.call_module(name, (source,))
-    new.meta.update(snn_kind="neuron", stack_trace=anchor.stack_trace)
+    origin = anchor.meta.get("snn_origin", anchor.target if anchor.op == "call_module" else None)
+    new.meta.update(snn_kind="neuron", snn_origin=origin)
     new.stack_trace = anchor.stack_trace
     return new
 

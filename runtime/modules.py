@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from snnconv.runtime import get_backend
+from snnconv.runtime import get_backend, torch_backend
 
 
 @dataclass
@@ -105,8 +105,13 @@ class Neuron(nn.Module):
         if self.v is None or self.v.shape != shape:
             state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             self.v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous(memory_format=fmt)
-        out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         cfg = self.config
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
+            out, self.v = torch_backend.multistep_functional(
+                x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
+                v_reset=cfg.v_reset, decay=cfg.decay)
+            return out.reshape(steps * shape[0], *shape[1:])
+        out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         get_backend(self.clock.backend, x.device)(
             x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
             v_reset=cfg.v_reset, decay=cfg.decay, out=out)

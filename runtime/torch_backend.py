@@ -42,3 +42,18 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     if spikes is not out:
         out.copy_(spikes)
     return out
+
+
+def multistep_functional(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
+                         soft_reset: bool, v_reset: float, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same dynamics with out-of-place ops only: what graph capture (ONNX export, tracing) records.
+    Returns (outputs [steps, ...], final membrane)."""
+    theta = theta.to(v.dtype)
+    outs = []
+    for t in range(steps):
+        h = (v * decay if decay != 1.0 else v) + (x if static else x[t])
+        s = (h >= theta).to(v.dtype)
+        o = s * theta
+        v = h - o if soft_reset else torch.where(s > 0, torch.full_like(h, v_reset), h)
+        outs.append(o.to(x.dtype))
+    return torch.stack(outs), v

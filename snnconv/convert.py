@@ -126,7 +126,8 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     first = next(batches(calib, 1), None)
     if first is None:
         raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
-    settings = Settings(T=T, input_ndim=first.dim(), neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
+    settings = Settings(T=T, input_ndim=first.dim(), input_shape=tuple(first.shape[1:]),
+                        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
                         threshold_method="fixed" if threshold is not None else method, percentile=percentile,
                         per_channel=per_channel, fixed_threshold=threshold,
                         passes=None if passes is None else tuple(passes), chunk=chunk,

@@ -39,6 +39,7 @@ class SpikingModel(nn.Module):
         self.settings = settings
         self.step_mode = "m"
         self.pass_log: list[tuple[str, str]] = []
+        self.source: dict | None = None  # how to rebuild the ANN (factory spec, ONNX): see snnconv.save
 
     @property
     def T(self) -> int:

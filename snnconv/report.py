@@ -25,7 +25,8 @@ def neuron_table(snn: SpikingModel) -> str:
             f"{th.numel()} ch, {th.min().item():.3g}..{th.max().item():.3g}"
         clip = "-" if m.clip is None else f"{m.clip:g}"
         static = " (static input)" if m.static_input else ""
-        rows.append(f"{node.target:<28}{th_text:>22}{clip:>7}  {user_source_line(node.stack_trace)}{static}")
+        where = user_source_line(node.stack_trace, node.meta.get("snn_origin"))
+        rows.append(f"{node.target:<28}{th_text:>22}{clip:>7}  {where}{static}")
     return "\n".join(rows)
 
 

@@ -18,6 +18,7 @@ class Settings:
     passes: tuple[str, ...] | None = None  # optional passes to run; None: all
     chunk: int | None = None               # time steps per layer-by-layer chunk; None: all T at once
     input_ndim: int = 0                    # rank of the model's input [N, ...]
+    input_shape: tuple[int, ...] = ()      # one sample's shape, as calibrated
     memory_budget_mb: float | None = None  # pick `chunk` so one chunk's activations fit this budget
     step_bytes_per_sample: int = 0         # all activations of one step for one sample (measured at convert)
     clock: Clock = field(default_factory=Clock, repr=False)
@@ -35,6 +36,7 @@ class Settings:
         backend = d.pop("backend", "auto")
         d["neuron"] = NeuronConfig(**d["neuron"])
         d["passes"] = tuple(d["passes"]) if d.get("passes") is not None else None
+        d["input_shape"] = tuple(d.get("input_shape", ()))
         s = cls(**d)
         s.clock.backend = backend
         return s

@@ -59,7 +59,7 @@ _HINTS = {
     "mul": "product of two time-varying tensors (gating): a spiking network cannot multiply rates",
     "leaky": "LeakyReLU passes negative values: use nn.ReLU",
     "elu": "ELU passes negative values: use nn.ReLU",
-    "maxpool": "max pooling of spikes with return_indices / dilation / ceil_mode is not supported",
+    "maxpool": "max pooling with return_indices or dilation is not supported",
 }
 
 
@@ -121,6 +121,11 @@ def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | No
     return False, None
 
 
+def _plain_pool(return_indices, dilation) -> bool:
+    dilation = dilation if isinstance(dilation, (tuple, list)) else (dilation,)
+    return not return_indices and all(d == 1 for d in dilation)
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if a.meta.get("snn_kind") != "value"]
 
@@ -137,11 +142,11 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
             ok, _ = activation_clip(node, gm)
             return ("activation", "") if ok else (None, f"{name} with min_val != 0 takes negative values")
         if isinstance(m, MAXPOOL_MODULES):
-            ok = not m.return_indices and m.dilation in (1, (1,), (1, 1), (1, 1, 1))
-            return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
+            return ("maxpool", "") if _plain_pool(m.return_indices, m.dilation) else (None, _HINTS["maxpool"])
         if isinstance(m, _LINEAR_MODULES):
             return "linear", ""
-        return None, _HINTS.get(name.lower(), f"module type {name} has no spiking equivalent")
+        hint = _HINTS.get(name.lower())
+        return None, f"{name}: {hint}" if hint else f"module type {name} has no spiking equivalent"
     name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
     tensor_inputs = _tensor_args(node)
     if node.op == "call_method" and t in _VALUE_METHODS:
@@ -154,7 +159,7 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         ok, _ = activation_clip(node, gm)
         return ("activation", "") if ok else (None, "clamp/hardtanh must have min=0 and a constant max")
     if t in _MAXPOOL_FUNCTIONS:
-        ok = not _arg(node, 6, "return_indices", False) and _arg(node, 4, "dilation", 1) in (1, (1, 1))
+        ok = _plain_pool(_arg(node, 6, "return_indices", False), _arg(node, 4, "dilation", 1))
         return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
     if t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div") and len(tensor_inputs) > 1:
         return None, _HINTS["mul"]

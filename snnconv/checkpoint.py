@@ -1,0 +1,109 @@
+"""Converted checkpoints: one .safetensors file, no pickle. Its tensors are the ANN's state_dict under
+unchanged keys (so the file loads into the plain ANN too); its metadata holds the conversion state as
+JSON (T, options, thresholds, biases), the snnconv version, the input shape and the model's source
+(a factory spec, or the ONNX model itself, stored as a byte tensor under a reserved name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from snnconv.errors import ConversionError
+from snnconv.model import SpikingModel
+
+FORMAT = "snnconv-checkpoint/1"
+ONNX_KEY = "__snnconv__.onnx"
+
+
+def save(snn: SpikingModel, path: str | Path, source: dict | None = None, onnx_bytes: bytes | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over `path` only when complete."""
+    from safetensors.torch import save_file
+
+    import snnconv
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in snn.state_dict().items()}
+    if onnx_bytes is not None:
+        tensors[ONNX_KEY] = torch.frombuffer(bytearray(onnx_bytes), dtype=torch.uint8)
+    meta = {"format": FORMAT, "snnconv_version": snnconv.__version__,
+            "conversion": json.dumps(snn.conversion_state()),
+            "source": json.dumps(source if source is not None else snn.source)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _atomic_write(path: Path, content) -> None:
+    """Write `content` (bytes, or a function writing to a path) to a temporary file beside `path`, then
+    rename it over `path`: a failure never leaves a half-written file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ConversionError(f"{path.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if isinstance(content, bytes):
+            Path(tmp).write_bytes(content)
+        else:
+            content(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a converted checkpoint, validated."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ConversionError(f"{path}: not a readable snnconv checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt or truncated'})") from exc
+    if meta.get("format") != FORMAT:
+        raise ConversionError(f"{path}: not an snnconv checkpoint (format {meta.get('format')!r}); "
+                              "plain weights go to `snnconv convert --weights`")
+    try:
+        meta = {**meta, "conversion": json.loads(meta["conversion"]), "source": json.loads(meta["source"])}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+    return tensors, meta
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> SpikingModel:
+    """Rebuild the SNN from a checkpoint: the ANN from `model` or the recorded source, its weights
+    strictly, then the recorded conversion state (no calibration data needed)."""
+    from snnconv.convert import convert
+    from snnconv.io import load_factory, load_onnx, load_state_strict
+    tensors, meta = read(path)
+    onnx_bytes = tensors.pop(ONNX_KEY, None)
+    source = meta["source"] or {}
+    if model is None:
+        if onnx_bytes is not None:
+            model = load_onnx(bytes(onnx_bytes.numpy()))
+        elif "factory" in source:
+            model = load_factory(source["factory"], source.get("kwargs"))
+        else:
+            raise ConversionError(f"{path}: the checkpoint does not record how to build the model; pass "
+                                  "model= (the ANN's architecture) to snnconv.load")
+    load_state_strict(model, tensors, f"checkpoint {path}")
+    state = meta["conversion"]
+    s = state["settings"]
+    n = s["neuron"]
+    example = torch.rand(2, *s["input_shape"])
+    snn = convert(model, T=s["T"], threshold=1.0, example_input=example, neuron=n["kind"], reset=n["reset"],
+                  v_reset=n["v_reset"], v_init=n["v_init"], tau=n["tau"], passes=s["passes"], chunk=s["chunk"],
+                  backend=s["backend"], memory_budget_mb=s.get("memory_budget_mb"))
+    snn.load_conversion_state(state)
+    snn.source = source
+    return snn

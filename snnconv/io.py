@@ -1,0 +1,269 @@
+"""Reading what users point the CLI at: models (factory + weights, ONNX, torch.export), weights files and
+data. Every failure is a ConversionError that names the file and the problem; nothing runs pickled code
+unless the user passes trust_pickle."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from snnconv.data import load_idx, load_mnist
+from snnconv.errors import ConversionError
+
+
+def _need_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file")
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, expected a file")
+    return path
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        text = str(exc)
+        with open(path, "rb") as f:
+            raw_pickle = f.read(1) == b"\x80"  # a bare pickle stream rather than torch's zip container
+        if "Unsupported global" in text or (raw_pickle and "WeightsUnpickler" in text):
+            raise ConversionError(f"{path}: refusing to unpickle: the file holds Python objects beyond tensors, "
+                                  "and unpickling can run arbitrary code; re-save it as a state_dict, or pass "
+                                  "--trust-pickle if you trust its origin") from exc
+        raise ConversionError(f"{path}: not a readable torch file ({type(exc).__name__}: "
+                              f"{text.splitlines()[0] if text else 'corrupt or truncated'})") from exc
+
+
+def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state_dict from .pth/.pt (also nested under 'state_dict'/'model', DDP 'module.' prefixes) or
+    .safetensors."""
+    path = _need_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            sd = load_file(str(path))
+        except Exception as exc:
+            raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from exc
+    else:
+        sd = _torch_load(path, trust_pickle)
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+        if isinstance(sd, nn.Module):
+            sd = sd.state_dict()
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConversionError(f"{path}: expected a state_dict (names -> tensors), found {type(sd).__name__}")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict=True) with an error that says which keys and shapes disagree."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = ([f"missing keys: {few(missing)}"] if missing else []) + \
+                ([f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+        raise ConversionError(f"{what} does not fit the model: {'; '.join(parts)}")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ConversionError(f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """Build a model from 'package.module:callable' (e.g. torchvision.models:resnet18)."""
+    if ":" not in spec:
+        raise ConversionError(f"model factory {spec!r} must look like 'package.module:function'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConversionError(f"cannot import {mod_name!r} for factory {spec!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise ConversionError(f"{mod_name} has no callable {attr!r} (factory {spec!r})")
+    try:
+        model = fn(**(kwargs or {}))
+    except TypeError as exc:
+        raise ConversionError(f"factory {spec!r} rejected kwargs {kwargs}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_onnx(source: str | Path | bytes) -> nn.Module:
+    """An ONNX CNN as a traceable torch GraphModule, through onnx2torch (extra: snnconv[onnx])."""
+    try:
+        import onnx
+        from onnx2torch import convert as onnx_to_torch
+    except ImportError as exc:
+        raise ConversionError("ONNX import needs the extra: pip install 'snnconv[onnx]' (onnx, onnx2torch)") from exc
+    try:
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(_need_file(source)))
+        onnx.checker.check_model(model)
+    except ConversionError:
+        raise
+    except Exception as exc:
+        raise ConversionError(f"{source if not isinstance(source, bytes) else 'ONNX bytes'}: not a valid ONNX "
+                              f"model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    _drop_identity_nodes(model)
+    try:
+        return onnx_to_torch(model)
+    except NotImplementedError as exc:
+        raise ConversionError(f"ONNX import: {exc}; supported: Conv, Gemm/MatMul, Relu, Clip, "
+                              "BatchNormalization, pools, Add, Concat, Flatten/Reshape") from exc
+
+
+def _drop_identity_nodes(model) -> None:
+    """Identity nodes (exporters emit them for shared initializers) confuse onnx2torch: rewire around them."""
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    if not alias:
+        return
+    graph_outputs = {o.name for o in model.graph.output}
+    keep = [n for n in model.graph.node if n.op_type != "Identity" or n.output[0] in graph_outputs]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            while name in alias:
+                name = alias[name]
+            n.input[i] = name
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def load_model(source: str, weights: str | None = None, kwargs: dict | None = None,
+               trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+    """(model, source record) from a factory spec (+ weights file), an .onnx file, or a .pt2 export."""
+    if source.endswith(".onnx"):
+        data = _need_file(source).read_bytes()
+        return load_onnx(data), {"onnx": True}
+    if source.endswith(".pt2"):
+        try:
+            program = torch.export.load(str(_need_file(source)))
+        except ConversionError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"{source}: not a readable torch.export program ({exc})") from exc
+        return program.module(), {"export": Path(source).name}
+    model = load_factory(source, kwargs)
+    if weights is not None:
+        load_state_strict(model, load_weights(weights, trust_pickle), f"weights file {weights}")
+    return model, {"factory": source, "kwargs": kwargs or {}}
+
+
+def _as_float(x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x)
+    if t.dtype == torch.uint8:
+        t = t.float() / 255.0  # 8-bit images
+    elif not t.is_floating_point():
+        t = t.float()
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise ConversionError(f"{what}: contains NaN or Inf values")
+    return t
+
+
+def load_data(path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs (and labels where the data has them) from .npy/.npz/.pt, an idx file, an MNIST folder or a
+    folder of images (class subfolders give labels)."""
+    path = Path(path)
+    y = None
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if any(n.startswith(("t10k-images", "train-images")) for n in names):
+            x, y = load_mnist(path, "test" if any(n.startswith("t10k") for n in names) else "train")
+        else:
+            x, y = _image_folder(path)
+    else:
+        path = _need_file(path)
+        if path.suffix == ".npy":
+            try:
+                x = _as_float(np.load(path, allow_pickle=False), str(path))
+            except ValueError as exc:
+                raise ConversionError(f"{path}: not a plain .npy array ({exc})") from exc
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "x" not in z:
+                    raise ConversionError(f"{path}: expected arrays 'x' (and optionally 'y'), found {list(z)}")
+                x, y = _as_float(z["x"], str(path)), torch.as_tensor(z["y"]).long() if "y" in z else None
+        elif path.suffix in (".pt", ".pth"):
+            obj = _torch_load(path, trust_pickle)
+            if isinstance(obj, (tuple, list)) and len(obj) == 2:
+                obj = {"x": obj[0], "y": obj[1]}
+            if isinstance(obj, dict):
+                xk = next((k for k in ("x", "data", "images", "inputs") if k in obj), None)
+                yk = next((k for k in ("y", "labels", "targets") if k in obj), None)
+                if xk is None:
+                    raise ConversionError(f"{path}: expected a tensor or a dict with 'x' (and 'y'), found keys "
+                                          f"{list(obj)[:8]}")
+                x, y = _as_float(obj[xk], str(path)), torch.as_tensor(obj[yk]).long() if yk else None
+            elif isinstance(obj, torch.Tensor):
+                x = _as_float(obj, str(path))
+            else:
+                raise ConversionError(f"{path}: expected a tensor, found {type(obj).__name__}")
+        elif "idx" in path.name:
+            arr = load_idx(path)
+            x = _as_float(arr, str(path))
+            if x.dim() == 3:
+                x = x.unsqueeze(1)
+        else:
+            raise ConversionError(f"{path}: unknown data format {path.suffix!r}; use .npy, .npz, .pt, an idx file "
+                                  "or a folder of images")
+    if labels is not None:
+        lp = _need_file(labels)
+        y = torch.as_tensor(load_idx(lp).astype(np.int64)) if "idx" in lp.name else \
+            torch.as_tensor(np.load(lp, allow_pickle=False)).long()
+    if x.dim() < 2 or len(x) == 0:
+        raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
+    if y is not None and len(y) != len(x):
+        raise ConversionError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    return x, y
+
+
+def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ConversionError("reading a folder of images needs Pillow: pip install pillow") from exc
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    files = [(f, classes.index(d.name)) for d in path.iterdir() if d.is_dir() for f in sorted(d.iterdir())] \
+        if classes else [(f, None) for f in sorted(path.iterdir())]
+    files = [(f, c) for f, c in files if f.suffix.lower() in exts]
+    if not files:
+        raise ConversionError(f"{path}: no images ({', '.join(sorted(exts))}) found")
+    arrays = []
+    for f, _ in files:
+        try:
+            arrays.append(np.asarray(Image.open(f)))
+        except Exception as exc:
+            raise ConversionError(f"{f}: not a readable image ({exc})") from exc
+    if len({a.shape for a in arrays}) != 1:
+        raise ConversionError(f"{path}: images differ in size; resize them to one shape first")
+    x = torch.as_tensor(np.stack(arrays)).float() / 255.0
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    y = torch.tensor([c for _, c in files]) if classes else None
+    return x, y
+
+
+def parse_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"--kwargs must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({exc})") from exc
+    if not isinstance(kw, dict):
+        raise ConversionError("--kwargs must be a JSON object")
+    return kw
