@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import snnconv
 from snnconv.cli import main
@@ -139,7 +138,8 @@ def _bad_inputs(d):
     conv = ["convert", "tvstyle:tiny_resnet", "--weights"]
     cases = [
         ("missing weights", None, [*conv, "missing.pth", *good], "missing.pth: no such file"),
-        ("corrupt weights", lambda: write("bad.pth", b"garbage" + os.urandom(300)), [*conv, "bad.pth", *good], "not a readable"),
+        ("corrupt weights", lambda: write("bad.pth", b"garbage" + os.urandom(300)), [*conv, "bad.pth", *good],
+         "not a readable"),
         ("truncated weights", lambda: write("trunc.pth", (d / "w.pth").read_bytes()[:500]),
          [*conv, "trunc.pth", *good], "not a readable"),
         ("wrong keys", lambda: torch.save({"a.weight": torch.zeros(2)}, d / "wk.pth"), [*conv, "wk.pth", *good],
