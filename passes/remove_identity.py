@@ -1,4 +1,4 @@
-"""Dropout (identity at inference), nn.Identity, `contiguous` and dead nodes leave the graph."""
+"""Dropout (identity at inference), nn.Identity and dead nodes leave the graph."""
 
 import torch.fx as fx
 import torch.nn as nn
@@ -11,9 +11,7 @@ _IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _IDENTITY_MODULES)
-    if node.op == "call_function":
-        return node.target in _IDENTITY_FUNCTIONS
-    return node.op == "call_method" and node.target == "contiguous"
+    return node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS
 
 
 def remove_identity(gm: fx.GraphModule, settings) -> fx.GraphModule:

@@ -72,7 +72,13 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
     try:
         with torch.no_grad():
             for x in batches(calib, limit):
-                y = gm(x)
+                try:
+                    y = gm(x)
+                except Exception as exc:
+                    raise ConversionError(
+                        f"the converted graph fails on calibration batch {seen} of shape {tuple(x.shape)}: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} (if the model itself runs on "
+                        "this input, this is an snnconv bug: please report it with `snnconv inspect`)") from exc
                 if seen == 0:
                     check(x, y)
                 seen += 1

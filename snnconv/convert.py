@@ -53,8 +53,13 @@ def _adopt(gm, ann: nn.Module) -> None:
 
 
 def _output_check(ann: nn.Module, first: torch.Tensor):
-    with torch.no_grad():
-        ref_first = ann(first)
+    try:
+        with torch.no_grad():
+            ref_first = ann(first)
+    except Exception as exc:
+        raise ConversionError(f"the model fails on the calibration data (batch shape {tuple(first.shape)}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; check the data's shape "
+                              "and preprocessing") from exc
 
     def check(x, y):
         ref = ref_first

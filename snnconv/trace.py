@@ -176,16 +176,20 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
 
 def annotate(gm: fx.GraphModule) -> fx.GraphModule:
     """Set node.meta['snn_kind'] on every node; raise one ConversionError listing every unsupported op."""
-    problems = []
+    problems, counts = [], {}
     for node in gm.graph.nodes:
         kind, reason = _classify(node, gm)
         if kind is None:
             problems.append(f"  - {describe(node)}\n      why: {reason}")
+            op = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
+                getattr(node.target, "__name__", str(node.target))
+            counts[op] = counts.get(op, 0) + 1
             kind = "linear"
         node.meta["snn_kind"] = kind
     if problems:
+        summary = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         raise ConversionError(
-            f"{type(gm).__name__}: {len(problems)} op(s) cannot be converted to a spiking network:\n"
+            f"{type(gm).__name__}: {len(problems)} op(s) cannot be converted to a spiking network ({summary}):\n"
             + "\n".join(problems)
             + "\n  fix: replace them with supported ops (ReLU-like activations, conv/linear/BN, "
             "avg/max pooling, add, cat, flatten/view) or retrain without them")

@@ -1,0 +1,114 @@
+"""torchvision's model zoo: each model traces, converts, keeps its state_dict keys, runs in both step modes
+with the same output and approaches the ANN as T grows; models with activations IF neurons cannot
+represent fail with one ConversionError listing every offending op. A few models run in CI; the rest
+carry the `slow` marker (`pytest -m slow`, and benchmarks/zoo.py)."""
+
+import pytest
+import torch
+
+import snnconv
+
+tv = pytest.importorskip("torchvision")
+
+CI = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "googlenet", "squeezenet1_1"]
+REST = ["resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11", "vgg16", "vgg16_bn", "alexnet",
+        "squeezenet1_0", "densenet121", "inception_v3", "shufflenet_v2_x1_0", "mnasnet0_5", "regnet_x_400mf"]
+UNSUPPORTED = {"efficientnet_b0": "SiLU", "mobilenet_v3_small": "Hardswish", "convnext_tiny": "layer_norm",
+               "regnet_y_400mf": "Sigmoid", "vit_b_16": "GELU"}
+
+
+def build(name: str) -> torch.nn.Module:
+    kw = {"weights": None}
+    if name in ("googlenet", "inception_v3"):
+        kw.update(aux_logits=False, init_weights=False)
+    if name == "vit_b_16":
+        kw.update(image_size=32)
+    torch.manual_seed(0)
+    model = getattr(tv.models, name)(**kw).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # running statistics that are not the identity, so BN folding has work to do
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
+def input_size(name: str) -> int:
+    return 80 if name == "inception_v3" else 32 if name == "vit_b_16" else 64
+
+
+@pytest.mark.parametrize("name", CI + [pytest.param(n, marks=pytest.mark.slow) for n in REST])
+def test_zoo_model_converts(name):
+    model = build(name)
+    hw = input_size(name)
+    g = torch.Generator().manual_seed(2)
+    calib, x = torch.rand(8, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
+    snn = snnconv.convert(model, T=4, calib=calib)
+    assert list(snn.state_dict()) == list(model.state_dict())
+    snn.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(snn.state_dict(), strict=True)
+    # both step modes, over the same 4 steps
+    y_m = snn(x, per_step=True)
+    snn.step_mode = "s"
+    snn.reset()
+    y_s = torch.stack([snn(x) for _ in range(4)])
+    snn.step_mode = "m"
+    scale = y_m.abs().max().item() + 1e-12
+    assert (y_m - y_s).abs().max().item() <= 1e-4 * scale, name
+    # the ANN limit
+    ref = model(x)
+    err = {}
+    for T in (4, 32):
+        snn.T = T
+        err[T] = ((snn(x) - ref).norm() / ref.norm()).item()
+    assert err[32] < err[4] or err[32] < 1e-3, err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])
+def test_zoo_step_modes_same_spikes_in_float64(name):
+    """In float64 every spike of every neuron is the same in both modes; outputs differ only by the
+    rounding of matrix products over T*N rows instead of N (~1e-15)."""
+    model = build(name).double()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    snn = snnconv.convert(model, T=3, calib=x)
+    rec = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
+             for n, m in snn.neurons().items()]
+    y_m = snn(x, per_step=True)
+    spikes_m = {n: v[0] for n, v in rec.items()}
+    rec.clear()
+    snn.step_mode = "s"
+    snn.reset()
+    y_s = torch.stack([snn(x) for _ in range(3)])
+    for h in hooks:
+        h.remove()
+    for n, v in rec.items():
+        assert torch.equal(torch.cat(v), spikes_m[n]), n
+    assert torch.allclose(y_m, y_s, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_zoo_models_list_every_op(name):
+    model = build(name)
+    hw = input_size(name)
+    with pytest.raises(snnconv.ConversionError) as info:
+        snnconv.convert(model, T=4, calib=torch.rand(2, 3, hw, hw))
+    msg = str(info.value)
+    n_listed = msg.count("\n  - ")
+    assert UNSUPPORTED[name] in msg and n_listed > 1 and f"{n_listed} op(s)" in msg
+
+
+def test_zoo_weights_file_through_cli(tmp_path, capsys):
+    from snnconv.cli import main
+    model = build("resnet18")
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    import numpy as np
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((8, 3, 64, 64), dtype=np.float32))
+    out = tmp_path / "r18.safetensors"
+    assert main(["convert", "torchvision.models:resnet18", "--weights", str(tmp_path / "r18.pth"), "--calib",
+                 str(tmp_path / "calib.npy"), "-o", str(out), "--T", "4"]) == 0
+    snn = snnconv.load(out)
+    x = torch.rand(2, 3, 64, 64)
+    ref = snnconv.convert(model, T=4, calib=torch.from_numpy(np.load(tmp_path / "calib.npy")))
+    assert torch.allclose(snn(x), ref(x), atol=1e-5)
