@@ -23,18 +23,18 @@ def check_available() -> None:
         raise ImportError(f"cupy is not installed ({_IMPORT_ERROR})")
     if cp.cuda.runtime.getDeviceCount() < 1:
         raise RuntimeError("CuPy sees no CUDA device")
-    _kernel("float32", False, True, False, False)  # compile once: NVRTC problems surface here
+    _kernel("float32", 1, False, True, False, False)  # compile once: NVRTC problems surface here
 
 
-def _kernel(dtype: str, static: bool, soft: bool, leak: bool, count: bool):
-    key = (cp.cuda.runtime.getDevice(), dtype, static, soft, leak, count)
+def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: bool):
+    key = (cp.cuda.runtime.getDevice(), dtype, vec, static, soft, leak, count)
     if key not in _kernels:
         dev = key[0]
         if dev not in _modules:  # one module per device holds every variant, compiled together
             names = [kernel_source.name(*v) for v in kernel_source.all_variants()]
             _modules[dev] = (cp.RawModule(code=kernel_source.SOURCE.read_text(), options=("-std=c++17",),
                                           name_expressions=names), names)
-        _kernels[key] = _modules[dev][0].get_function(kernel_source.name(dtype, static, soft, leak, count))
+        _kernels[key] = _modules[dev][0].get_function(kernel_source.name(dtype, vec, static, soft, leak, count))
     return _kernels[key]
 
 
@@ -49,13 +49,15 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     th = theta.detach().to(device=v.device, dtype=torch.float32).contiguous().view(-1)
     M, C = v.numel(), th.numel()
     inner = M // (v.shape[0] * C) if C > 1 else 1
+    ptrs = [t.data_ptr() for t in (x, out, v) + ((count,) if count is not None else ())]
+    vec = 4 if M % 4 == 0 and all(p % 16 == 0 for p in ptrs) else 1
     with cp.cuda.Device(v.device.index):
-        kern = _kernel(_DTYPES[x.dtype], static, soft_reset, decay != 1.0, count is not None)
+        kern = _kernel(_DTYPES[x.dtype], vec, static, soft_reset, decay != 1.0, count is not None)
         ptr = torch.cuda.current_stream(v.device).cuda_stream
         stream = cp.cuda.Stream.from_external(ptr) if hasattr(cp.cuda.Stream, "from_external") \
             else cp.cuda.ExternalStream(ptr)
         args = (x.data_ptr(), out.data_ptr(), v.data_ptr(), th.data_ptr(),
                 count.data_ptr() if count is not None else 0, cp.int64(M), cp.int32(steps), cp.int32(C),
                 cp.int64(inner), cp.float32(v_reset), cp.float32(decay))
-        kern(((M + _THREADS - 1) // _THREADS,), (_THREADS,), args, stream=stream)
+        kern(((M // vec + _THREADS - 1) // _THREADS,), (_THREADS,), args, stream=stream)
     return out

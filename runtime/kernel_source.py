@@ -10,13 +10,17 @@ SOURCE = KERNEL_DIR / "neuron.cu"
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
-def name(dtype: str, static: bool, soft: bool, leak: bool, count: bool) -> str:
+VECS = (1, 4)
+
+
+def name(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: bool) -> str:
     b = lambda f: "true" if f else "false"  # noqa: E731
-    return f"snn_neuron<{DTYPES[dtype]}, {b(static)}, {b(soft)}, {b(leak)}, {b(count)}>"
+    return f"snn_neuron<{DTYPES[dtype]}, {vec}, {b(static)}, {b(soft)}, {b(leak)}, {b(count)}>"
 
 
 def all_variants() -> list[tuple]:
-    return [(d, *flags) for d in DTYPES for flags in itertools.product((False, True), repeat=4)]
+    """(dtype, vec, static, soft, leak, count) for every compiled kernel."""
+    return [(d, vec, *flags) for d in DTYPES for vec in VECS for flags in itertools.product((False, True), repeat=4)]
 
 
 def instantiations() -> str:
@@ -98,6 +102,6 @@ def host_library_source() -> str:
         out.append(
             f'extern "C" void snn_host_{i}(const {t}* x, {t}* out, float* v, const float* th, float* count, '
             "long long M, int steps, int C, long long inner, float v_reset, float decay, int threads) {\n"
-            f"  SNN_HOST_LAUNCH(({name(*v)}), (M + threads - 1) / threads, threads, "
+            f"  SNN_HOST_LAUNCH(({name(*v)}), (M / {v[1]} + threads - 1) / threads, threads, "
             "x, out, v, th, count, M, steps, C, inner, v_reset, decay);\n}")
     return "\n".join(out) + "\n"

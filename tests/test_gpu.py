@@ -21,13 +21,15 @@ def _cupy():
 
 
 @cuda
-@pytest.mark.parametrize("variant", ks.all_variants(), ids=lambda v: ks.name(*v))
+@pytest.mark.parametrize("variant", [v for v in ks.all_variants() if v[1] == 1], ids=lambda v: ks.name(*v))
 def test_cupy_matches_torch_backend_on_device(variant):
+    """Shapes with M % 4 == 0 take the 4-wide kernels, the others the scalar ones."""
     cupy_backend = _cupy()
-    dtype_name, static, soft, leak, count = variant
+    dtype_name, _, static, soft, leak, count = variant
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device="cuda").manual_seed(3)
-    for steps, shape, per_channel in [(1, (3, 5, 7, 11), False), (8, (4, 16, 9, 9), True), (5, (100003,), False)]:
+    for steps, shape, per_channel in [(1, (3, 5, 7, 11), False), (8, (4, 16, 9, 9), True), (5, (100003,), False),
+                                      (3, (4, 8, 6, 6), True), (6, (1 << 16,), False)]:
         theta = (torch.rand(shape[1], device="cuda", generator=g) * 0.8 + 0.2) if per_channel \
             else torch.tensor(0.45, device="cuda")
         th_b = theta.view(-1, *([1] * (len(shape) - 2))) if per_channel else theta

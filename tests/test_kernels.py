@@ -34,7 +34,7 @@ def test_every_variant_compiles_to_ptx(arch, compiler):
         if not _has_nvrtc():
             pytest.skip("nvidia-cuda-nvrtc-cu12 not installed")
         ptx = ks.ptx_with_nvrtc(arch)
-    assert ptx.count(".entry") == len(VARIANTS) == 48
+    assert ptx.count(".entry") == len(VARIANTS) == 96
     assert f".target {arch}" in ptx
     assert "cvt.rn.f16.f32" in ptx          # float16 stores round to nearest even
     assert ".local" not in ptx               # the membrane lives in registers, nothing spills
@@ -58,6 +58,7 @@ def _ptr(t: torch.Tensor):
 def _run_host(lib, index, x, v, th, steps, count, v_reset, decay, out):
     M, C = v.numel(), th.numel()
     inner = M // (v.shape[0] * C) if C > 1 else 1
+    assert VARIANTS[index][1] == 1 or M % VARIANTS[index][1] == 0
     fn = getattr(lib, f"snn_host_{index}")
     fn(_ptr(x), _ptr(out), _ptr(v), _ptr(th), _ptr(count) if count is not None else None, ctypes.c_longlong(M),
        ctypes.c_int(steps), ctypes.c_int(C), ctypes.c_longlong(inner), ctypes.c_float(v_reset),
@@ -66,10 +67,12 @@ def _run_host(lib, index, x, v, th, steps, count, v_reset, decay, out):
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[ks.name(*v) for v in VARIANTS])
 def test_host_run_matches_torch_backend(host_lib, index):
-    dtype_name, static, soft, leak, count = VARIANTS[index]
+    dtype_name, vec, static, soft, leak, count = VARIANTS[index]
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(index)
-    for steps, shape, per_channel in [(1, (3, 5, 7, 11), False), (7, (2, 3, 13, 9), True), (16, (1000,), False)]:
+    shapes = [(1, (3, 5, 7, 11), False), (7, (2, 3, 13, 9), True), (16, (1001,), False)] if vec == 1 else \
+        [(1, (4, 5, 7, 8), False), (7, (2, 3, 13, 4), True), (16, (1000,), False)]  # vec 4 needs M % 4 == 0
+    for steps, shape, per_channel in shapes:
         theta = (torch.rand(shape[1], generator=g) * 0.8 + 0.2) if per_channel else torch.tensor(0.45)
         th_b = theta.view(-1, *([1] * (len(shape) - 2))) if per_channel else theta
         x = (torch.rand((steps, *shape), generator=g) * 1.2 - 0.2).to(dtype)
@@ -93,7 +96,7 @@ def test_host_half_conversion_matches_torch(host_lib):
     """The shim's float16 rounding (used only on the host) agrees with torch's on tricky values."""
     x = torch.cat([torch.randn(100000) * 10, torch.tensor([65504.0, 65520.0, 1e-8, 6e-8, 2.0 ** -24, 0.0, -0.0])])
     expected = x.half()
-    idx = VARIANTS.index(("float16", False, True, False, False))
+    idx = VARIANTS.index(("float16", 1, False, True, False, False))
     # a firing neuron stores its threshold: with v = +inf every neuron fires, and per-channel thresholds
     # (M = C = n, inner = 1) make the stored outputs the float16 roundings of x
     th = x.contiguous()

@@ -48,27 +48,51 @@ template <> __device__ __forceinline__ float snn_store<0>(float v) { return v; }
 template <> __device__ __forceinline__ snn_u16 snn_store<1>(float v) { return snn_f32_to_f16(v); }
 template <> __device__ __forceinline__ snn_u16 snn_store<2>(float v) { return snn_f32_to_bf16(v); }
 
-template <int DT, bool STATIC, bool SOFT, bool LEAK, bool COUNT>
+template <int DT, int VEC> struct alignas(sizeof(typename SnnStorage<DT>::type) * VEC) SnnVec {
+  typename SnnStorage<DT>::type v[VEC];
+};
+
+// VEC consecutive neurons per thread (VEC = 4: 16-byte float32 / 8-byte 16-bit accesses); the launcher
+// picks VEC = 4 only when M % 4 == 0 and the pointers are aligned, so every access below is aligned.
+template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT>
 __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
                            typename SnnStorage<DT>::type* __restrict__ out, float* __restrict__ v,
                            const float* __restrict__ theta, float* __restrict__ count, long long M, int steps,
                            int C, long long inner, float v_reset, float decay) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= M) return;
-  const float th = theta[C == 1 ? 0 : (int)((i / inner) % C)];
-  float vi = v[i];
-  const float xs = STATIC ? snn_load<DT>(x[i]) : 0.0f;
-  float n = 0.0f;
+  typedef SnnVec<DT, VEC> Vec;
+  const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+  if (i0 >= M) return;
+  float th[VEC], vi[VEC], xs[VEC], n[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    th[k] = theta[C == 1 ? 0 : (int)(((i0 + k) / inner) % C)];
+    vi[k] = v[i0 + k];
+    n[k] = 0.0f;
+  }
+  if (STATIC) {
+    const Vec xv = *reinterpret_cast<const Vec*>(x + i0);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) xs[k] = snn_load<DT>(xv.v[k]);
+  }
 #pragma unroll 4
   for (int t = 0; t < steps; ++t) {
-    const float xt = STATIC ? xs : snn_load<DT>(x[(long long)t * M + i]);
-    const float h = LEAK ? __fadd_rn(__fmul_rn(vi, decay), xt) : __fadd_rn(vi, xt);
-    const bool s = h >= th;
-    const float o = s ? th : 0.0f;
-    out[(long long)t * M + i] = snn_store<DT>(o);
-    vi = SOFT ? __fsub_rn(h, o) : (s ? v_reset : h);
-    if (COUNT) n += s ? 1.0f : 0.0f;
+    Vec xv, ov;
+    if (!STATIC) xv = *reinterpret_cast<const Vec*>(x + (long long)t * M + i0);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float xt = STATIC ? xs[k] : snn_load<DT>(xv.v[k]);
+      const float h = LEAK ? __fadd_rn(__fmul_rn(vi[k], decay), xt) : __fadd_rn(vi[k], xt);
+      const bool s = h >= th[k];
+      const float o = s ? th[k] : 0.0f;
+      ov.v[k] = snn_store<DT>(o);
+      vi[k] = SOFT ? __fsub_rn(h, o) : (s ? v_reset : h);
+      if (COUNT) n[k] += s ? 1.0f : 0.0f;
+    }
+    *reinterpret_cast<Vec*>(out + (long long)t * M + i0) = ov;
   }
-  v[i] = vi;
-  if (COUNT) count[i] += n;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    v[i0 + k] = vi[k];
+    if (COUNT) count[i0 + k] += n[k];
+  }
 }
