@@ -44,7 +44,7 @@ def run_snnconv(ann, calib, x, y, T, opts, batch=500):
 def run_spikingjelly(ann, calib, x, y, T, mode, batch=500):
     from spikingjelly.activation_based import ann2snn, functional
     loader = [(c,) for c in calib.split(100)]
-    net = ann2snn.Converter(ann2snn.RateCodingRecipe(dataloader=loader, mode=mode), device="cpu").convert(
+    net = ann2snn.Converter(ann2snn.RateCodingRecipe(dataloader=loader, mode=mode), device=str(x.device)).convert(
         copy.deepcopy(ann))
     outs = []
     with torch.no_grad():
@@ -64,10 +64,10 @@ def table(title, ann_acc, rows, T):
 
 
 def evaluate(arch, data, args):
-    ann = trained(arch, data, args.data_dir)
+    ann = trained(arch, data, args.data_dir, device=args.device).to(args.device)
     (xtr, _), (xte, yte) = dataset(data, args.data_dir)
-    xte, yte = xte[:args.test], yte[:args.test]
-    calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(1))[:args.calib]]
+    xte, yte = xte[:args.test].to(args.device), yte[:args.test].to(args.device)
+    calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(1))[:args.calib]].to(args.device)
     with torch.no_grad():
         ann_acc = (torch.cat([ann(b).argmax(1) for b in xte.split(1000)]) == yte).float().mean().item() * 100
     rows = {}
@@ -98,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=32)
     ap.add_argument("--calib", type=int, default=1024)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (snnconv then runs its CuPy kernels)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     tables = [evaluate(arch, data, args) for data in args.data for arch in args.arch]

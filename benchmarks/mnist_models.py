@@ -77,8 +77,8 @@ def dataset(name: str, data_dir: Path = MNIST):
     return load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
 
 
-def trained(arch: str, data: str = "mnist", data_dir: Path = MNIST, seed: int = 0) -> nn.Module:
-    """Train once (Adam, batch 64) and cache the state_dict; later calls load it."""
+def trained(arch: str, data: str = "mnist", data_dir: Path = MNIST, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """Train once (Adam, batch 64, on `device`) and cache the state_dict; later calls load it."""
     hw = 8 if data == "digits" else 28
     model = FACTORIES[arch](hw)
     epochs = 30 if data == "digits" else 1
@@ -87,16 +87,17 @@ def trained(arch: str, data: str = "mnist", data_dir: Path = MNIST, seed: int = 
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     (x, y), _ = dataset(data, data_dir)
+    x, y, model = x.to(device), y.to(device), model.to(device)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     t0 = time.perf_counter()
     for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
+        for idx in torch.randperm(len(x), device=device).split(64):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     print(f"trained {arch} on {data} for {epochs} epoch(s) in {time.perf_counter() - t0:.0f} s", flush=True)
     CACHE.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+    return model.cpu().eval()
