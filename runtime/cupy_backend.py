@@ -3,6 +3,8 @@ cached per variant. Torch tensors are passed by data pointer, zero-copy, on torc
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from snnconv.runtime import kernel_source, torch_backend
@@ -38,6 +40,15 @@ def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: b
     return _kernels[key]
 
 
+def _external_stream(ts: torch.cuda.Stream):
+    """torch's current stream as a CuPy stream (no copy, no sync)."""
+    if hasattr(ts, "__cuda_stream__") and hasattr(cp.cuda.Stream, "from_external"):
+        return cp.cuda.Stream.from_external(ts)
+    with warnings.catch_warnings():  # ExternalStream is deprecated in newer CuPy, the only way in older
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cp.cuda.ExternalStream(ts.cuda_stream)
+
+
 def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
               soft_reset: bool, v_reset: float, decay: float, out: torch.Tensor,
               count: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,9 +64,7 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     vec = 4 if M % 4 == 0 and all(p % 16 == 0 for p in ptrs) else 1
     with cp.cuda.Device(v.device.index):
         kern = _kernel(_DTYPES[x.dtype], vec, static, soft_reset, decay != 1.0, count is not None)
-        ptr = torch.cuda.current_stream(v.device).cuda_stream
-        stream = cp.cuda.Stream.from_external(ptr) if hasattr(cp.cuda.Stream, "from_external") \
-            else cp.cuda.ExternalStream(ptr)
+        stream = _external_stream(torch.cuda.current_stream(v.device))
         args = (x.data_ptr(), out.data_ptr(), v.data_ptr(), th.data_ptr(),
                 count.data_ptr() if count is not None else 0, cp.int64(M), cp.int32(steps), cp.int32(C),
                 cp.int64(inner), cp.float32(v_reset), cp.float32(decay))
