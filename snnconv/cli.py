@@ -153,8 +153,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="convert a model into an SNN checkpoint",
-                       description="MODEL is package.module:factory (with --weights), an .onnx file or a .pt2 "
-                                   "torch.export program.")
+                       description="MODEL is package.module:factory (with --weights) or an .onnx file.")
     c.add_argument("model")
     c.add_argument("--weights", help=".pth/.pt state_dict (nested 'state_dict'/'model' keys and DDP 'module.' "
                                      "prefixes accepted) or .safetensors")
@@ -188,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
-    i.add_argument("target", help="a converted checkpoint, or a model (factory spec, .onnx, .pt2)")
+    i.add_argument("target", help="a converted checkpoint, or a model (factory spec or .onnx)")
     i.add_argument("--weights")
     i.add_argument("--kwargs")
     i.add_argument("--input-shape")

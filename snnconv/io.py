@@ -1,4 +1,4 @@
-"""Reading what users point the CLI at: models (factory + weights, ONNX, torch.export), weights files and
+"""Reading what users point the CLI at: models (factory + weights, ONNX), weights files and
 data. Every failure is a ConversionError that names the file and the problem; nothing runs pickled code
 unless the user passes trust_pickle."""
 
@@ -143,18 +143,15 @@ def _drop_identity_nodes(model) -> None:
 
 def load_model(source: str, weights: str | None = None, kwargs: dict | None = None,
                trust_pickle: bool = False) -> tuple[nn.Module, dict]:
-    """(model, source record) from a factory spec (+ weights file), an .onnx file, or a .pt2 export."""
+    """(model, source record) from a factory spec (+ weights file) or an .onnx file."""
     if source.endswith(".onnx"):
         data = _need_file(source).read_bytes()
         return load_onnx(data), {"onnx": True}
     if source.endswith(".pt2"):
-        try:
-            program = torch.export.load(str(_need_file(source)))
-        except ConversionError:
-            raise
-        except Exception as exc:
-            raise ConversionError(f"{source}: not a readable torch.export program ({exc})") from exc
-        return program.module(), {"export": Path(source).name}
+        _need_file(source)
+        raise ConversionError(f"{source}: torch.export programs (.pt2) are not supported yet (their aten-level "
+                              "graphs carry batch-size guards); export the model to ONNX, or pass its factory "
+                              "and a weights file")
     model = load_factory(source, kwargs)
     if weights is not None:
         load_state_strict(model, load_weights(weights, trust_pickle), f"weights file {weights}")
