@@ -81,7 +81,7 @@ def main(argv=None) -> None:
         snn.T = T
         acc, t = accuracy(snn, xte, yte)
         print(f"{'SNN T=' + str(T):>10} {acc:11.2f} {acc - acc_ann:+6.2f} {t * 1e3:8.1f} {t / t_ann:10.1f}")
-    print(f"\n{len(xte)} test digits; IF neurons, soft reset, 99.99th-percentile thresholds, v0 = theta/2")
+    print(f"\n{len(xte)} test digits; IF neurons, soft reset, per-channel 99.99th-percentile thresholds, v0 = theta/2")
 
 
 if __name__ == "__main__":
