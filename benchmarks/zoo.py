@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_zoo import CI, REST, UNSUPPORTED, build
+from test_zoo import CI, REST, UNSUPPORTED, build, input_size
 
 import snnconv
 
@@ -35,7 +35,7 @@ def _time(fn, reps=3) -> float:
 
 def row(name: str, size: int) -> str:
     model = build(name)
-    hw = max(size, 80) if name == "inception_v3" else size
+    hw = max(size, 80) if name == "inception_v3" else input_size(name) if name == "vit_b_16" else size
     g = torch.Generator().manual_seed(3)
     calib, x = torch.rand(64, 3, hw, hw, generator=g), torch.rand(32, 3, hw, hw, generator=g)
     t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def row(name: str, size: int) -> str:
         snn = snnconv.convert(model, T=32, calib=calib)
     except snnconv.ConversionError as exc:
         first = str(exc).splitlines()[0]
-        return f"{name:<22} {'rejected: ' + first[first.find('(') + 1:first.rfind(')')]}"
+        return f"{name:<22} rejected: {first[first.find('network (') + 9:first.rfind(')')]}"
     t_conv = time.perf_counter() - t0
     with torch.no_grad():
         ref = model(x)

@@ -3,7 +3,8 @@
 Leaf policy: built-in torch.nn modules (Conv, BatchNorm, ReLU, pools, ...) stay single `call_module`
 nodes; containers and the user's own modules are traced through, so every op is visible to the passes.
 Every node gets `node.meta["snn_kind"]`: 'activation' (becomes a neuron), 'maxpool', 'linear' (stateless
-and linear in its tensor inputs, safe on time-folded batches), or 'value' (shape arithmetic).
+and linear in its tensor inputs, safe on time-folded batches), 'tensors' (a tuple of such, from chunk or
+split), or 'value' (shape arithmetic).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _LINEAR_FUNCTIONS = {
     torch.concat, torch.add, torch.sub, operator.add, operator.sub, operator.iadd, operator.neg,
     operator.getitem, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.transpose, torch.chunk,
     torch.split, torch.unsqueeze, torch.squeeze, torch.reshape, torch.permute, F.pad, torch.channel_shuffle,
-    F.channel_shuffle if hasattr(F, "channel_shuffle") else torch.channel_shuffle, torch.mean,
+    getattr(F, "channel_shuffle", torch.channel_shuffle), torch.mean,
     operator.mul, operator.truediv, torch.mul, torch.div,
 }
 _LINEAR_METHODS = {"view", "reshape", "flatten", "add", "add_", "sub", "contiguous", "transpose", "permute",
@@ -169,9 +170,38 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         if dims is None or 0 in dims:
             return None, "mean over the batch dimension (or over all dims) mixes samples; give dim=(2, 3)"
     if t in _LINEAR_FUNCTIONS or t in _LINEAR_METHODS:
-        return "linear", ""
+        why = _touches_batch(node)
+        if why is not None:
+            return None, why
+        return ("tensors", "") if t in (torch.chunk, torch.split, "chunk", "split") else ("linear", "")
     key = name.lower().strip("_")
     return None, _HINTS.get(key, f"op {name} has no spiking equivalent")
+
+
+def _touches_batch(node: fx.Node) -> str | None:
+    """Why a shape op would move or drop the batch dimension (time is folded into it), or None."""
+    t, name = node.target, getattr(node.target, "__name__", node.target)
+    if t in (torch.transpose, "transpose"):
+        if 0 in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")):
+            return f"{name} moves the batch dimension; keep dim 0 in place"
+    elif t in (torch.permute, "permute"):
+        dims = node.args[1:] if node.op == "call_method" else node.args[1]
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if dims and dims[0] != 0:
+            return "permute moves the batch dimension; keep dim 0 first"
+    elif t in (torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze"):
+        dim = _arg(node, 1, "dim")
+        if dim is None or dim == 0 or (isinstance(dim, (tuple, list)) and 0 in dim):
+            return f"{name} without a non-batch dim may add or drop the batch dimension; give dim >= 1"
+    elif t in (operator.getitem, "__getitem__") and node.meta.get("snn_kind") != "value":
+        index = node.args[1]
+        first = index[0] if isinstance(index, tuple) and index else index
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.meta.get("snn_kind") == "tensors":
+            return None
+        if not (first is Ellipsis or (isinstance(first, slice) and first == slice(None))):
+            return "indexing the batch dimension picks samples; index only dims >= 1 (x[:, ...])"
+    return None
 
 
 def annotate(gm: fx.GraphModule) -> fx.GraphModule:

@@ -36,6 +36,9 @@ CASES = {
     "clamp_negative": (lambda s, h: h.clamp(-1, 1), "clamp"),
     "mean_over_batch": (lambda s, h: F.relu(h).mean(0, keepdim=True), "mean"),
     "global_mean": (lambda s, h: F.relu(h).mean(), "mean"),
+    "batch_index": (lambda s, h: F.relu(h)[0:1], "getitem"),
+    "batch_transpose": (lambda s, h: F.relu(h).transpose(0, 1), "transpose"),
+    "squeeze_all": (lambda s, h: F.relu(h).unsqueeze(1).squeeze(), "squeeze"),
 }
 
 
