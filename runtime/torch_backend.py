@@ -37,7 +37,7 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
         elif scalar:
             v.sub_(st, alpha=th)
         else:
-            v.sub_(st * theta)
+            v.addcmul_(st, theta, value=-1)
     spikes.mul_(theta)
     if spikes is not out:
         out.copy_(spikes)

@@ -1,0 +1,28 @@
+"""Residual adds write into their left operand when nothing else reads it: `conv(x) + shortcut` then
+needs no new [T*N, ...] buffer (on CPU, fresh large buffers cost page faults on every call)."""
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from snnconv.passes.fold_batchnorm import FoldedBN
+
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBN)
+
+
+def _fresh_private(gm: fx.GraphModule, node) -> bool:
+    """Is `node` a new tensor made by a stateless layer and read by exactly one node?"""
+    return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1
+            and isinstance(gm.get_submodule(node.target), _FRESH))
+
+
+def inplace_add(gm: fx.GraphModule, settings) -> fx.GraphModule:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
+                and not node.kwargs and isinstance(node.args[1], fx.Node) \
+                and node.args[1].meta.get("snn_kind") != "value" and _fresh_private(gm, node.args[0]):
+            node.op, node.target = "call_method", "add_"
+    gm.recompile()
+    return gm
