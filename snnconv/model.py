@@ -86,7 +86,10 @@ class SpikingModel(nn.Module):
     def forward(self, x: torch.Tensor, *, time_major: bool = False, per_step: bool = False):
         if self.step_mode not in ("m", "s"):
             raise ConversionError(f"step_mode must be 'm' or 's', got {self.step_mode!r}")
-        self._check_input(x, time_major and self.step_mode == "m")
+        if self.step_mode == "s" and (time_major or per_step):
+            raise ConversionError("time_major and per_step apply to step_mode 'm'; in step mode 's' each call "
+                                  "takes one step's input [N, ...] and returns that step's output")
+        self._check_input(x, time_major)
         with torch.no_grad():
             if self.step_mode == "s":  # neuron outputs live in reused buffers: hand out copies
                 return _map(torch.clone, self._run(x, 1, True))

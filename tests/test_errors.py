@@ -121,6 +121,9 @@ def test_bad_inputs_at_run_time():
         snn(torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ConversionError, match="T must be"):
         snn.T = -3
+    snn.step_mode = "s"
+    with pytest.raises(ConversionError, match="apply to step_mode 'm'"):
+        snn(torch.randn(3, 2, 4), time_major=True)
     snn.step_mode = "x"
     with pytest.raises(ConversionError, match="step_mode"):
         snn(torch.randn(2, 4))
