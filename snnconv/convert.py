@@ -153,6 +153,7 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
                 m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
     gm = pipeline.run(pipeline.LOWER, gm, settings, log)
     snn = SpikingModel(gm, settings)
+    snn._version = getattr(model, "_version", 1)  # state_dict metadata as the ANN writes it (MNASNet reads it)
     snn.pass_log = log
     if bias_calibration:
         calibrate_bias(snn, calib, bias_batches)

@@ -54,8 +54,11 @@ def test_notebook_net_step_modes_identical_and_match_reference():
 def test_state_dict_keys_values_and_strict_loading_both_ways():
     ann = randomize_bn(ResCatNet())
     snn = snnconv.convert(ann, T=4, calib=torch.rand(32, 3, 16, 16))
+    ann._version = 3  # a model class that versions its state_dict (as torchvision's MNASNet does)
+    snn = snnconv.convert(ann, T=4, calib=torch.rand(32, 3, 16, 16))
     sd_ann, sd_snn = ann.state_dict(), snn.state_dict()
     assert list(sd_snn) == list(sd_ann)
+    assert sd_snn._metadata[""]["version"] == sd_ann._metadata[""]["version"] == 3
     assert all(torch.equal(sd_ann[k], sd_snn[k]) for k in sd_ann)
     other = randomize_bn(ResCatNet(), seed=5)
     snn.load_state_dict(other.state_dict(), strict=True)
