@@ -53,7 +53,6 @@ def test_notebook_net_step_modes_identical_and_match_reference():
 
 def test_state_dict_keys_values_and_strict_loading_both_ways():
     ann = randomize_bn(ResCatNet())
-    snn = snnconv.convert(ann, T=4, calib=torch.rand(32, 3, 16, 16))
     ann._version = 3  # a model class that versions its state_dict (as torchvision's MNASNet does)
     snn = snnconv.convert(ann, T=4, calib=torch.rand(32, 3, 16, 16))
     sd_ann, sd_snn = ann.state_dict(), snn.state_dict()
