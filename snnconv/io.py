@@ -159,12 +159,8 @@ def load_model(source: str, weights: str | None = None, kwargs: dict | None = No
 
 
 def _as_float(x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x)
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0  # 8-bit images
-    elif not t.is_floating_point():
-        t = t.float()
-    t = t.float()
+    t = torch.as_tensor(x)
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()  # 8-bit data are images
     if not torch.isfinite(t).all():
         raise ConversionError(f"{what}: contains NaN or Inf values")
     return t
