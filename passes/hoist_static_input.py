@@ -27,7 +27,7 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
             gm.get_submodule(node.target).static_input = ins[0] in static
         elif node.meta.get("snn_kind") == "value" or node.op == "output":
             continue
-        elif all(a in static or not _batch_carrying(a, static) for a in ins) and any(a in static for a in ins):
+        elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
             if _module(gm, node, SpikeMaxPool):
                 gm.get_submodule(node.target).static_input = True
@@ -45,6 +45,6 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
     return gm
 
 
-def _batch_carrying(node: fx.Node, static: set) -> bool:
+def _batch_carrying(node: fx.Node) -> bool:
     """Does this input carry the batch? Constants (get_attr) and shape values do not."""
     return node.op != "get_attr" and node.meta.get("snn_kind") != "value"
