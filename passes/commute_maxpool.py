@@ -5,6 +5,7 @@ not spikes (the max of spike trains is not the max of rates). Every maxpool beco
 which is plain pooling on step-invariant input and rate-gated pooling on time-varying input.
 """
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -12,7 +13,9 @@ from snnconv.passes.lower_activations import add_neuron
 from snnconv.runtime.modules import Neuron, SpikeMaxPool
 from snnconv.trace import MAXPOOL_MODULES
 
-_FN_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_aten = torch.ops.aten
+_FN_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, _aten.max_pool1d.default: 1,
+            _aten.max_pool2d.default: 2, _aten.max_pool3d.default: 3}
 _KW = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
 

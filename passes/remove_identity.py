@@ -1,11 +1,12 @@
 """Dropout (identity at inference), nn.Identity and dead nodes leave the graph."""
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.ops.aten.dropout.default}
 
 
 def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:

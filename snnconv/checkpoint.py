@@ -1,7 +1,7 @@
 """Converted checkpoints: one .safetensors file, no pickle. Its tensors are the ANN's state_dict under
 unchanged keys (so the file loads into the plain ANN too); its metadata holds the conversion state as
 JSON (T, options, thresholds, biases), the snnconv version, the input shape and the model's source
-(a factory spec, or the ONNX model itself, stored as a byte tensor under a reserved name)."""
+(a factory spec, or the ONNX / torch.export file itself, stored as a byte tensor under a reserved name)."""
 
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
 
 FORMAT = "snnconv-checkpoint/1"
-ONNX_KEY = "__snnconv__.onnx"
+MODEL_KEY = "__snnconv__.model_file"
 
 
-def save(snn: SpikingModel, path: str | Path, source: dict | None = None, onnx_bytes: bytes | None = None) -> None:
+def save(snn: SpikingModel, path: str | Path, source: dict | None = None, model_file: bytes | None = None) -> None:
     """Write atomically: a temporary file in the same folder, renamed over `path` only when complete."""
     from safetensors.torch import save_file
 
     import snnconv
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in snn.state_dict().items()}
-    if onnx_bytes is not None:
-        tensors[ONNX_KEY] = torch.frombuffer(bytearray(onnx_bytes), dtype=torch.uint8)
+    if model_file is not None:  # an .onnx or .pt2 file: the source says which
+        tensors[MODEL_KEY] = torch.frombuffer(bytearray(model_file), dtype=torch.uint8)
     meta = {"format": FORMAT, "snnconv_version": snnconv.__version__,
             "conversion": json.dumps(snn.conversion_state()),
             "source": json.dumps(source if source is not None else snn.source)}
@@ -84,13 +84,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> SpikingModel:
     """Rebuild the SNN from a checkpoint: the ANN from `model` or the recorded source, its weights
     strictly, then the recorded conversion state (no calibration data needed)."""
     from snnconv.convert import convert
-    from snnconv.io import load_factory, load_onnx, load_state_strict
+    from snnconv.io import load_exported, load_factory, load_onnx, load_state_strict
     tensors, meta = read(path)
-    onnx_bytes = tensors.pop(ONNX_KEY, None)
+    model_file = tensors.pop(MODEL_KEY, None)
     source = meta["source"] or {}
     if model is None:
-        if onnx_bytes is not None:
-            model = load_onnx(bytes(onnx_bytes.numpy()))
+        if model_file is not None and source.get("onnx"):
+            model = load_onnx(bytes(model_file.numpy()))
+        elif model_file is not None and source.get("export"):
+            model = load_exported(bytes(model_file.numpy()), f"{path} (embedded torch.export program)")
         elif "factory" in source:
             model = load_factory(source["factory"], source.get("kwargs"))
         else:

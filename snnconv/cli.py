@@ -49,7 +49,7 @@ def cmd_convert(a) -> int:
     _positive("T", a.T)
     out = _guard_output(a.output, a.model, a.weights, a.calib)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
-    onnx_bytes = Path(a.model).read_bytes() if a.model.endswith(".onnx") else None
+    model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
     if a.calib:
         calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
         calib = calib[:a.calib_limit]
@@ -65,7 +65,7 @@ def cmd_convert(a) -> int:
     snn = snnconv.convert(model, T=a.T, calib=calib, method=a.method, percentile=a.percentile,
                           per_channel=not a.per_layer, neuron=a.neuron, reset=a.reset, v_init=a.v_init,
                           bias_calibration=a.bias_calibration)
-    snnconv.save(snn, out, source=source, onnx_bytes=onnx_bytes)
+    snnconv.save(snn, out, source=source, model_file=model_file)
     print(f"converted {type(model).__name__} in {time.perf_counter() - t0:.1f} s: {len(snn.neurons())} neuron "
           f"layers, T={a.T}; wrote {out}")
     return 0
@@ -153,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="convert a model into an SNN checkpoint",
-                       description="MODEL is package.module:factory (with --weights) or an .onnx file.")
+                       description="MODEL is package.module:factory (with --weights), an .onnx file, or a "
+                                   ".pt2 torch.export program exported with a dynamic batch dimension.")
     c.add_argument("model")
     c.add_argument("--weights", help=".pth/.pt state_dict (nested 'state_dict'/'model' keys and DDP 'module.' "
                                      "prefixes accepted) or .safetensors")
@@ -187,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
-    i.add_argument("target", help="a converted checkpoint, or a model (factory spec or .onnx)")
+    i.add_argument("target", help="a converted checkpoint, or a model (factory spec, .onnx or .pt2)")
     i.add_argument("--weights")
     i.add_argument("--kwargs")
     i.add_argument("--input-shape")

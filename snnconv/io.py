@@ -1,4 +1,4 @@
-"""Reading what users point the CLI at: models (factory + weights, ONNX), weights files and
+"""Reading what users point the CLI at: models (factory + weights, ONNX, torch.export), weights files and
 data. Every failure is a ConversionError that names the file and the problem; nothing runs pickled code
 unless the user passes trust_pickle."""
 
@@ -125,6 +125,31 @@ def load_onnx(source: str | Path | bytes) -> nn.Module:
                               "BatchNormalization, pools, Add, Concat, Flatten/Reshape") from exc
 
 
+def load_exported(data: bytes, what: str = "torch.export program") -> nn.Module:
+    """A torch.export program (.pt2) as a module. It must be exported with a dynamic batch dimension
+    (dynamic_shapes={"x": {0: torch.export.Dim("batch")}}): the SNN folds time into the batch."""
+    import io as _io
+    try:
+        program = torch.export.load(_io.BytesIO(data))
+    except Exception as exc:
+        raise ConversionError(f"{what}: not a readable torch.export program ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt'})") from exc
+    batch = program.graph_module.graph.find_nodes(op="placeholder")
+    user_inputs = [n for n in batch if n.name in program.graph_signature.user_inputs]
+    if user_inputs and isinstance(user_inputs[0].meta.get("val"), torch.Tensor):
+        size0 = user_inputs[0].meta["val"].shape[0]
+        if isinstance(size0, int):
+            raise ConversionError(f"{what}: exported with a fixed batch size {size0}; export again with "
+                                  "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}")
+    gm = program.module()
+    for node in list(gm.graph.nodes):  # the input guards check the export-time shapes; T*N batches differ
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def _drop_identity_nodes(model) -> None:
     """Identity nodes (exporters emit them for shared initializers) confuse onnx2torch: rewire around them."""
     alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
@@ -143,15 +168,12 @@ def _drop_identity_nodes(model) -> None:
 
 def load_model(source: str, weights: str | None = None, kwargs: dict | None = None,
                trust_pickle: bool = False) -> tuple[nn.Module, dict]:
-    """(model, source record) from a factory spec (+ weights file) or an .onnx file."""
+    """(model, source record) from a factory spec (+ weights file), an .onnx file or a .pt2 program."""
     if source.endswith(".onnx"):
         data = _need_file(source).read_bytes()
         return load_onnx(data), {"onnx": True}
     if source.endswith(".pt2"):
-        _need_file(source)
-        raise ConversionError(f"{source}: torch.export programs (.pt2) are not supported yet (their aten-level "
-                              "graphs carry batch-size guards); export the model to ONNX, or pass its factory "
-                              "and a weights file")
+        return load_exported(_need_file(source).read_bytes(), source), {"export": True}
     model = load_factory(source, kwargs)
     if weights is not None:
         load_state_strict(model, load_weights(weights, trust_pickle), f"weights file {weights}")

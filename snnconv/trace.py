@@ -46,6 +46,22 @@ _ACT_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh,
 _ACT_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
 _MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 
+# torch.export programs (.pt2) arrive as aten-level graphs: the same ops, as OpOverloads
+_aten = torch.ops.aten
+_LINEAR_FUNCTIONS |= {
+    _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.linear.default,
+    _aten.batch_norm.default, _aten.avg_pool1d.default, _aten.avg_pool2d.default, _aten.avg_pool3d.default,
+    _aten.adaptive_avg_pool1d.default, _aten.adaptive_avg_pool2d.default, _aten.adaptive_avg_pool3d.default,
+    _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default, _aten.add.Tensor, _aten.add_.Tensor,
+    _aten.sub.Tensor, _aten.cat.default, _aten.dropout.default, _aten.clone.default, _aten.mul.Tensor,
+    _aten.div.Tensor, _aten.permute.default, _aten.transpose.int, _aten.unsqueeze.default, _aten.squeeze.dim,
+    _aten.mean.dim, _aten.chunk.default, _aten.split.Tensor, _aten.contiguous.default, _aten.slice.Tensor,
+}
+_ACT_FUNCTIONS |= {_aten.relu.default, _aten.relu_.default, _aten.hardtanh.default, _aten.hardtanh_.default,
+                   _aten.clamp.default, _aten.clamp_min.default}
+_MAXPOOL_FUNCTIONS |= {_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_pool3d.default}
+_VALUE_FUNCTIONS = {_aten.sym_size.int}
+
 _HINTS = {
     "sigmoid": "sigmoid is not a ReLU-like activation: integrate-and-fire neurons cannot represent it",
     "tanh": "tanh takes negative values: integrate-and-fire neurons cannot represent it",
@@ -107,16 +123,17 @@ def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | No
         if isinstance(m, nn.Hardtanh):
             return m.min_val == 0, float(m.max_val)
         return isinstance(m, nn.ReLU), None
-    if node.target in (F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_"):
+    if node.target in (F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_", _aten.relu.default,
+                       _aten.relu_.default):
         return True, None
     if node.target is F.relu6:
         return True, 6.0
-    if node.target in (F.hardtanh, F.hardtanh_):
+    if node.target in (F.hardtanh, F.hardtanh_, _aten.hardtanh.default, _aten.hardtanh_.default):
         lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
         return lo == 0, hi
-    if node.target in (torch.clamp_min, "clamp_min", "clamp_min_"):
+    if node.target in (torch.clamp_min, "clamp_min", "clamp_min_", _aten.clamp_min.default):
         return _arg(node, 1, "min") == 0, None
-    if node.target in (torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_"):
+    if node.target in (torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", _aten.clamp.default):
         lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
         return lo == 0 and (hi is None or isinstance(hi, (int, float))), hi
     return False, None
@@ -154,6 +171,8 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         return "value", ""
     if node.op == "call_function" and t is getattr and node.args[1] in ("shape", "ndim", "dtype", "device"):
         return "value", ""
+    if t in _VALUE_FUNCTIONS:
+        return "value", ""
     if not tensor_inputs and node.op == "call_function" and t.__module__ in ("_operator", "operator"):
         return "value", ""
     if t in _ACT_FUNCTIONS or t in _ACT_METHODS:
@@ -162,9 +181,10 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     if t in _MAXPOOL_FUNCTIONS:
         ok = _plain_pool(_arg(node, 6, "return_indices", False), _arg(node, 4, "dilation", 1))
         return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
-    if t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div") and len(tensor_inputs) > 1:
+    if t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", _aten.mul.Tensor,
+             _aten.div.Tensor) and len(tensor_inputs) > 1:
         return None, _HINTS["mul"]
-    if t in (torch.mean, "mean"):
+    if t in (torch.mean, "mean", _aten.mean.dim):
         dims = _arg(node, 1, "dim")
         dims = (dims,) if isinstance(dims, int) else dims
         if dims is None or 0 in dims:
@@ -173,7 +193,8 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         why = _touches_batch(node)
         if why is not None:
             return None, why
-        return ("tensors", "") if t in (torch.chunk, torch.split, "chunk", "split") else ("linear", "")
+        tuples = (torch.chunk, torch.split, "chunk", "split", _aten.chunk.default, _aten.split.Tensor)
+        return ("tensors", "") if t in tuples else ("linear", "")
     key = name.lower().strip("_")
     return None, _HINTS.get(key, f"op {name} has no spiking equivalent")
 
@@ -181,15 +202,17 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
 def _touches_batch(node: fx.Node) -> str | None:
     """Why a shape op would move or drop the batch dimension (time is folded into it), or None."""
     t, name = node.target, getattr(node.target, "__name__", node.target)
-    if t in (torch.transpose, "transpose"):
+    if t in (torch.transpose, "transpose", _aten.transpose.int):
         if 0 in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")):
             return f"{name} moves the batch dimension; keep dim 0 in place"
-    elif t in (torch.permute, "permute"):
+    elif t in (torch.permute, "permute", _aten.permute.default):
         dims = node.args[1:] if node.op == "call_method" else node.args[1]
         dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
         if dims and dims[0] != 0:
             return "permute moves the batch dimension; keep dim 0 first"
-    elif t in (torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze"):
+    elif t in (_aten.slice.Tensor, _aten.select.int) and _arg(node, 1, "dim", 0) == 0:
+        return f"{name} indexes the batch dimension; index only dims >= 1"
+    elif t in (torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", _aten.unsqueeze.default, _aten.squeeze.dim):
         dim = _arg(node, 1, "dim")
         if dim is None or dim == 0 or (isinstance(dim, (tuple, list)) and 0 in dim):
             return f"{name} without a non-batch dim may add or drop the batch dimension; give dim >= 1"

@@ -111,6 +111,24 @@ def test_onnx_file_convert_and_run(work, capsys):
     assert ((snn(x) - ref).norm() / ref.norm()) < 0.5
 
 
+def test_torch_export_program_convert_and_run(work, capsys):
+    d, model = work
+    program = torch.export.export(model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=[{0: torch.export.Dim("batch")}])
+    torch.export.save(program, d / "m.pt2")
+    assert main(["convert", "m.pt2", "--calib", "calib.npy", "--T", "16", "-o", "e.safetensors"]) == 0
+    assert main(["run", "e.safetensors", "--data", "test.pt"]) == 0
+    assert "accuracy on 40 samples" in capsys.readouterr().out
+    snn = snnconv.load(d / "e.safetensors")  # rebuilt from the program stored in the checkpoint
+    x = torch.rand(16, 1, 8, 8)
+    ref = model(x)
+    assert ((snn(x) - ref).norm() / ref.norm()) < 0.5
+    fixed = torch.export.export(model, (torch.rand(2, 1, 8, 8),))  # batch size baked in: refused, clearly
+    torch.export.save(fixed, d / "fixed.pt2")
+    assert main(["convert", "fixed.pt2", "--calib", "calib.npy", "-o", "f.safetensors"]) == 2
+    assert "fixed batch size 2" in capsys.readouterr().err
+    assert not (d / "f.safetensors").exists()
+
+
 def test_console_script_error_is_one_line(work):
     d, _ = work
     exe = os.path.join(os.path.dirname(sys.executable), "snnconv")
