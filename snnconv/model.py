@@ -97,6 +97,7 @@ class SpikingModel(nn.Module):
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
             chunk = self._chunk(T, n)
+            delay = min(self.settings.readout_delay, T - 1)  # leading steps left out of the mean
             total, outs = None, []
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
@@ -104,13 +105,14 @@ class SpikingModel(nn.Module):
                 y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self._run(xin, steps, not time_major))
                 if per_step:
                     outs.append(_map(torch.clone, y))
-                else:
-                    s = _map(lambda a: a.sum(0), y)
+                elif t0 + steps > delay:
+                    skip = max(0, delay - t0)
+                    s = _map(lambda a, k=skip: a[k:].sum(0), y)
                     total = s if total is None else _map_pair(total, s)
             self.reset()
             if per_step:
                 return outs[0] if len(outs) == 1 else _cat(outs)
-            return _map(lambda a: a / T, total)
+            return _map(lambda a: a / (T - delay), total)
 
     def _chunk(self, T: int, n: int) -> int:
         s = self.settings
@@ -133,7 +135,7 @@ class SpikingModel(nn.Module):
             raise ConversionError(f"conversion state does not match this graph: neurons {sorted(missing)}")
         s = Settings.from_dict(state["settings"])
         for f in ("T", "threshold_method", "percentile", "per_channel", "fixed_threshold", "chunk",
-                  "memory_budget_mb"):
+                  "memory_budget_mb", "readout_delay"):
             setattr(self.settings, f, getattr(s, f))
         self.settings.neuron.__dict__.update(s.neuron.__dict__)
         self.settings.clock.backend = s.clock.backend

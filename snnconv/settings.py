@@ -20,6 +20,7 @@ class Settings:
     input_ndim: int = 0                    # rank of the model's input [N, ...]
     input_shape: tuple[int, ...] = ()      # one sample's shape, as calibrated
     memory_budget_mb: float | None = None  # pick `chunk` so one chunk's activations fit this budget
+    readout_delay: int = 0                 # leading steps left out of the output mean (transient)
     step_bytes_per_sample: int = 0         # all activations of one step for one sample (measured at convert)
     clock: Clock = field(default_factory=Clock, repr=False)
 

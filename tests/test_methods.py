@@ -90,3 +90,14 @@ def test_thresholds_follow_their_statistic(method, per_channel):
     else:
         expect = torch.quantile(act.reshape(-1), 0.9)
     assert torch.allclose(th, expect)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_readout_delay_drops_leading_steps(chunk):
+    ann = randomize_bn(ResCatNet())
+    x = torch.rand(8, 3, 16, 16)
+    snn = snnconv.convert(ann, T=10, calib=x, readout_delay=4, chunk=chunk)
+    steps = snn(x, per_step=True)
+    assert torch.allclose(snn(x), steps[4:].mean(0), atol=1e-6)
+    snn.T = 3  # shorter than the delay: the last step alone
+    assert torch.allclose(snn(x), snn(x, per_step=True)[-1], atol=1e-6)
