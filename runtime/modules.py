@@ -95,7 +95,7 @@ class Neuron(nn.Module):
             b = self.bias.to(x.device, x.dtype)
             x = x + (b.view(-1, *([1] * (x.dim() - 2))) if b.dim() > 0 else b)
         shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
-        x_in = x if static else x.view(steps, *shape)
+        x_in = x if static else x.reshape(steps, *shape)
         theta = self.threshold
         if theta.device != x.device:
             self.threshold = theta = theta.to(x.device)
@@ -148,7 +148,7 @@ class SpikeMaxPool(nn.Module):
         if self.clock.mode == "ann" or (self.static_input and self.clock.input_static):
             return self._pool(x)
         steps = self.clock.steps
-        xs = x.view(steps, x.shape[0] // steps, *x.shape[1:])
+        xs = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc = torch.cumsum(xs.to(dtype), 0, out=torch.empty_like(xs, dtype=dtype))  # all running sums, one op
         if self.acc is not None:      # continuing a previous call ('s' mode, time chunks)
