@@ -79,10 +79,15 @@ def build(net: str, method: str, T: int, batch: int):
         opts = {"snnconv_passes_off": {"passes": []}, "snnconv": {}, "snnconv_chunk1": {"chunk": 1}}[method]
         snn = snnconv.convert(model, T=T, calib=calib, **opts)
         return lambda: snn(x)
+    return spikingjelly_runner(model, calib, x, T)
+
+
+def spikingjelly_runner(model, calib: torch.Tensor, x: torch.Tensor, T: int):
+    """The peer: SpikingJelly 2.0.0's RateCodingRecipe (99.9%) on a copy of `model`, run multi-step."""
     from spikingjelly.activation_based import ann2snn, functional
     loader = [(c,) for c in calib.split(64)]
     recipe = ann2snn.RateCodingRecipe(dataloader=loader, mode="99.9%")
-    sj = ann2snn.Converter(recipe, device="cpu").convert(copy.deepcopy(model))
+    sj = ann2snn.Converter(recipe, device=str(x.device)).convert(copy.deepcopy(model))
     functional.set_step_mode(sj, "m")
     x_seq = x.unsqueeze(0).repeat(T, *([1] * x.dim()))
 

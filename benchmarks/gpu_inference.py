@@ -10,11 +10,10 @@ torch.cuda.max_memory_allocated during one run of each.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 
 import torch
-from cpu_inference import NETS, _net
+from cpu_inference import NETS, _net, spikingjelly_runner
 
 import snnconv
 
@@ -29,17 +28,7 @@ def build(net: str, method: str, T: int, batch: int):
     if method.startswith("snnconv"):
         snn = snnconv.convert(model, T=T, calib=calib, backend=method.split("_")[1])
         return lambda: snn(x)
-    from spikingjelly.activation_based import ann2snn, functional
-    loader = [(c,) for c in calib.split(64)]
-    sj = ann2snn.Converter(ann2snn.RateCodingRecipe(dataloader=loader, mode="99.9%"), device="cuda").convert(
-        copy.deepcopy(model))
-    functional.set_step_mode(sj, "m")
-    x_seq = x.unsqueeze(0).repeat(T, *([1] * x.dim()))
-
-    def run():
-        functional.reset_net(sj)
-        return sj(x_seq).mean(0)
-    return run
+    return spikingjelly_runner(model, calib, x, T)
 
 
 def main(argv=None):
