@@ -56,6 +56,7 @@ def test_every_pass_keeps_keys_and_graph_lints():
 
 
 def test_fold_batchnorm_refolds_after_load():
+    """After load_state_dict the SNN computes with the new weights: BN is refolded from them."""
     a, b = randomize_bn(ResCatNet(), 1), randomize_bn(ResCatNet(), 2)
     x = torch.rand(8, 3, 16, 16)
     snn = snnconv.convert(a, T=4, calib=x)
