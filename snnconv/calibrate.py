@@ -17,6 +17,11 @@ from snnconv.runtime.modules import Neuron
 _SAMPLE = 1 << 18  # values per batch and channel-set fed to quantile (torch.quantile caps input size)
 
 
+def by_channel(y: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] -> [C, N * ...]: one row per channel (dim 1); a tensor without channels is one row."""
+    return y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() > 1 else y.reshape(1, -1)
+
+
 class Stats:
     def __init__(self, per_channel: bool, q: float):
         self.per_channel, self.q = per_channel, q
@@ -25,11 +30,11 @@ class Stats:
 
     def __call__(self, y: torch.Tensor) -> None:
         y = y.detach().float()
-        flat = y.transpose(0, 1).reshape(y.shape[1], -1) if self.per_channel and y.dim() > 1 else y.reshape(1, -1)
-        if flat.shape[1] > _SAMPLE:
-            flat = flat[:, torch.randint(flat.shape[1], (_SAMPLE,), device=flat.device)]
+        flat = by_channel(y) if self.per_channel else y.reshape(1, -1)
         m = flat.amax(dim=1)
         self.max = m if self.max is None else torch.maximum(self.max, m)
+        if flat.shape[1] > _SAMPLE:  # the max sees every value; the quantile a random sample
+            flat = flat[:, torch.randint(flat.shape[1], (_SAMPLE,), device=flat.device)]
         self.quantiles.append(torch.quantile(flat, self.q, dim=1))
 
     def threshold(self, method: str) -> torch.Tensor:
@@ -109,8 +114,7 @@ def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
     xs = list(batches(calib, limit))
 
     def channel_mean(t: torch.Tensor) -> torch.Tensor:
-        t = t.double()
-        return t.transpose(0, 1).reshape(t.shape[1], -1).mean(1) if t.dim() > 1 else t.mean().reshape(1)
+        return by_channel(t.double()).mean(1)
 
     with torch.no_grad():
         ann_means = {n: [] for n in order}
