@@ -31,6 +31,7 @@ class NeuronConfig:
     v_reset: float = 0.0
     v_init: float = 0.5        # initial membrane, as a fraction of the threshold
     tau: float = 2.0           # LIF time constant: decay = 1 - 1/tau
+    max_spikes: int = 1        # > 1: burst mode, up to this many spikes per step (outputs are not binary)
 
     @property
     def decay(self) -> float:
@@ -109,9 +110,14 @@ class Neuron(nn.Module):
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
             out, self.v = torch_backend.multistep_functional(
                 x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
-                v_reset=cfg.v_reset, decay=cfg.decay)
+                v_reset=cfg.v_reset, decay=cfg.decay, max_spikes=cfg.max_spikes)
             return out.reshape(steps * shape[0], *shape[1:])
         out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
+        if cfg.max_spikes > 1:  # burst neurons: torch backend only
+            torch_backend.multistep_burst(x_in, self.v, theta, steps=steps, static=static,
+                                          soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay,
+                                          max_spikes=cfg.max_spikes, out=out)
+            return out.view(steps * shape[0], *shape[1:])
         get_backend(self.clock.backend, x.device)(
             x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
             v_reset=cfg.v_reset, decay=cfg.decay, out=out)

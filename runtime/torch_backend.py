@@ -44,15 +44,36 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     return out
 
 
+def multistep_burst(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
+                    soft_reset: bool, v_reset: float, decay: float, max_spikes: int, out: torch.Tensor
+                    ) -> torch.Tensor:
+    """Burst (multi-threshold) neurons: up to `max_spikes` spikes per step, S[t] = clamp(floor(H/theta),
+    0, max_spikes); the output theta * S[t] is not binary. Soft reset subtracts theta * S[t]."""
+    theta = theta.to(v.dtype)
+    for t in range(steps):
+        if decay != 1.0:
+            v.mul_(decay)
+        v.add_(x if static else x[t])
+        count = torch.div(v, theta).floor_().clamp_(0, max_spikes)
+        spikes = count * theta
+        if soft_reset:
+            v.sub_(spikes)
+        else:
+            v.masked_fill_(count > 0, v_reset)
+        out[t].copy_(spikes)
+    return out
+
+
 def multistep_functional(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
-                         soft_reset: bool, v_reset: float, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         soft_reset: bool, v_reset: float, decay: float, max_spikes: int = 1
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same dynamics with out-of-place ops only: what graph capture (ONNX export, tracing) records.
     Returns (outputs [steps, ...], final membrane)."""
     theta = theta.to(v.dtype)
     outs = []
     for t in range(steps):
         h = (v * decay if decay != 1.0 else v) + (x if static else x[t])
-        s = (h >= theta).to(v.dtype)
+        s = (h >= theta).to(v.dtype) if max_spikes == 1 else torch.floor(h / theta).clamp(0, max_spikes)
         o = s * theta
         v = h - o if soft_reset else torch.where(s > 0, torch.full_like(h, v_reset), h)
         outs.append(o.to(x.dtype))

@@ -101,6 +101,7 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         th = stats.threshold(settings.threshold_method)
         if n.clip is not None:
             th = th.clamp(max=n.clip)
+        th = th / settings.neuron.max_spikes  # burst neurons: the same range, k times finer steps
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
 
 

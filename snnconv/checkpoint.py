@@ -104,7 +104,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> SpikingModel:
     n = s["neuron"]
     example = torch.rand(2, *s["input_shape"])
     snn = convert(model, T=s["T"], threshold=1.0, example_input=example, neuron=n["kind"], reset=n["reset"],
-                  v_reset=n["v_reset"], v_init=n["v_init"], tau=n["tau"], passes=s["passes"], chunk=s["chunk"],
+                  v_reset=n["v_reset"], v_init=n["v_init"], tau=n["tau"], max_spikes=n.get("max_spikes", 1),
+                  passes=s["passes"], chunk=s["chunk"],
                   backend=s["backend"], memory_budget_mb=s.get("memory_budget_mb"),
                   readout_delay=s.get("readout_delay", 0))
     snn.load_conversion_state(state)

@@ -18,7 +18,7 @@ from snnconv.trace import annotate, trace
 
 
 def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk,
-                   memory_budget_mb, readout_delay):
+                   memory_budget_mb, readout_delay, max_spikes):
     def bad(msg):
         raise ConversionError(msg)
     if not isinstance(T, int) or isinstance(T, bool) or T <= 0:
@@ -43,6 +43,8 @@ def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_i
         bad(f"chunk must be a positive number of steps or None, got {chunk!r}")
     if memory_budget_mb is not None and not memory_budget_mb > 0:
         bad(f"memory_budget_mb must be a positive number of MiB, got {memory_budget_mb!r}")
+    if not isinstance(max_spikes, int) or max_spikes < 1:
+        bad(f"max_spikes must be a positive integer (1: binary spikes), got {max_spikes!r}")
     if not isinstance(readout_delay, int) or readout_delay < 0:
         bad(f"readout_delay must be a non-negative number of steps, got {readout_delay!r}")
 
@@ -103,7 +105,7 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
             tau: float = 2.0, passes: list[str] | None = None, chunk: int | None = None,
             backend: str = "auto", memory_budget_mb: float | None = None, calib_batches: int | None = 64,
             example_input: torch.Tensor | None = None, bias_calibration: bool = False,
-            bias_batches: int = 4, readout_delay: int = 0) -> SpikingModel:
+            bias_batches: int = 4, readout_delay: int = 0, max_spikes: int = 1) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
     calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
@@ -114,13 +116,15 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     bias_calibration: after thresholds, correct each neuron layer's input current, layer by layer, by
     the gap between the ANN's and the SNN's mean output on `bias_batches` calibration batches.
     readout_delay: leave the first steps (the deep layers' transient) out of the output mean.
+    max_spikes: > 1 turns neurons into burst neurons (up to that many spikes per step, thresholds divided
+    by it): k times finer rates at small T, but the spikes are no longer binary.
     passes: the optional passes to run (default all; [] for none); chunk: steps per chunk, or
     memory_budget_mb: pick the chunk so that one chunk's activations stay within this many MiB.
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
     _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk,
-                   memory_budget_mb, readout_delay)
+                   memory_budget_mb, readout_delay, max_spikes)
     unknown = set(passes or ()) - pipeline.OPTIONAL
     if unknown:
         raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
@@ -135,7 +139,7 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     if first is None:
         raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
     settings = Settings(T=T, input_ndim=first.dim(), input_shape=tuple(first.shape[1:]),
-                        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau),
+                        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes),
                         threshold_method="fixed" if threshold is not None else method, percentile=percentile,
                         per_channel=per_channel, fixed_threshold=threshold,
                         passes=None if passes is None else tuple(passes), chunk=chunk,
