@@ -25,7 +25,7 @@ METHODS = {
     "snnconv channel max": {"method": "max"},
     "snnconv channel p99.99, v0 = 0": {"v_init": 0.0},
     "snnconv default + bias calibration": {"bias_calibration": True},
-    "snnconv burst, <= 4 spikes/step (non-binary)": {"max_spikes": 4},
+    "snnconv burst <=4 spikes/step (non-binary)": {"max_spikes": 4},
 }
 # readout delay changes which steps are averaged, so its rows come from the same per-step outputs
 DELAYS = (2, 4)
