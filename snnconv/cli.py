@@ -94,7 +94,10 @@ def cmd_run(a) -> int:
     if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
         raise ConversionError(f"data samples have shape {tuple(x.shape[1:])}, the model was converted for "
                               f"{tuple(snn.settings.input_shape)}")
-    r = evaluate(snn, x, y, batch=a.batch, progress=sys.stderr.isatty())
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConversionError("--device cuda: no CUDA device is available here; use --device cpu")
+    r = evaluate(snn, x, y, batch=a.batch, progress=sys.stderr.isatty(), device=device)
     print(format_report(r))
     if a.plot:
         if "accuracy_by_T" not in r:
@@ -185,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="package.module:factory, for checkpoints that do not record their source")
     r.add_argument("--kwargs")
     r.add_argument("--plot", help="write an accuracy-vs-T figure here (needs matplotlib)")
+    r.add_argument("--device", help="cpu or cuda (default: cuda when available); on CUDA neurons run as CuPy "
+                                    "kernels where CuPy works")
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")

@@ -30,8 +30,10 @@ def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256,
-             progress: bool = True) -> dict:
-    """Run `snn` for snn.T steps on x (and the ANN on it); returns accuracies by T, rates and op counts."""
+             progress: bool = True, device: str | torch.device = "cpu") -> dict:
+    """Run `snn` for snn.T steps on x (and the ANN on it), batch by batch on `device`; returns accuracies
+    by T, firing rates and op counts."""
+    snn.to(device)
     T, gm = snn.T, snn.graph_module
     compute = [m for m in gm.modules() if isinstance(m, _COMPUTE)]
     neurons = snn.neurons()
@@ -62,6 +64,7 @@ def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, 
     try:
         with torch.no_grad():
             for xb in tqdm(x.split(batch), desc=f"SNN T={T}", disable=not progress, leave=False):
+                xb = xb.to(device)
                 state.update(mode="ann", n=len(xb))
                 ann_pred.append(gm(xb).argmax(-1))  # the prepared graph in ANN mode is the ANN
                 state["mode"] = "snn"
@@ -76,9 +79,9 @@ def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, 
     result["ann_energy_uj"] = result["ann_macs"] * E_MAC_PJ * 1e-6
     result["snn_energy_uj"] = (result["snn_acs"] * E_AC_PJ + result["snn_macs"] * E_MAC_PJ) * 1e-6
     if y is not None:
-        pred = torch.cat(steps_out, 1)
+        pred = torch.cat(steps_out, 1).cpu()
         result["accuracy_by_T"] = ((pred == y).float().mean(1) * 100).tolist()
-        result["ann_accuracy"] = (torch.cat(ann_pred) == y).float().mean().item() * 100
+        result["ann_accuracy"] = (torch.cat(ann_pred).cpu() == y).float().mean().item() * 100
     return result
 
 

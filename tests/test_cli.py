@@ -214,6 +214,9 @@ RUN_CASES = [
     ("label count mismatch", lambda d: np.save(d / "lab.npy", np.zeros(3, np.int64)),
      ["run", "ok.safetensors", "--data", "calib.npy", "--labels", "lab.npy"], "64 inputs but 3 labels"),
     ("batch zero", None, ["run", "ok.safetensors", "--data", "test.pt", "--batch", "0"], "--batch must be"),
+    pytest.param(("cuda without a GPU", None, ["run", "ok.safetensors", "--data", "test.pt", "--device", "cuda"],
+                  "no CUDA device"), marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"),
+                 id="cuda without a GPU"),
     ("export over checkpoint", None, ["export", "ok.safetensors", "-o", "ok.safetensors"], "is also an input"),
 ]
 
@@ -238,7 +241,7 @@ def test_bad_input_battery(work, capsys, index):
     assert not (d / "pwned.txt").exists()
 
 
-@pytest.mark.parametrize("case", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+@pytest.mark.parametrize("case", RUN_CASES, ids=[c[0] if isinstance(c, tuple) else c.values[0][0] for c in RUN_CASES])
 def test_bad_run_inputs(work, capsys, case):
     d, _ = work
     _make_checkpoint(d)
