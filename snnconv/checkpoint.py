@@ -6,14 +6,13 @@ JSON (T, options, thresholds, biases), the snnconv version, the input shape and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from snnconv.errors import ConversionError
+from snnconv.io import atomic_write
 from snnconv.model import SpikingModel
 
 FORMAT = "snnconv-checkpoint/1"
@@ -32,29 +31,7 @@ def save(snn: SpikingModel, path: str | Path, source: dict | None = None, model_
     meta = {"format": FORMAT, "snnconv_version": snnconv.__version__,
             "conversion": json.dumps(snn.conversion_state()),
             "source": json.dumps(source if source is not None else snn.source)}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def _atomic_write(path: Path, content) -> None:
-    """Write `content` (bytes, or a function writing to a path) to a temporary file beside `path`, then
-    rename it over `path`: a failure never leaves a half-written file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ConversionError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if isinstance(content, bytes):
-            Path(tmp).write_bytes(content)
-        else:
-            content(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -113,7 +113,7 @@ def _plot(r: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConversionError("--plot needs matplotlib: pip install 'snnconv[plot]'") from exc
-    from snnconv.checkpoint import _atomic_write
+    from snnconv.io import atomic_write
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ts = range(1, r["T"] + 1)
     ax.plot(ts, r["accuracy_by_T"], marker=".", label="SNN")
@@ -121,7 +121,7 @@ def _plot(r: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel="time steps T", ylabel="accuracy %", title="accuracy vs T")
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
     print(f"wrote {path}")
 
 

@@ -43,5 +43,5 @@ def export_onnx(snn: SpikingModel, path: str | Path, batch: int = 1, opset: int 
         snn.settings.clock.backend, snn.settings.chunk = backend, chunk
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model)
-    from snnconv.checkpoint import _atomic_write
-    _atomic_write(Path(path), buf.getvalue())
+    from snnconv.io import atomic_write
+    atomic_write(Path(path), buf.getvalue())

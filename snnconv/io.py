@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +272,28 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     y = torch.tensor([c for _, c in files]) if classes else None
     return x, y
+
+
+def atomic_write(path: Path, content) -> None:
+    """Write `content` (bytes, or a function writing to a path) to a temporary file beside `path`, then
+    rename it over `path`: a failure never leaves a half-written file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ConversionError(f"{path.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if isinstance(content, bytes):
+            Path(tmp).write_bytes(content)
+        else:
+            content(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def parse_kwargs(text: str | None) -> dict:
