@@ -67,7 +67,7 @@ def batches(calib, limit: int | None) -> Iterator[torch.Tensor]:
 
 
 def calibrate(gm, settings, calib, limit: int | None, check) -> None:
-    """Observe every Neuron over the calibration data and set its threshold. `check(x, y)` validates the
+    """Observe every Neuron over the calibration data and set its threshold. `check(y)` validates the
     prepared graph's output against the ANN on the first batch."""
     neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
     q = settings.percentile / 100.0
@@ -85,7 +85,7 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} (if the model itself runs on "
                         "this input, this is an snnconv bug: please report it with `snnconv inspect`)") from exc
                 if seen == 0:
-                    check(x, y)
+                    check(y)
                 seen += 1
     finally:
         observers = [n.observer for n in neurons]

@@ -65,9 +65,8 @@ def _output_check(ann: nn.Module, first: torch.Tensor):
                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; check the data's shape "
                               "and preprocessing") from exc
 
-    def check(x, y):
-        ref = ref_first
-        ys, refs = (y, ref) if isinstance(y, (tuple, list)) else ((y,), (ref,))
+    def check(y):
+        ys, refs = (y, ref_first) if isinstance(y, (tuple, list)) else ((y,), (ref_first,))
         for a, b in zip(ys, refs):
             if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()):
                 raise ConversionError(
@@ -78,7 +77,8 @@ def _output_check(ann: nn.Module, first: torch.Tensor):
 
 
 def _activation_bytes(gm, x: torch.Tensor) -> int:
-    """Bytes of every activation of one ANN-mode pass, per sample: a conservative size of one time step."""
+    """Bytes of every activation of one ANN-mode pass over one sample x [1, ...]: a conservative size
+    of one time step."""
     total = 0
 
     def count(t):
@@ -92,11 +92,12 @@ def _activation_bytes(gm, x: torch.Tensor) -> int:
     class _Counter(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            count(out)
+            if n.op != "get_attr":  # parameters and constants are not activations
+                count(out)
             return out
     with torch.no_grad():
         _Counter(gm).run(x)
-    return total // max(1, x.shape[0])
+    return total
 
 
 def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None = None,
@@ -153,7 +154,7 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     log = [("trace", gm.code)]
     gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
     calibrate(gm, settings, calib, calib_batches, check)
-    settings.step_bytes_per_sample = _activation_bytes(gm, first)
+    settings.step_bytes_per_sample = _activation_bytes(gm, first[:1])
     if threshold is not None:
         for m in gm.modules():
             if isinstance(m, Neuron) and not m.fixed:

@@ -3,6 +3,8 @@ values are the ANN's; the spiking graph runs over that same tree, T steps per ca
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -10,6 +12,9 @@ import torch.nn as nn
 from snnconv.errors import ConversionError
 from snnconv.runtime.modules import Neuron, stateful_modules
 from snnconv.settings import Settings
+
+# settings that shaped the graph or its buffers at conversion; a loaded state does not change them
+_BUILT_IN = {"neuron", "clock", "passes", "input_ndim", "input_shape", "step_bytes_per_sample"}
 
 
 def _map(fn, y):
@@ -134,9 +139,9 @@ class SpikingModel(nn.Module):
         if missing:
             raise ConversionError(f"conversion state does not match this graph: neurons {sorted(missing)}")
         s = Settings.from_dict(state["settings"])
-        for f in ("T", "threshold_method", "percentile", "per_channel", "fixed_threshold", "chunk",
-                  "memory_budget_mb", "readout_delay"):
-            setattr(self.settings, f, getattr(s, f))
+        for f in fields(Settings):  # all but what the graph itself fixed when it was built
+            if f.name not in _BUILT_IN:
+                setattr(self.settings, f.name, getattr(s, f.name))
         self.settings.neuron.__dict__.update(s.neuron.__dict__)
         self.settings.clock.backend = s.clock.backend
         biases = state.get("biases", {})
