@@ -28,8 +28,7 @@ def _cupy_backend() -> Backend:
     return _cupy_state["fn"]
 
 
-def backend_names() -> list[str]:
-    return ["auto", "torch", "cupy"]
+BACKENDS = ("auto", "torch", "cupy")
 
 
 def get_backend(name: str, device: torch.device) -> Backend:
@@ -49,4 +48,4 @@ def get_backend(name: str, device: torch.device) -> Backend:
                                   "extra with `pip install snnconv[cuda]` (cupy-cuda12x) on a machine with "
                                   "an NVIDIA driver, or use backend='torch'")
         return _cupy_state["fn"]
-    raise ConversionError(f"unknown backend {name!r}; choose one of {backend_names()}")
+    raise ConversionError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")

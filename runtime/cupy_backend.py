@@ -34,9 +34,9 @@ def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: b
         dev = key[0]
         if dev not in _modules:  # one module per device holds every variant, compiled together
             names = [kernel_source.name(*v) for v in kernel_source.all_variants()]
-            _modules[dev] = (cp.RawModule(code=kernel_source.SOURCE.read_text(), options=("-std=c++17",),
-                                          name_expressions=names), names)
-        _kernels[key] = _modules[dev][0].get_function(kernel_source.name(dtype, vec, static, soft, leak, count))
+            _modules[dev] = cp.RawModule(code=kernel_source.SOURCE.read_text(), options=("-std=c++17",),
+                                         name_expressions=names)
+        _kernels[key] = _modules[dev].get_function(kernel_source.name(dtype, vec, static, soft, leak, count))
     return _kernels[key]
 
 

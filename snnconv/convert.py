@@ -11,7 +11,7 @@ from snnconv import passes as pipeline
 from snnconv.calibrate import batches, calibrate, calibrate_bias
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
-from snnconv.runtime import backend_names
+from snnconv.runtime import BACKENDS
 from snnconv.runtime.modules import Neuron, NeuronConfig
 from snnconv.settings import Settings
 from snnconv.trace import annotate, trace
@@ -33,8 +33,8 @@ def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_i
         bad(f"percentile must be in (0, 100], got {percentile!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0):
         bad(f"threshold must be a positive number, got {threshold!r}")
-    if backend not in backend_names():
-        bad(f"backend must be one of {backend_names()}, got {backend!r}")
+    if backend not in BACKENDS:
+        bad(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not 0 <= v_init <= 1:
         bad(f"v_init is a fraction of the threshold in [0, 1], got {v_init!r}")
     if tau <= 1:
