@@ -20,7 +20,7 @@ E_MAC_PJ, E_AC_PJ = 4.6, 0.9
 _COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FoldedBN)
 
 
-def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
+def _macs(module: nn.Module, out: torch.Tensor) -> float:
     """Multiply-accumulates of one call, over the whole batch."""
     layer = module._layer if isinstance(module, FoldedBN) else module
     if isinstance(layer, nn.Linear):
@@ -43,18 +43,18 @@ def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, 
     state = {"mode": "ann", "n": 0}
 
     def on_compute(m, i, o):
-        macs = _macs(m, i[0], o)
+        macs = _macs(m, o)
         if state["mode"] == "ann":
             counts["ann_macs"] += macs
         elif i[0].shape[0] == state["n"] and T > 1:  # step-invariant analog input: runs once on [N]
             counts["snn_macs"] += macs
         else:
-            counts["snn_acs"] += macs * (i[0] != 0).float().mean().item()
+            counts["snn_acs"] += macs * (i[0] != 0).float().mean()  # a tensor: no device sync per call
 
     def on_neuron(name):
         def hook(m, i, o):
             if state["mode"] == "snn":
-                spikes[name] += (o != 0).sum().item()
+                spikes[name] += (o != 0).sum()
                 sizes[name] += o.numel()
         return hook
 
@@ -73,8 +73,8 @@ def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, 
         for h in hooks:
             h.remove()
     n = len(x)
-    result = {"T": T, "samples": n, "firing_rates": {k: spikes[k] / max(sizes[k], 1) for k in neurons},
-              "ann_macs": counts["ann_macs"] / n, "snn_acs": counts["snn_acs"] / n,
+    result = {"T": T, "samples": n, "firing_rates": {k: float(spikes[k]) / max(sizes[k], 1) for k in neurons},
+              "ann_macs": counts["ann_macs"] / n, "snn_acs": float(counts["snn_acs"]) / n,
               "snn_macs": counts["snn_macs"] / n}
     result["ann_energy_uj"] = result["ann_macs"] * E_MAC_PJ * 1e-6
     result["snn_energy_uj"] = (result["snn_acs"] * E_AC_PJ + result["snn_macs"] * E_MAC_PJ) * 1e-6
