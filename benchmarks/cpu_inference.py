@@ -24,7 +24,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETS = ("vgg_mnist", "resnet18_cifar")
-METHODS = ("ann", "snnconv_passes_off", "snnconv", "snnconv_chunk1", "spikingjelly")
+METHODS = ("ann", "snnconv_passes_off", "snnconv_float32", "snnconv", "snnconv_chunk1", "spikingjelly")
 
 
 def _net(name: str):
@@ -76,7 +76,9 @@ def build(net: str, method: str, T: int, batch: int):
         return lambda: model(x)
     if method.startswith("snnconv"):
         import snnconv
-        opts = {"snnconv_passes_off": {"passes": []}, "snnconv": {}, "snnconv_chunk1": {"chunk": 1}}[method]
+        float32 = sorted(snnconv.passes.OPTIONAL - {"integer_spikes"})  # every pass but the int8 convolutions
+        opts = {"snnconv_passes_off": {"passes": []}, "snnconv_float32": {"passes": float32}, "snnconv": {},
+                "snnconv_chunk1": {"chunk": 1}}[method]
         snn = snnconv.convert(model, T=T, calib=calib, **opts)
         return lambda: snn(x)
     return spikingjelly_runner(model, calib, x, T)

@@ -18,14 +18,15 @@ from snnconv.passes.commute_maxpool import commute_maxpool
 from snnconv.passes.fold_batchnorm import fold_batchnorm
 from snnconv.passes.hoist_static_input import hoist_static_input
 from snnconv.passes.inplace_add import inplace_add
+from snnconv.passes.integer_spikes import integer_spikes
 from snnconv.passes.lower_activations import lower_activations
 from snnconv.passes.remove_identity import remove_identity
 
 Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
 PREPARE: list[Pass] = [remove_identity, lower_activations, commute_maxpool]
-LOWER: list[Pass] = [fold_batchnorm, broadcast_input, hoist_static_input, channels_last, inplace_add]
-OPTIONAL = {"fold_batchnorm", "hoist_static_input", "channels_last", "inplace_add"}
+LOWER: list[Pass] = [fold_batchnorm, broadcast_input, hoist_static_input, channels_last, integer_spikes, inplace_add]
+OPTIONAL = {"fold_batchnorm", "hoist_static_input", "channels_last", "integer_spikes", "inplace_add"}
 
 
 def enabled(p: Pass, settings) -> bool:

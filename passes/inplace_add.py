@@ -8,8 +8,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from snnconv.passes.fold_batchnorm import FoldedBN
+from snnconv.runtime.spike_conv import SpikeConv
 
-_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBN)
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBN,
+          SpikeConv)
 
 
 def _fresh_private(gm: fx.GraphModule, node) -> bool:

@@ -15,14 +15,16 @@ from tqdm import tqdm
 
 from snnconv.model import SpikingModel
 from snnconv.passes.fold_batchnorm import FoldedBN
+from snnconv.runtime.spike_conv import SpikeConv
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
-_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FoldedBN)
+_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FoldedBN, SpikeConv)
 
 
 def _macs(module: nn.Module, out: torch.Tensor) -> float:
     """Multiply-accumulates of one call, over the whole batch."""
-    layer = module._layer if isinstance(module, FoldedBN) else module
+    layer = module.conv if isinstance(module, SpikeConv) else module
+    layer = layer._layer if isinstance(layer, FoldedBN) else layer
     if isinstance(layer, nn.Linear):
         return out.numel() * layer.in_features
     k = layer.weight[0].numel()  # in_channels / groups * kernel elements

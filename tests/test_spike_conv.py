@@ -1,0 +1,178 @@
+"""The integer_spikes pass: convolutions over binary spikes as int8 convolutions (runtime/spike_conv.py).
+
+The weight arithmetic is checked everywhere against float64; the oneDNN part where oneDNN's int8
+convolution is exact on this CPU (VNNI), against float64 convolutions and the float32 SNN."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from nets import ResCatNet, randomize_bn
+
+import snnconv
+from snnconv import passes
+from snnconv.runtime import spike_conv
+from snnconv.runtime.modules import Clock, Neuron, NeuronConfig
+
+needs_int8 = pytest.mark.skipif(not spike_conv.available(),
+                                reason="oneDNN int8 convolution missing or inexact here (no VNNI)")
+FLOAT32_PASSES = sorted(passes.OPTIONAL - {"integer_spikes"})
+
+
+def test_split_weight_is_16_bit_fixed_point():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 5, 3, 3, dtype=torch.float64, generator=g) * torch.logspace(-3, 2, 16).view(-1, 1, 1, 1)
+    w[3] = 0.0
+    q, s = spike_conv.split_weight(w)
+    hi, lo = q[:, :5].double(), q[:, 5:].double()
+    assert q.dtype == torch.int8 and q.abs().max() <= 127  # -128 never appears: VNNI-safe either sign
+    back = s.view(-1, 1, 1, 1) * (255 * hi + lo)
+    assert torch.all((back - w).abs() <= s.view(-1, 1, 1, 1) / 2 + 1e-18)
+    peak = w.abs().flatten(1).amax(1)
+    assert torch.all(s[peak > 0] <= peak[peak > 0] / 32512 * (1 + 1e-12))  # relative step <= 1 / (127 * 255 + 127)
+    assert torch.equal(back[3], w[3])
+
+
+def test_fold_input_scale_matches_scaled_input():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=g), torch.rand(2, 4, 7, 7, dtype=torch.float64)
+    for theta in (torch.tensor(0.7, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1):
+        scaled = x * (theta.view(1, -1, 1, 1) if theta.dim() else theta)
+        assert torch.allclose(F.conv2d(x, spike_conv.fold_input_scale(w, theta), padding=1),
+                              F.conv2d(scaled, w, padding=1), rtol=1e-12, atol=1e-12)
+
+
+def test_supports_only_plain_wide_kernels():
+    assert spike_conv.supports(nn.Conv2d(4, 8, 3, padding=1, stride=2))
+    assert not spike_conv.supports(nn.Conv2d(4, 8, 1))                     # 1x1: float32 is as fast
+    assert not spike_conv.supports(nn.Conv2d(4, 8, 3, groups=2))
+    assert not spike_conv.supports(nn.Conv2d(4, 8, 3, padding="same"))
+    assert not spike_conv.supports(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"))
+    assert not spike_conv.supports(nn.Conv2d(4, 8, 3).double())
+    assert not spike_conv.supports(nn.Conv1d(4, 8, 3))
+
+
+def _spike_conv(conv: nn.Conv2d, theta: torch.Tensor) -> spike_conv.SpikeConv:
+    neuron = Neuron(Clock(mode="snn"), NeuronConfig())
+    neuron.threshold = theta
+    return spike_conv.SpikeConv(conv, neuron, ("conv", "neuron"))
+
+
+@needs_int8
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=1), dict(padding=(0, 2), dilation=2),
+                                      dict(kernel_size=(1, 3), padding=(0, 1), bias=False)])
+def test_spike_conv_within_its_error_bound(geometry):
+    """Against float64: each output is off by at most (active inputs) x s/2 (the weights' rounding)
+    plus float32 rounding of the result."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, **{"kernel_size": 3, **geometry})
+    theta = torch.rand(24) + 0.2
+    x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = _spike_conv(conv, theta)(x)
+    ref = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                   conv.stride, conv.padding, conv.dilation)
+    _, s = spike_conv.split_weight(spike_conv.fold_input_scale(conv.weight.double(), theta.double()))
+    active = F.conv2d((x != 0).double(), torch.ones_like(conv.weight, dtype=torch.float64), None,
+                      conv.stride, conv.padding, conv.dilation)
+    bound = active * s.view(1, -1, 1, 1) / 2 + ref.abs() * 2**-23 + 1e-6
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.all((out.double() - ref).abs() <= bound)
+    assert not torch.equal(out.double(), ref)  # it is the int8 path, not a float32 fallback
+
+
+@needs_int8
+def test_spike_conv_follows_new_weights_and_thresholds():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    theta = torch.rand(8) + 0.5
+    sc = _spike_conv(conv, theta)
+    x = (torch.rand(4, 8, 6, 6) < 0.5).float()
+    for step in range(3):
+        th = sc._neuron.threshold
+        spikes = x * th.view(1, -1, 1, 1)
+        ref = conv(spikes)
+        assert torch.allclose(sc(spikes), ref, atol=1e-4 * ref.abs().max().item()), step
+        if step == 0:
+            conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.randn(8)})
+        else:
+            sc._neuron.threshold = torch.rand(8) + 2.0
+
+
+def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
+    conv = nn.Conv2d(3, 5, 3)
+    sc = _spike_conv(conv, torch.ones(3))
+    x = (torch.rand(2, 3, 6, 6) < 0.5).float()
+    sc._neuron.clock.mode = "ann"  # calibration: activations, not spikes
+    assert torch.equal(sc(x), conv(x))
+    sc._neuron.clock.mode = "snn"
+    conv.double()  # float64 runs as float64
+    assert torch.equal(sc(x.double()), conv(x.double()))
+    assert list(sc.state_dict()) == []
+
+
+def _float_and_int8(ann, calib):
+    return (snnconv.convert(ann, T=6, calib=calib, passes=FLOAT32_PASSES),
+            snnconv.convert(ann, T=6, calib=calib))
+
+
+@needs_int8
+def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
+    """Same network, float32 with and without the pass: every spike train nearly identical, outputs
+    within float tolerance of the layer scale, keys the ANN's."""
+    torch.manual_seed(0)
+    ann = randomize_bn(ResCatNet(c=16))
+    calib, x = torch.rand(64, 3, 16, 16), torch.rand(16, 3, 16, 16)
+    plain, fast = _float_and_int8(ann, calib)
+    assert list(fast.state_dict()) == list(plain.state_dict()) == list(ann.state_dict())
+    convs = [m for m in fast.modules() if isinstance(m, spike_conv.SpikeConv)]
+    assert len(convs) == 3  # a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input
+    assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
+    rec = {}
+    for tag, snn in (("plain", plain), ("fast", fast)):
+        hooks = [m.register_forward_hook(lambda m, i, o, k=(tag, n): rec.__setitem__(k, o.clone()))
+                 for n, m in snn.neurons().items()]
+        rec[tag] = snn(x, per_step=True)
+        for h in hooks:
+            h.remove()
+    for n in plain.neurons():  # measured: 0 to 3e-4 of the spikes flip (float64 vs float32: none)
+        flips = (rec[("plain", n)] != rec[("fast", n)]).float().mean().item()
+        assert flips < 1e-3, (n, flips)
+    y_plain, y_fast = rec["plain"].mean(0), rec["fast"].mean(0)
+    assert torch.allclose(y_fast, y_plain, atol=1e-2 * y_plain.abs().max().item())
+    assert (y_fast.argmax(1) == y_plain.argmax(1)).all()
+
+
+@needs_int8
+def test_integer_spikes_step_modes_and_chunks_agree():
+    """Integer sums do not depend on how the batch is grouped: behind int8 convolutions the spikes of
+    's', 'm' and chunked runs are identical."""
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    x = torch.rand(8, 3, 16, 16)
+    runs = {}
+    for tag, chunk, mode in (("m", None, "m"), ("s", None, "s"), ("chunk", 2, "m")):
+        snn = snnconv.convert(ann, T=6, calib=x, chunk=chunk)
+        assert sum(isinstance(m, spike_conv.SpikeConv) for m in snn.modules()) == 2
+        rec = {}
+        hooks = [m.register_forward_hook(lambda m, i, o, n=n, rec=rec: rec.setdefault(n, []).append(o.clone()))
+                 for n, m in snn.neurons().items()]
+        snn.step_mode = mode
+        y = torch.stack([snn(x) for _ in range(6)]) if mode == "s" else snn(x, per_step=True)
+        runs[tag] = y, {n: torch.cat(v) for n, v in rec.items()}
+        for h in hooks:
+            h.remove()
+    for tag in ("s", "chunk"):
+        for n, spikes in runs["m"][1].items():
+            assert torch.equal(runs[tag][1][n], spikes), (tag, n)
+        assert torch.allclose(runs[tag][0], runs["m"][0], atol=1e-6)
+
+
+@needs_int8
+def test_integer_spikes_skips_what_it_cannot_run():
+    ann = randomize_bn(ResCatNet(c=16))
+    x = torch.rand(8, 3, 16, 16)
+    for snn in (snnconv.convert(ann.double(), T=4, calib=x.double()),   # float64: exact arithmetic wanted
+                snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3)):  # burst spikes are not binary
+        assert not any(isinstance(m, spike_conv.SpikeConv) for m in snn.modules())
