@@ -1,6 +1,7 @@
 """Accuracy vs T: the ANN, snnconv's conversion methods and SpikingJelly's converter on the same trained ANN.
 
     python benchmarks/accuracy.py [--data mnist digits] [--arch vgg resnet] [--test 2000] [--T 32]
+                                  [--methods default] [--no-peer] [--device cpu]
 
 Networks are trained here on CPU and cached (.cache/). One run of T_max steps gives the accuracy at every
 T <= T_max (the dynamics are causal: the first T steps of a longer run are a T-step run). SpikingJelly
@@ -26,6 +27,8 @@ METHODS = {
     "snnconv channel p99.99, v0 = 0": {"v_init": 0.0},
     "snnconv default + bias calibration": {"bias_calibration": True},
     "snnconv burst <=4 spikes/step (non-binary)": {"max_spikes": 4},
+    # the int8 spike convolutions (CPU) against plain float32 arithmetic; on CUDA the two rows are one path
+    "snnconv default, float32 convolutions": {"passes": sorted(snnconv.passes.OPTIONAL - {"integer_spikes"})},
 }
 # readout delay changes which steps are averaged, so its rows come from the same per-step outputs
 DELAYS = (2, 4)
@@ -82,6 +85,8 @@ def evaluate(arch, data, args):
         ann_acc = (torch.cat([ann(b).argmax(1) for b in xte.split(1000)]) == yte).float().mean().item() * 100
     rows = {}
     methods = {"snnconv (QCFS threshold, θ/2)": {}} if "qcfs" in arch else METHODS
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if any(m in k for m in args.methods)}
     for name, opts in methods.items():
         t0 = time.perf_counter()
         outs = run_snnconv(ann, calib, xte, yte, args.T, opts)
@@ -112,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=32)
     ap.add_argument("--calib", type=int, default=1024)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--methods", nargs="+", help="only the snnconv rows whose name contains one of these")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (snnconv then runs its CuPy kernels)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
