@@ -62,9 +62,14 @@ def cmd_convert(a) -> int:
               "(pass --calib for a useful conversion)", file=sys.stderr)
         calib = torch.rand(64, *shape)
     t0 = time.perf_counter()
+    unknown = set(a.skip_pass) - snnconv.passes.OPTIONAL
+    if unknown:
+        raise ConversionError(f"--skip-pass {sorted(unknown)}: not an optional pass; choose from "
+                              f"{sorted(snnconv.passes.OPTIONAL)}")
+    passes = sorted(snnconv.passes.OPTIONAL - set(a.skip_pass)) if a.skip_pass else None
     snn = snnconv.convert(model, T=a.T, calib=calib, method=a.method, percentile=a.percentile,
                           per_channel=not a.per_layer, neuron=a.neuron, reset=a.reset, v_init=a.v_init,
-                          bias_calibration=a.bias_calibration)
+                          bias_calibration=a.bias_calibration, passes=passes)
     snnconv.save(snn, out, source=source, model_file=model_file)
     print(f"converted {type(model).__name__} in {time.perf_counter() - t0:.1f} s: {len(snn.neurons())} neuron "
           f"layers, T={a.T}; wrote {out}")
@@ -175,6 +180,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--reset", choices=["soft", "hard"], default="soft")
     c.add_argument("--v-init", type=float, default=0.5, help="initial membrane / threshold")
     c.add_argument("--bias-calibration", action="store_true")
+    c.add_argument("--skip-pass", action="append", default=[], metavar="PASS",
+                   help="leave out an optional pass (repeatable), e.g. integer_spikes for float32 arithmetic "
+                        "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them")
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
     c.set_defaults(fn=cmd_convert)
 

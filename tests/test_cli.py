@@ -85,6 +85,17 @@ def test_convert_run_export_onnxruntime(work, capsys):
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_skip_pass_is_recorded_and_honoured(work):
+    """--skip-pass leaves a pass out of the conversion, and the checkpoint rebuilds without it."""
+    d, _ = work
+    assert main(["convert", "tvstyle:tiny_resnet", "--weights", "w.pth", "--calib", "calib.npy", "-o", "a.safetensors",
+                 "--skip-pass", "integer_spikes", "--skip-pass", "inplace_add"]) == 0
+    snn = snnconv.load(d / "a.safetensors")
+    names = [n for n, _ in snn.pass_log]
+    assert "integer_spikes" not in names and "inplace_add" not in names and "fold_batchnorm" in names
+    assert not any(type(m).__name__ == "SpikeConv" for m in snn.modules())
+
+
 def test_save_load_roundtrip_identical(work):
     d, model = work
     snn = snnconv.convert(model, T=7, calib=torch.rand(32, 1, 8, 8), bias_calibration=True)
@@ -194,6 +205,7 @@ def _bad_inputs(d):
         ("corrupt onnx", lambda: write("bad.onnx", b"garbage" + os.urandom(200)), ["convert", "bad.onnx", *good],
          "not a valid ONNX"),
         ("unsupported op", None, ["convert", "tvstyle:sigmoid_net", *good], "cannot be converted"),
+        ("unknown pass", None, [*conv, "w.pth", "--skip-pass", "fold_bn", *good], "not an optional pass"),
         ("corrupt checkpoint", lambda: write("bad.safetensors", b"garbage" + os.urandom(100)),
          ["run", "bad.safetensors", "--data", "test.pt"], "not a readable snnconv checkpoint"),
         ("plain weights as checkpoint", lambda: __import__("safetensors.torch").torch.save_file(
@@ -221,7 +233,7 @@ RUN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("index", range(26))
+@pytest.mark.parametrize("index", range(27))
 def test_bad_input_battery(work, capsys, index):
     d, _ = work
     name, prepare, argv, fragment = _bad_inputs(d)[index]
