@@ -73,6 +73,12 @@ class Neuron(nn.Module):
     def reset(self) -> None:
         self.v = None
 
+    def __getstate__(self) -> dict:
+        """Copies leave the reused output buffer behind: it is scratch, refilled by the next call."""
+        state = dict(super().__getstate__())
+        state["_out"] = state["_out_key"] = None
+        return state
+
     def _buffer(self, shape, dtype, device, fmt) -> torch.Tensor:
         """The output buffer, reused across calls: fresh large allocations cost page faults on every call.
         Valid until this neuron runs again; SpikingModel copies anything it hands out."""

@@ -90,6 +90,13 @@ class SpikeConv(nn.Module):
         self.__dict__["_layer"], self.__dict__["_neuron"] = layer, neuron
         self.names, self._key, self._packed = names, None, None
 
+    def __getstate__(self) -> dict:
+        """Copies leave the packed weights behind (oneDNN's opaque tensors have no storage to copy); the
+        copy derives them again at its first call."""
+        state = dict(super().__getstate__())
+        state["_key"] = state["_packed"] = None
+        return state
+
     @property
     def conv(self) -> nn.Conv2d:
         return getattr(self._layer, "_layer", self._layer)

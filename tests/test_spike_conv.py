@@ -3,6 +3,8 @@
 The weight arithmetic is checked everywhere against float64; the oneDNN part where oneDNN's int8
 convolution is exact on this CPU (VNNI), against float64 convolutions and the float32 SNN."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -167,6 +169,17 @@ def test_integer_spikes_step_modes_and_chunks_agree():
         for n, spikes in runs["m"][1].items():
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
         assert torch.allclose(runs[tag][0], runs["m"][0], atol=1e-6)
+
+
+@needs_int8
+def test_converted_model_deep_copies_after_running():
+    torch.manual_seed(0)
+    snn = snnconv.convert(randomize_bn(ResCatNet(c=16)), T=4, calib=torch.rand(8, 3, 16, 16))
+    x = torch.rand(4, 3, 16, 16)
+    y = snn(x)  # packs the int8 weights
+    other = copy.deepcopy(snn)
+    assert any(isinstance(m, spike_conv.SpikeConv) for m in other.modules())
+    assert torch.equal(other(x), y)
 
 
 @needs_int8
