@@ -8,10 +8,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from snnconv.passes.fold_batchnorm import FoldedBN
-from snnconv.runtime.spike_conv import SpikeConv
+from snnconv.runtime.integer_spikes import SpikeLayer
 
 _FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBN,
-          SpikeConv)
+          SpikeLayer)
 
 
 def _fresh_private(gm: fx.GraphModule, node) -> bool:

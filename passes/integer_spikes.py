@@ -1,17 +1,19 @@
-"""Convolutions that read binary spikes run as int8 convolutions (CPU, oneDNN): about twice as fast.
+"""Convolutions and linear layers that read binary spikes run as int8 ops (CPU, oneDNN): about 2x faster.
 
-Each 2-d convolution fed by a neuron (directly, or through the NCHW copy channels_last adds) becomes a
-SpikeConv: threshold folded into the weights, weights as 16-bit fixed point, spikes as uint8 (see
-runtime/spike_conv.py). Only for binary spikes (max_spikes=1), float32 models on CPU, and where oneDNN's
-int8 convolution sums exactly (VNNI). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
+Each 2-d convolution fed by a neuron (directly, or through the NCHW copy channels_last adds), and each
+linear layer fed by one (directly on [N, features], or through flatten(x, 1)), becomes a SpikeLayer:
+threshold folded into the weights, weights as 16-bit fixed point, spikes as uint8 (see
+runtime/integer_spikes.py). Only for binary spikes (max_spikes=1), float32 models on CPU, and where
+oneDNN's int8 ops sum exactly (VNNI). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
 """
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from snnconv.passes.fold_batchnorm import FoldedBN
-from snnconv.runtime import spike_conv
+from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.modules import Neuron
 
 
@@ -22,42 +24,66 @@ def _module(gm: fx.GraphModule, node: fx.Node, kind):
     return m if isinstance(m, kind) else None
 
 
-def _conv_reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node, nn.Module] | None:
-    """(conv node, its module) if `user` is a supported conv reading `neuron`, or the NCHW copy before one."""
+def _flattens_channels(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
+    """Is `node` flatten(src, 1): every feature after it is one channel's value at one position?"""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and node.args == (src,)
+    if node.target in (torch.flatten, "flatten") and node.op in ("call_function", "call_method"):
+        args = (*node.args, *node.kwargs.values())
+        return args in ((src, 1), (src, 1, -1)) and set(node.kwargs) <= {"start_dim", "end_dim"}
+    return False
+
+
+def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node, nn.Module, fx.Node] | None:
+    """(layer node, its module, node it reads) if `user` leads to a supported layer reading `neuron`'s spikes."""
+    via = neuron
     if user.op == "call_method" and user.target == "contiguous" and user.args == (neuron,) and len(user.users) == 1:
-        user = next(iter(user.users))
-    layer = _module(gm, user, (nn.Conv2d, FoldedBN))
-    conv = getattr(layer, "_layer", layer)
-    if layer is None or len(user.args) != 1 or user.kwargs or not spike_conv.supports(conv):
+        user = next(iter(user.users))  # channels_last's NCHW copy: dropped, the layer reads the spikes
+    elif _flattens_channels(gm, user, neuron) and len(user.users) == 1:
+        user, via = next(iter(user.users)), user
+    layer = _module(gm, user, (nn.Conv2d, nn.Linear, FoldedBN))
+    inner = getattr(layer, "_layer", layer)
+    if layer is None or len(user.args) != 1 or user.kwargs or not int8.supports(inner):
         return None
-    return user, layer
+    if isinstance(inner, nn.Linear) and via is neuron:  # directly: theta must be per feature, [N, features]
+        meta = neuron.meta.get("tensor_meta")
+        if meta is None or len(meta.shape) != 2:
+            return None
+    return user, layer, via
 
 
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
     if param is None or param.device.type != "cpu" or param.dtype != torch.float32 \
-            or settings.neuron.max_spikes != 1 or not spike_conv.available():
+            or settings.neuron.max_spikes != 1 or not int8.available():
         return gm
+    try:  # shapes of one sample, in ANN mode (without them, linear layers read spikes only via flatten)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.rand(1, *settings.input_shape))
+    except Exception:  # e.g. a model whose input is not a float tensor
+        pass
     neurons = [(node, _module(gm, node, Neuron)) for node in gm.graph.nodes]
     for node, neuron in neurons:
         if neuron is None:
             continue
         for user in list(node.users):
-            reader = _conv_reader(gm, node, user)
+            reader = _reader(gm, node, user)
             if reader is None:
                 continue
-            conv_node, layer = reader
-            name = f"_snn.int8_{conv_node.name}"
-            gm.add_submodule(name, spike_conv.SpikeConv(layer, neuron, (conv_node.target, node.target)))
-            with gm.graph.inserting_before(conv_node):
-                new = gm.graph.call_module(name, (node,))
-            new.meta.update(conv_node.meta)
-            new.stack_trace = conv_node.stack_trace
-            conv_node.replace_all_uses_with(new)
-            gm.graph.erase_node(conv_node)
-            if user is not conv_node:  # the NCHW copy channels_last put before it
-                gm.graph.erase_node(user)
+            layer_node, layer, via = reader
+            name = f"_snn.int8_{layer_node.name}"
+            gm.add_submodule(name, int8.SpikeLayer(layer, neuron, (layer_node.target, node.target)))
+            with gm.graph.inserting_before(layer_node):
+                new = gm.graph.call_module(name, (via,))
+            new.meta.update(layer_node.meta)
+            new.stack_trace = layer_node.stack_trace
+            copy = layer_node.args[0]
+            layer_node.replace_all_uses_with(new)
+            gm.graph.erase_node(layer_node)
+            if copy is not via:  # the NCHW copy channels_last put before a convolution
+                gm.graph.erase_node(copy)
             if isinstance(layer, FoldedBN):
-                gm.delete_submodule(conv_node.target)
+                gm.delete_submodule(layer_node.target)
     gm.recompile()
     return gm

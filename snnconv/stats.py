@@ -15,15 +15,15 @@ from tqdm import tqdm
 
 from snnconv.model import SpikingModel
 from snnconv.passes.fold_batchnorm import FoldedBN
-from snnconv.runtime.spike_conv import SpikeConv
+from snnconv.runtime.integer_spikes import SpikeLayer
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
-_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FoldedBN, SpikeConv)
+_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FoldedBN, SpikeLayer)
 
 
 def _macs(module: nn.Module, out: torch.Tensor) -> float:
     """Multiply-accumulates of one call, over the whole batch."""
-    layer = module.conv if isinstance(module, SpikeConv) else module
+    layer = module.inner if isinstance(module, SpikeLayer) else module
     layer = layer._layer if isinstance(layer, FoldedBN) else layer
     if isinstance(layer, nn.Linear):
         return out.numel() * layer.in_features

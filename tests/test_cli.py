@@ -93,7 +93,7 @@ def test_skip_pass_is_recorded_and_honoured(work):
     snn = snnconv.load(d / "a.safetensors")
     names = [n for n, _ in snn.pass_log]
     assert "integer_spikes" not in names and "inplace_add" not in names and "fold_batchnorm" in names
-    assert not any(type(m).__name__ == "SpikeConv" for m in snn.modules())
+    assert not any(type(m).__name__ == "SpikeLayer" for m in snn.modules())
 
 
 def test_save_load_roundtrip_identical(work):

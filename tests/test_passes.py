@@ -78,7 +78,7 @@ def test_hoisting_runs_stem_once():
     snn(x)
     h.remove()
     assert seen == [] or seen == [4]  # folded into FoldedBN (not called) or called once on N
-    folded = [m for m in snn.modules() if type(m).__name__ in ("FoldedBN", "SpikeConv")]
+    folded = [m for m in snn.modules() if type(m).__name__ in ("FoldedBN", "SpikeLayer")]
     batches = []
     hooks = [m.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0])) for m in folded]
     snn(x)

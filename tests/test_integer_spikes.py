@@ -1,4 +1,4 @@
-"""The integer_spikes pass: convolutions over binary spikes as int8 convolutions (runtime/spike_conv.py).
+"""The integer_spikes pass: convolutions over binary spikes as int8 convolutions (runtime/int8.py).
 
 The weight arithmetic is checked everywhere against float64; the oneDNN part where oneDNN's int8
 convolution is exact on this CPU (VNNI), against float64 convolutions and the float32 SNN."""
@@ -13,10 +13,10 @@ from nets import ResCatNet, randomize_bn
 
 import snnconv
 from snnconv import passes
-from snnconv.runtime import spike_conv
+from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.modules import Clock, Neuron, NeuronConfig
 
-needs_int8 = pytest.mark.skipif(not spike_conv.available(),
+needs_int8 = pytest.mark.skipif(not int8.available(),
                                 reason="oneDNN int8 convolution missing or inexact here (no VNNI)")
 FLOAT32_PASSES = sorted(passes.OPTIONAL - {"integer_spikes"})
 
@@ -25,7 +25,7 @@ def test_split_weight_is_16_bit_fixed_point():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 5, 3, 3, dtype=torch.float64, generator=g) * torch.logspace(-3, 2, 16).view(-1, 1, 1, 1)
     w[3] = 0.0
-    q, s = spike_conv.split_weight(w)
+    q, s = int8.split_weight(w)
     hi, lo = q[:, :5].double(), q[:, 5:].double()
     assert q.dtype == torch.int8 and q.abs().max() <= 127  # -128 never appears: VNNI-safe either sign
     back = s.view(-1, 1, 1, 1) * (255 * hi + lo)
@@ -40,24 +40,34 @@ def test_fold_input_scale_matches_scaled_input():
     w, x = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=g), torch.rand(2, 4, 7, 7, dtype=torch.float64)
     for theta in (torch.tensor(0.7, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1):
         scaled = x * (theta.view(1, -1, 1, 1) if theta.dim() else theta)
-        assert torch.allclose(F.conv2d(x, spike_conv.fold_input_scale(w, theta), padding=1),
+        assert torch.allclose(F.conv2d(x, int8.fold_input_scale(w, theta), padding=1),
                               F.conv2d(scaled, w, padding=1), rtol=1e-12, atol=1e-12)
 
 
-def test_supports_only_plain_wide_kernels():
-    assert spike_conv.supports(nn.Conv2d(4, 8, 3, padding=1, stride=2))
-    assert not spike_conv.supports(nn.Conv2d(4, 8, 1))                     # 1x1: float32 is as fast
-    assert not spike_conv.supports(nn.Conv2d(4, 8, 3, groups=2))
-    assert not spike_conv.supports(nn.Conv2d(4, 8, 3, padding="same"))
-    assert not spike_conv.supports(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"))
-    assert not spike_conv.supports(nn.Conv2d(4, 8, 3).double())
-    assert not spike_conv.supports(nn.Conv1d(4, 8, 3))
+def test_fold_input_scale_for_flattened_maps():
+    """A linear layer on flatten([C, H, W]) spikes: channel c's theta covers features c*H*W .. (c+1)*H*W."""
+    g = torch.Generator().manual_seed(2)
+    theta = torch.rand(3, dtype=torch.float64) + 0.1
+    x, w = torch.rand(5, 3, 2, 4, dtype=torch.float64), torch.randn(7, 24, dtype=torch.float64, generator=g)
+    ref = F.linear((x * theta.view(1, -1, 1, 1)).flatten(1), w)
+    assert torch.allclose(F.linear(x.flatten(1), int8.fold_input_scale(w, theta)), ref, rtol=1e-12, atol=1e-12)
 
 
-def _spike_conv(conv: nn.Conv2d, theta: torch.Tensor) -> spike_conv.SpikeConv:
+def test_supports_linear_and_plain_wide_kernels():
+    assert int8.supports(nn.Linear(4, 8)) and not int8.supports(nn.Linear(4, 8).double())
+    assert int8.supports(nn.Conv2d(4, 8, 3, padding=1, stride=2))
+    assert not int8.supports(nn.Conv2d(4, 8, 1))                     # 1x1: float32 is as fast
+    assert not int8.supports(nn.Conv2d(4, 8, 3, groups=2))
+    assert not int8.supports(nn.Conv2d(4, 8, 3, padding="same"))
+    assert not int8.supports(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"))
+    assert not int8.supports(nn.Conv2d(4, 8, 3).double())
+    assert not int8.supports(nn.Conv1d(4, 8, 3))
+
+
+def _spike_layer(conv: nn.Module, theta: torch.Tensor) -> int8.SpikeLayer:
     neuron = Neuron(Clock(mode="snn"), NeuronConfig())
     neuron.threshold = theta
-    return spike_conv.SpikeConv(conv, neuron, ("conv", "neuron"))
+    return int8.SpikeLayer(conv, neuron, ("conv", "neuron"))
 
 
 @needs_int8
@@ -71,10 +81,10 @@ def test_spike_conv_within_its_error_bound(geometry):
     theta = torch.rand(24) + 0.2
     x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = _spike_conv(conv, theta)(x)
+    out = _spike_layer(conv, theta)(x)
     ref = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
                    conv.stride, conv.padding, conv.dilation)
-    _, s = spike_conv.split_weight(spike_conv.fold_input_scale(conv.weight.double(), theta.double()))
+    _, s = int8.split_weight(int8.fold_input_scale(conv.weight.double(), theta.double()))
     active = F.conv2d((x != 0).double(), torch.ones_like(conv.weight, dtype=torch.float64), None,
                       conv.stride, conv.padding, conv.dilation)
     bound = active * s.view(1, -1, 1, 1) / 2 + ref.abs() * 2**-23 + 1e-6
@@ -84,11 +94,26 @@ def test_spike_conv_within_its_error_bound(geometry):
 
 
 @needs_int8
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_spike_linear_within_its_error_bound(lead):
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 12)
+    theta = torch.rand(40) + 0.2
+    x = (torch.rand(*lead, 40) < 0.3).float() * theta
+    out = _spike_layer(lin, theta)(x)
+    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
+    bound = (x != 0).double().sum(-1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
+    assert out.shape == ref.shape and torch.all((out.double() - ref).abs() <= bound)
+    assert not torch.equal(out.double(), ref)
+
+
+@needs_int8
 def test_spike_conv_follows_new_weights_and_thresholds():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1)
     theta = torch.rand(8) + 0.5
-    sc = _spike_conv(conv, theta)
+    sc = _spike_layer(conv, theta)
     x = (torch.rand(4, 8, 6, 6) < 0.5).float()
     for step in range(3):
         th = sc._neuron.threshold
@@ -103,7 +128,7 @@ def test_spike_conv_follows_new_weights_and_thresholds():
 
 def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
     conv = nn.Conv2d(3, 5, 3)
-    sc = _spike_conv(conv, torch.ones(3))
+    sc = _spike_layer(conv, torch.ones(3))
     x = (torch.rand(2, 3, 6, 6) < 0.5).float()
     sc._neuron.clock.mode = "ann"  # calibration: activations, not spikes
     assert torch.equal(sc(x), conv(x))
@@ -127,8 +152,8 @@ def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
     calib, x = torch.rand(64, 3, 16, 16), torch.rand(16, 3, 16, 16)
     plain, fast = _float_and_int8(ann, calib)
     assert list(fast.state_dict()) == list(plain.state_dict()) == list(ann.state_dict())
-    convs = [m for m in fast.modules() if isinstance(m, spike_conv.SpikeConv)]
-    assert len(convs) == 3  # a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input
+    convs = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
+    assert len(convs) == 3  # a1, a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input, fc a cat
     assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
     rec = {}
     for tag, snn in (("plain", plain), ("fast", fast)):
@@ -147,8 +172,8 @@ def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
 
 @needs_int8
 def test_integer_spikes_step_modes_and_chunks_agree():
-    """Integer sums do not depend on how the batch is grouped: behind int8 convolutions the spikes of
-    's', 'm' and chunked runs are identical."""
+    """Integer sums do not depend on how the batch is grouped: with every layer after the stem in int8,
+    the spikes and outputs of 's', 'm' and chunked runs are identical."""
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(16, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
@@ -156,7 +181,7 @@ def test_integer_spikes_step_modes_and_chunks_agree():
     runs = {}
     for tag, chunk, mode in (("m", None, "m"), ("s", None, "s"), ("chunk", 2, "m")):
         snn = snnconv.convert(ann, T=6, calib=x, chunk=chunk)
-        assert sum(isinstance(m, spike_conv.SpikeConv) for m in snn.modules()) == 2
+        assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3  # 2 convs, the linear head
         rec = {}
         hooks = [m.register_forward_hook(lambda m, i, o, n=n, rec=rec: rec.setdefault(n, []).append(o.clone()))
                  for n, m in snn.neurons().items()]
@@ -168,7 +193,25 @@ def test_integer_spikes_step_modes_and_chunks_agree():
     for tag in ("s", "chunk"):
         for n, spikes in runs["m"][1].items():
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
-        assert torch.allclose(runs[tag][0], runs["m"][0], atol=1e-6)
+        assert torch.equal(runs[tag][0], runs["m"][0])
+
+
+@needs_int8
+def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
+    x = torch.rand(32, 64)
+    plain = snnconv.convert(mlp, T=8, calib=x, passes=FLOAT32_PASSES)
+    fast = snnconv.convert(mlp, T=8, calib=x)
+    assert sum(isinstance(m, int8.SpikeLayer) for m in fast.modules()) == 2
+    y0, y1 = plain(x), fast(x)
+    assert torch.allclose(y1, y0, atol=1e-2 * y0.abs().max().item()) and (y1.argmax(1) == y0.argmax(1)).all()
+    # [N, S, F]: thresholds are per dim 1 (S), the linear mixes dim 2: not foldable, left in float32
+    seq = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    x3 = torch.rand(8, 4, 16)
+    snn = snnconv.convert(seq, T=4, calib=x3)
+    assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
+    assert torch.equal(snn(x3), snnconv.convert(seq, T=4, calib=x3, passes=FLOAT32_PASSES)(x3))
 
 
 @needs_int8
@@ -178,7 +221,7 @@ def test_converted_model_deep_copies_after_running():
     x = torch.rand(4, 3, 16, 16)
     y = snn(x)  # packs the int8 weights
     other = copy.deepcopy(snn)
-    assert any(isinstance(m, spike_conv.SpikeConv) for m in other.modules())
+    assert any(isinstance(m, int8.SpikeLayer) for m in other.modules())
     assert torch.equal(other(x), y)
 
 
@@ -188,4 +231,4 @@ def test_integer_spikes_skips_what_it_cannot_run():
     x = torch.rand(8, 3, 16, 16)
     for snn in (snnconv.convert(ann.double(), T=4, calib=x.double()),   # float64: exact arithmetic wanted
                 snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3)):  # burst spikes are not binary
-        assert not any(isinstance(m, spike_conv.SpikeConv) for m in snn.modules())
+        assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
