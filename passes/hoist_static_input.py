@@ -7,15 +7,12 @@ import torch.fx as fx
 
 from snnconv.passes.broadcast_input import insert_broadcast
 from snnconv.runtime.modules import Neuron, SpikeMaxPool, TimeBroadcast
-
-
-def _module(gm, node, cls):
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), cls)
+from snnconv.trace import module_of
 
 
 def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):  # undo the baseline placement
-        if _module(gm, node, TimeBroadcast):
+        if module_of(gm, node, TimeBroadcast) is not None:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     static: set[fx.Node] = set()  # step-invariant tensors that carry the batch (depend on the input)
@@ -23,21 +20,21 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
         ins = node.all_input_nodes
         if node.op == "placeholder":
             static.add(node)
-        elif _module(gm, node, Neuron):
-            gm.get_submodule(node.target).static_input = ins[0] in static
+        elif (neuron := module_of(gm, node, Neuron)) is not None:
+            neuron.static_input = ins[0] in static
         elif node.meta.get("snn_kind") == "value" or node.op == "output":
             continue
         elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
-            if _module(gm, node, SpikeMaxPool):
-                gm.get_submodule(node.target).static_input = True
+            if (pool := module_of(gm, node, SpikeMaxPool)) is not None:
+                pool.static_input = True
     dynamic_seen: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if node in static or _module(gm, node, Neuron) or node.meta.get("snn_kind") == "value":
+        if node in static or module_of(gm, node, Neuron) is not None or node.meta.get("snn_kind") == "value":
             continue
         for a in node.all_input_nodes:
             if a in static and a not in dynamic_seen:
-                users = [u for u in a.users if u not in static and not _module(gm, u, Neuron)
+                users = [u for u in a.users if u not in static and module_of(gm, u, Neuron) is None
                          and u.meta.get("snn_kind") != "value"]
                 insert_broadcast(gm, settings, a, users)
                 dynamic_seen.add(a)

@@ -15,13 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from snnconv.passes.fold_batchnorm import FoldedBN
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.modules import Neuron
-
-
-def _module(gm: fx.GraphModule, node: fx.Node, kind):
-    if node.op != "call_module":
-        return None
-    m = gm.get_submodule(node.target)
-    return m if isinstance(m, kind) else None
+from snnconv.trace import module_of
 
 
 def _flattens_channels(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
@@ -42,7 +36,7 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
         user = next(iter(user.users))  # channels_last's NCHW copy: dropped, the layer reads the spikes
     elif _flattens_channels(gm, user, neuron) and len(user.users) == 1:
         user, via = next(iter(user.users)), user
-    layer = _module(gm, user, (nn.Conv2d, nn.Linear, FoldedBN))
+    layer = module_of(gm, user, (nn.Conv2d, nn.Linear, FoldedBN))
     inner = getattr(layer, "_layer", layer)
     if layer is None or len(user.args) != 1 or user.kwargs or not int8.supports(inner):
         return None
@@ -63,7 +57,7 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
             ShapeProp(gm).propagate(torch.rand(1, *settings.input_shape))
     except Exception:  # e.g. a model whose input is not a float tensor
         pass
-    neurons = [(node, _module(gm, node, Neuron)) for node in gm.graph.nodes]
+    neurons = [(node, module_of(gm, node, Neuron)) for node in gm.graph.nodes]
     for node, neuron in neurons:
         if neuron is None:
             continue

@@ -92,6 +92,14 @@ class _Tracer(fx.Tracer):
         return isinstance(m, QCFS) or super().is_leaf_module(m, qualname)
 
 
+def module_of(gm: fx.GraphModule, node: fx.Node, kind):
+    """The module `node` calls if it is a `kind` (a class or tuple of classes), else None."""
+    if node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    return m if isinstance(m, kind) else None
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace `model`; a failure becomes a ConversionError naming the user's source line."""
     tracer = _Tracer()
