@@ -1,4 +1,4 @@
-"""Small networks the tests convert: every supported op form appears in at least one."""
+"""Small networks the tests convert (every supported op form appears in at least one), and a spike recorder."""
 
 import torch
 import torch.nn as nn
@@ -50,3 +50,16 @@ def notebook_net(seed: int = 0, C: int = 8) -> nn.Module:
     """The seeds' notebook net (Linear-IF-Linear-IF) as its ANN: Linear-ReLU-Linear-ReLU."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(C, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).eval()
+
+
+def record_spikes(snn, run):
+    """(what run() returns, every neuron's outputs over all its calls during run(), concatenated)."""
+    rec = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
+             for n, m in snn.neurons().items()]
+    try:
+        y = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return y, {n: torch.cat(v) for n, v in rec.items()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from nets import ResCatNet, randomize_bn
+from nets import ResCatNet, randomize_bn, record_spikes
 
 import snnconv
 from snnconv import passes
@@ -155,17 +155,12 @@ def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
     convs = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
     assert len(convs) == 3  # a1, a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input, fc a cat
     assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
-    rec = {}
-    for tag, snn in (("plain", plain), ("fast", fast)):
-        hooks = [m.register_forward_hook(lambda m, i, o, k=(tag, n): rec.__setitem__(k, o.clone()))
-                 for n, m in snn.neurons().items()]
-        rec[tag] = snn(x, per_step=True)
-        for h in hooks:
-            h.remove()
+    y_plain, s_plain = record_spikes(plain, lambda: plain(x, per_step=True))
+    y_fast, s_fast = record_spikes(fast, lambda: fast(x, per_step=True))
     for n in plain.neurons():  # measured: 0 to 3e-4 of the spikes flip (float64 vs float32: none)
-        flips = (rec[("plain", n)] != rec[("fast", n)]).float().mean().item()
+        flips = (s_plain[n] != s_fast[n]).float().mean().item()
         assert flips < 1e-3, (n, flips)
-    y_plain, y_fast = rec["plain"].mean(0), rec["fast"].mean(0)
+    y_plain, y_fast = y_plain.mean(0), y_fast.mean(0)
     assert torch.allclose(y_fast, y_plain, atol=1e-2 * y_plain.abs().max().item())
     assert (y_fast.argmax(1) == y_plain.argmax(1)).all()
 
@@ -182,14 +177,9 @@ def test_integer_spikes_step_modes_and_chunks_agree():
     for tag, chunk, mode in (("m", None, "m"), ("s", None, "s"), ("chunk", 2, "m")):
         snn = snnconv.convert(ann, T=6, calib=x, chunk=chunk)
         assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3  # 2 convs, the linear head
-        rec = {}
-        hooks = [m.register_forward_hook(lambda m, i, o, n=n, rec=rec: rec.setdefault(n, []).append(o.clone()))
-                 for n, m in snn.neurons().items()]
         snn.step_mode = mode
-        y = torch.stack([snn(x) for _ in range(6)]) if mode == "s" else snn(x, per_step=True)
-        runs[tag] = y, {n: torch.cat(v) for n, v in rec.items()}
-        for h in hooks:
-            h.remove()
+        runs[tag] = record_spikes(snn, lambda snn=snn, mode=mode: torch.stack([snn(x) for _ in range(6)])
+                                  if mode == "s" else snn(x, per_step=True))
     for tag in ("s", "chunk"):
         for n, spikes in runs["m"][1].items():
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)

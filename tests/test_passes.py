@@ -4,22 +4,11 @@ rounding) and the state_dict keys untouched; time chunks give the unchunked outp
 import pytest
 import torch
 import torch.nn as nn
-from nets import ResCatNet, randomize_bn
+from nets import ResCatNet, randomize_bn, record_spikes
 
 import snnconv
 from snnconv import passes
 from snnconv.runtime.modules import Neuron
-
-
-def _spikes(snn, x):
-    """Every neuron's per-step output, recorded by forward hooks."""
-    rec = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
-             for n, m in snn.neurons().items()]
-    y = snn(x, per_step=True)
-    for h in hooks:
-        h.remove()
-    return y, {n: torch.cat(v) for n, v in rec.items()}
 
 
 @pytest.mark.parametrize("name", sorted(passes.OPTIONAL - {"integer_spikes"}))  # float32 only: test_spike_conv.py
@@ -30,8 +19,8 @@ def test_pass_keeps_spikes_and_keys(name):
     without = snnconv.convert(ann, T=6, calib=calib, passes=sorted(passes.OPTIONAL - {name}))
     with_ = snnconv.convert(ann, T=6, calib=calib, passes=sorted(passes.OPTIONAL))
     assert list(with_.state_dict()) == list(without.state_dict()) == list(ann.state_dict())
-    y0, s0 = _spikes(without, x)
-    y1, s1 = _spikes(with_, x)
+    y0, s0 = record_spikes(without, lambda: without(x, per_step=True))
+    y1, s1 = record_spikes(with_, lambda: with_(x, per_step=True))
     assert s0.keys() == s1.keys()
     if name == "fold_batchnorm":  # folding reorders float64 arithmetic: spikes may flip only at exact ties
         for k in s0:
