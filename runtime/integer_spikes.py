@@ -127,7 +127,7 @@ class SpikeLayer(nn.Module):
         """Copies leave the packed weights behind (oneDNN's opaque tensors have no storage to copy); the
         copy derives them again at its first call."""
         state = dict(super().__getstate__())
-        state["_key"], state["_packed"] = None, {}
+        state["_key"], state["_weights"], state["_packed"] = None, None, {}
         return state
 
     @property

@@ -47,6 +47,10 @@ def cmd_convert(a) -> int:
     import snnconv
     from snnconv.io import load_data, load_model, parse_kwargs
     _positive("T", a.T)
+    unknown = set(a.skip_pass) - snnconv.passes.OPTIONAL
+    if unknown:
+        raise ConversionError(f"--skip-pass {sorted(unknown)}: not an optional pass; choose from "
+                              f"{sorted(snnconv.passes.OPTIONAL)}")
     out = _guard_output(a.output, a.model, a.weights, a.calib)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
@@ -62,10 +66,6 @@ def cmd_convert(a) -> int:
               "(pass --calib for a useful conversion)", file=sys.stderr)
         calib = torch.rand(64, *shape)
     t0 = time.perf_counter()
-    unknown = set(a.skip_pass) - snnconv.passes.OPTIONAL
-    if unknown:
-        raise ConversionError(f"--skip-pass {sorted(unknown)}: not an optional pass; choose from "
-                              f"{sorted(snnconv.passes.OPTIONAL)}")
     passes = sorted(snnconv.passes.OPTIONAL - set(a.skip_pass)) if a.skip_pass else None
     snn = snnconv.convert(model, T=a.T, calib=calib, method=a.method, percentile=a.percentile,
                           per_channel=not a.per_layer, neuron=a.neuron, reset=a.reset, v_init=a.v_init,
