@@ -56,9 +56,11 @@ def run_snnconv(ann, calib, x, y, T, opts, batch=500) -> torch.Tensor:
 
 def run_spikingjelly(ann, calib, x, y, T, mode, batch=500):
     from spikingjelly.activation_based import ann2snn, functional
+
     loader = [(c,) for c in calib.split(100)]
     net = ann2snn.Converter(ann2snn.RateCodingRecipe(dataloader=loader, mode=mode), device=str(x.device)).convert(
-        copy.deepcopy(ann))
+        copy.deepcopy(ann)
+    )
     outs = []
     with torch.no_grad():
         for b in x.split(batch):
@@ -69,8 +71,11 @@ def run_spikingjelly(ann, calib, x, y, T, mode, batch=500):
 
 def table(title, ann_acc, rows, T):
     ts = [t for t in REPORT_T if t <= T]
-    lines = [f"\n{title}", f"{'method':<42}" + "".join(f"{'T=' + str(t):>8}" for t in ts),
-             f"{'ANN':<42}" + "".join(f"{ann_acc:8.2f}" for _ in ts)]
+    lines = [
+        f"\n{title}",
+        f"{'method':<42}" + "".join(f"{'T=' + str(t):>8}" for t in ts),
+        f"{'ANN':<42}" + "".join(f"{ann_acc:8.2f}" for _ in ts),
+    ]
     for name, accs in rows.items():
         lines.append(f"{name:<42}" + "".join(f"{accs[t - 1]:8.2f}" for t in ts))
     return "\n".join(lines)
@@ -79,8 +84,8 @@ def table(title, ann_acc, rows, T):
 def evaluate(arch, data, args):
     ann = trained(arch, data, args.data_dir, device=args.device).to(args.device)
     (xtr, _), (xte, yte) = dataset(data, args.data_dir)
-    xte, yte = xte[:args.test].to(args.device), yte[:args.test].to(args.device)
-    calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(1))[:args.calib]].to(args.device)
+    xte, yte = xte[: args.test].to(args.device), yte[: args.test].to(args.device)
+    calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(1))[: args.calib]].to(args.device)
     with torch.no_grad():
         ann_acc = (torch.cat([ann(b).argmax(1) for b in xte.split(1000)]) == yte).float().mean().item() * 100
     rows = {}

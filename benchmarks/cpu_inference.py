@@ -31,6 +31,7 @@ def _net(name: str):
     sys.path.insert(0, HERE)
     from mnist_models import CACHE, vgg_mnist
     from models import ResNet18Cifar
+
     torch.manual_seed(0)
     if name == "vgg_mnist":
         model, shape = vgg_mnist(), (1, 28, 28)
@@ -54,6 +55,7 @@ def _measure(fn, reps: int) -> tuple[float, float]:
         while not stop.is_set():
             peak[0] = max(peak[0], _rss_mb())
             time.sleep(0.001)
+
     fn()
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -76,9 +78,14 @@ def build(net: str, method: str, T: int, batch: int):
         return lambda: model(x)
     if method.startswith("snnconv"):
         import snnconv
+
         float32 = sorted(snnconv.passes.OPTIONAL - {"integer_spikes"})  # every pass but the int8 convolutions
-        opts = {"snnconv_passes_off": {"passes": []}, "snnconv_float32": {"passes": float32}, "snnconv": {},
-                "snnconv_chunk1": {"chunk": 1}}[method]
+        opts = {
+            "snnconv_passes_off": {"passes": []},
+            "snnconv_float32": {"passes": float32},
+            "snnconv": {},
+            "snnconv_chunk1": {"chunk": 1},
+        }[method]
         snn = snnconv.convert(model, T=T, calib=calib, **opts)
         return lambda: snn(x)
     return spikingjelly_runner(model, calib, x, T)
@@ -87,6 +94,7 @@ def build(net: str, method: str, T: int, batch: int):
 def spikingjelly_runner(model, calib: torch.Tensor, x: torch.Tensor, T: int):
     """The peer: SpikingJelly 2.0.0's RateCodingRecipe (99.9%) on a copy of `model`, run multi-step."""
     from spikingjelly.activation_based import ann2snn, functional
+
     loader = [(c,) for c in calib.split(64)]
     recipe = ann2snn.RateCodingRecipe(dataloader=loader, mode="99.9%")
     sj = ann2snn.Converter(recipe, device=str(x.device)).convert(copy.deepcopy(model))
@@ -96,6 +104,7 @@ def spikingjelly_runner(model, calib: torch.Tensor, x: torch.Tensor, T: int):
     def run():
         functional.reset_net(sj)
         return sj(x_seq).mean(0)
+
     return run
 
 
@@ -138,8 +147,10 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(peak_worker(*args.worker, args.T, args.batch)))
         return
-    print(f"CPU: {os.cpu_count()} threads, torch {torch.__version__}, T={args.T}, batch={args.batch}, "
-          f"median of {args.reps} interleaved runs")
+    print(
+        f"CPU: {os.cpu_count()} threads, torch {torch.__version__}, T={args.T}, batch={args.batch}, "
+        f"median of {args.reps} interleaved runs"
+    )
     rows = []
     for net in args.nets:
         times = interleaved_times(net, METHODS, args.T, args.batch, args.reps)

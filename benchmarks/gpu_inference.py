@@ -67,8 +67,10 @@ def main(argv=None):
         med = {m: statistics.median(ts) * (args.T if m == "ann" else 1) for m, ts in times.items()}
         for m, t in med.items():
             label = "ANN x T" if m == "ann" else m
-            print(f"{net:<16}{label:<16}{t:9.2f}{peaks[m]:9.0f}{t / med['ann']:12.2f}"
-                  f"{med.get('spikingjelly', float('nan')) / t:11.2f}")
+            print(
+                f"{net:<16}{label:<16}{t:9.2f}{peaks[m]:9.0f}{t / med['ann']:12.2f}"
+                f"{med.get('spikingjelly', float('nan')) / t:11.2f}"
+            )
 
 
 if __name__ == "__main__":

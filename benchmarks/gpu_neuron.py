@@ -63,8 +63,19 @@ def measure(dtype: torch.dtype, T: int, logN: int, compiled):
     t_t = timed(lambda: torch_backend.multistep(next(it), v, theta, **kw), reps=5)
     t_c = timed(lambda: compiled(next(it), v, theta), reps=10) if compiled else float("nan")
     torch.cuda.empty_cache()
-    return (str(dtype).split(".")[1], T, f"2^{logN}", nbytes / t_copy / 1e9, t_k * 1e3, nbytes / t_k / 1e9,
-            100 * t_copy / t_k, t_t * 1e3, t_c * 1e3, t_t / t_k, t_c / t_k)
+    return (
+        str(dtype).split(".")[1],
+        T,
+        f"2^{logN}",
+        nbytes / t_copy / 1e9,
+        t_k * 1e3,
+        nbytes / t_k / 1e9,
+        100 * t_copy / t_k,
+        t_t * 1e3,
+        t_c * 1e3,
+        t_t / t_k,
+        t_c / t_k,
+    )
 
 
 def main(argv=None):
@@ -78,8 +89,10 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}")
     torch._dynamo.config.recompile_limit = 64  # one compile per (T, dtype)
     compiled = None if args.no_compile else torch.compile(if_loop, dynamic=True)
-    header = (f"{'dtype':>8} {'T':>3} {'N':>6} {'copy GB/s':>10} {'kernel ms':>10} {'GB/s':>7} {'% copy':>7} "
-              f"{'torch ms':>9} {'compile ms':>10} {'vs torch':>9} {'vs compile':>10}")
+    header = (
+        f"{'dtype':>8} {'T':>3} {'N':>6} {'copy GB/s':>10} {'kernel ms':>10} {'GB/s':>7} {'% copy':>7} "
+        f"{'torch ms':>9} {'compile ms':>10} {'vs torch':>9} {'vs compile':>10}"
+    )
     print(header)
     rows = []
     for dtype_name in args.dtypes:
@@ -89,8 +102,11 @@ def main(argv=None):
                 if row is None:
                     continue
                 rows.append(row)
-                print(f"{row[0]:>8} {row[1]:>3} {row[2]:>6} {row[3]:10.0f} {row[4]:10.3f} {row[5]:7.0f} "
-                      f"{row[6]:6.1f}% {row[7]:9.3f} {row[8]:10.3f} {row[9]:8.1f}x {row[10]:9.1f}x", flush=True)
+                print(
+                    f"{row[0]:>8} {row[1]:>3} {row[2]:>6} {row[3]:10.0f} {row[4]:10.3f} {row[5]:7.0f} "
+                    f"{row[6]:6.1f}% {row[7]:9.3f} {row[8]:10.3f} {row[9]:8.1f}x {row[10]:9.1f}x",
+                    flush=True,
+                )
     return rows
 
 

@@ -22,11 +22,23 @@ def _act(qcfs_levels: int | None) -> nn.Module:
 
 def vgg_mnist(hw: int = 28, qcfs_levels: int | None = None) -> nn.Module:
     """VGG-style: 4 conv-BN-act, 2 max pools, a hidden linear-act: 5 neuron layers."""
+
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), _act(qcfs_levels)]
-    return nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (hw // 4) ** 2, 128), _act(qcfs_levels),
-                         nn.Dropout(0.2), nn.Linear(128, 10))
+
+    return nn.Sequential(
+        *block(1, 32),
+        *block(32, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        *block(64, 64),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (hw // 4) ** 2, 128),
+        _act(qcfs_levels),
+        nn.Dropout(0.2),
+        nn.Linear(128, 10),
+    )
 
 
 class _Block(nn.Module):
@@ -63,6 +75,7 @@ FACTORIES = {"vgg": vgg_mnist, "resnet": SmallResNet, "vgg_qcfs4": lambda hw=28:
 
 def digits_data():
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target)

@@ -43,7 +43,7 @@ def row(name: str, size: int) -> str:
         snn = snnconv.convert(model, T=32, calib=calib)
     except snnconv.ConversionError as exc:
         first = str(exc).splitlines()[0]
-        return f"{name:<22} rejected: {first[first.find('network (') + 9:first.rfind(')')]}"
+        return f"{name:<22} rejected: {first[first.find('network (') + 9 : first.rfind(')')]}"
     t_conv = time.perf_counter() - t0
     with torch.no_grad():
         ref = model(x)

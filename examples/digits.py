@@ -1,6 +1,6 @@
 """The main job: train a small CNN on scikit-learn's bundled digits, convert it, compare accuracy and time.
 
-    python examples/digits.py [--epochs 30] [--T 1 2 4 8 16 32]
+python examples/digits.py [--epochs 30] [--T 1 2 4 8 16 32]
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ def main(argv=None) -> None:
     print(f"trained DigitsCNN on {len(xtr)} digits in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     snn = snnconv.convert(ann, T=max(args.T), calib=xtr[:512])
-    print(f"converted in {time.perf_counter() - t0:.2f} s: {len(snn.neurons())} neuron layers, "
-          f"state_dict keys unchanged: {list(snn.state_dict()) == list(ann.state_dict())}")
+    print(
+        f"converted in {time.perf_counter() - t0:.2f} s: {len(snn.neurons())} neuron layers, "
+        f"state_dict keys unchanged: {list(snn.state_dict()) == list(ann.state_dict())}"
+    )
     acc_ann, t_ann = accuracy(ann, xte, yte)
     print(f"\n{'model':>10} {'accuracy %':>11} {'gap':>6} {'time ms':>8} {'time / ANN':>10}")
     print(f"{'ANN':>10} {acc_ann:11.2f} {'':>6} {t_ann * 1e3:8.1f} {1.0:10.1f}")

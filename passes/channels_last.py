@@ -30,8 +30,12 @@ def _conv_of(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
 
 def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
-    if settings.input_ndim != 4 or param is None or param.device.type != "cpu" \
-            or not any(isinstance(m, nn.Conv2d) for m in gm.modules()):
+    if (
+        settings.input_ndim != 4
+        or param is None
+        or param.device.type != "cpu"
+        or not any(isinstance(m, nn.Conv2d) for m in gm.modules())
+    ):
         return gm
     with torch.no_grad():  # shapes of one sample, in ANN mode
         ShapeProp(gm).propagate(torch.rand(1, *settings.input_shape, dtype=param.dtype))
@@ -53,8 +57,14 @@ def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
         if node.op == "call_method" and node.target in ("view", "view_as"):
             node.target = {"view": "reshape", "view_as": "reshape_as"}[node.target]
         elif node.op == "placeholder":
-            first = next((u for u in node.users if u.op == "call_module"
-                          and isinstance(gm.get_submodule(u.target), TimeBroadcast)), node)
+            first = next(
+                (
+                    u
+                    for u in node.users
+                    if u.op == "call_module" and isinstance(gm.get_submodule(u.target), TimeBroadcast)
+                ),
+                node,
+            )
             with gm.graph.inserting_after(first):
                 cl = gm.graph.call_function(_to_channels_last, (first,))
             cl.meta["snn_kind"] = "linear"

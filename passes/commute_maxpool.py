@@ -14,8 +14,14 @@ from snnconv.runtime.modules import Neuron, SpikeMaxPool
 from snnconv.trace import MAXPOOL_MODULES
 
 _aten = torch.ops.aten
-_FN_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, _aten.max_pool1d.default: 1,
-            _aten.max_pool2d.default: 2, _aten.max_pool3d.default: 3}
+_FN_DIMS = {
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    _aten.max_pool1d.default: 1,
+    _aten.max_pool2d.default: 2,
+    _aten.max_pool3d.default: 3,
+}
 _KW = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
 

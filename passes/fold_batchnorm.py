@@ -38,8 +38,13 @@ class FoldedBN(nn.Module):
                 if bn.bias is not None:
                     bias = bias + bn.bias.double()
                 w = layer.weight.double() * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
-                fmt = torch.channels_last if w.dim() == 4 and not layer.weight.is_contiguous() \
-                    and layer.weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                fmt = (
+                    torch.channels_last
+                    if w.dim() == 4
+                    and not layer.weight.is_contiguous()
+                    and layer.weight.is_contiguous(memory_format=torch.channels_last)
+                    else torch.contiguous_format
+                )
                 self._wb = (w.to(layer.weight.dtype).contiguous(memory_format=fmt), bias.to(layer.weight.dtype))
             self._key = key
         return self._wb

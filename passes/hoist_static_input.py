@@ -34,8 +34,11 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
             continue
         for a in node.all_input_nodes:
             if a in static and a not in dynamic_seen:
-                users = [u for u in a.users if u not in static and module_of(gm, u, Neuron) is None
-                         and u.meta.get("snn_kind") != "value"]
+                users = [
+                    u
+                    for u in a.users
+                    if u not in static and module_of(gm, u, Neuron) is None and u.meta.get("snn_kind") != "value"
+                ]
                 insert_broadcast(gm, settings, a, users)
                 dynamic_seen.add(a)
     gm.recompile()

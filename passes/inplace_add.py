@@ -10,21 +10,40 @@ import torch.nn as nn
 from snnconv.passes.fold_batchnorm import FoldedBN
 from snnconv.runtime.integer_spikes import SpikeLayer
 
-_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FoldedBN,
-          SpikeLayer)
+_FRESH = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    FoldedBN,
+    SpikeLayer,
+)
 
 
 def _fresh_private(gm: fx.GraphModule, node) -> bool:
     """Is `node` a new tensor made by a stateless layer and read by exactly one node?"""
-    return (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1
-            and isinstance(gm.get_submodule(node.target), _FRESH))
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and len(node.users) == 1
+        and isinstance(gm.get_submodule(node.target), _FRESH)
+    )
 
 
 def inplace_add(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
-                and not node.kwargs and isinstance(node.args[1], fx.Node) \
-                and node.args[1].meta.get("snn_kind") != "value" and _fresh_private(gm, node.args[0]):
+        if (
+            node.op == "call_function"
+            and node.target in (operator.add, torch.add)
+            and len(node.args) == 2
+            and not node.kwargs
+            and isinstance(node.args[1], fx.Node)
+            and node.args[1].meta.get("snn_kind") != "value"
+            and _fresh_private(gm, node.args[0])
+        ):
             node.op, node.target = "call_method", "add_"
     gm.recompile()
     return gm

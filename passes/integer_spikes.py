@@ -49,8 +49,13 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
 
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
-    if param is None or param.device.type != "cpu" or param.dtype != torch.float32 \
-            or settings.neuron.max_spikes != 1 or not int8.available():
+    if (
+        param is None
+        or param.device.type != "cpu"
+        or param.dtype != torch.float32
+        or settings.neuron.max_spikes != 1
+        or not int8.available()
+    ):
         return gm
     try:  # shapes of one sample, in ANN mode (without them, linear layers read spikes only via flatten)
         with torch.no_grad():

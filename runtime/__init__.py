@@ -21,6 +21,7 @@ def _cupy_backend() -> Backend:
     if "fn" not in _cupy_state:
         try:
             from snnconv.runtime import cupy_backend
+
             cupy_backend.check_available()
             _cupy_state["fn"] = cupy_backend.multistep
         except Exception as exc:  # remember why, so 'auto' stays quiet and 'cupy' can explain
@@ -41,11 +42,15 @@ def get_backend(name: str, device: torch.device) -> Backend:
         return torch_backend.multistep
     if name == "cupy":
         if device.type != "cuda":
-            raise ConversionError(f"backend 'cupy' runs CUDA tensors only, got a tensor on {device}; "
-                                  "move the model and input with .cuda() or use backend='torch'")
+            raise ConversionError(
+                f"backend 'cupy' runs CUDA tensors only, got a tensor on {device}; "
+                "move the model and input with .cuda() or use backend='torch'"
+            )
         if _cupy_backend() is None:
-            raise ConversionError(f"backend 'cupy' cannot run here ({_cupy_state['why']}); install the "
-                                  "extra with `pip install snnconv[cuda]` (cupy-cuda12x) on a machine with "
-                                  "an NVIDIA driver, or use backend='torch'")
+            raise ConversionError(
+                f"backend 'cupy' cannot run here ({_cupy_state['why']}); install the "
+                "extra with `pip install snnconv[cuda]` (cupy-cuda12x) on a machine with "
+                "an NVIDIA driver, or use backend='torch'"
+            )
         return _cupy_state["fn"]
     raise ConversionError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")

@@ -34,8 +34,9 @@ def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: b
         dev = key[0]
         if dev not in _modules:  # one module per device holds every variant, compiled together
             names = [kernel_source.name(*v) for v in kernel_source.all_variants()]
-            _modules[dev] = cp.RawModule(code=kernel_source.SOURCE.read_text(), options=("-std=c++17",),
-                                         name_expressions=names)
+            _modules[dev] = cp.RawModule(
+                code=kernel_source.SOURCE.read_text(), options=("-std=c++17",), name_expressions=names
+            )
         _kernels[key] = _modules[dev].get_function(kernel_source.name(dtype, vec, static, soft, leak, count))
     return _kernels[key]
 
@@ -49,13 +50,24 @@ def _external_stream(ts: torch.cuda.Stream):
         return cp.cuda.ExternalStream(ts.cuda_stream)
 
 
-def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
-              soft_reset: bool, v_reset: float, decay: float, out: torch.Tensor,
-              count: torch.Tensor | None = None) -> torch.Tensor:
+def multistep(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    steps: int,
+    static: bool,
+    soft_reset: bool,
+    v_reset: float,
+    decay: float,
+    out: torch.Tensor,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Same contract as torch_backend.multistep; `count` (float32, shape of v) accumulates spike counts."""
     if x.dtype not in _DTYPES or v.dtype != torch.float32 or not v.is_contiguous():
-        return torch_backend.multistep(x, v, theta, steps=steps, static=static, soft_reset=soft_reset,
-                                       v_reset=v_reset, decay=decay, out=out)
+        return torch_backend.multistep(
+            x, v, theta, steps=steps, static=static, soft_reset=soft_reset, v_reset=v_reset, decay=decay, out=out
+        )
     x = x.contiguous()
     th = theta.detach().to(device=v.device, dtype=torch.float32).contiguous().view(-1)
     M, C = v.numel(), th.numel()
@@ -65,8 +77,18 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     with cp.cuda.Device(v.device.index):
         kern = _kernel(_DTYPES[x.dtype], vec, static, soft_reset, decay != 1.0, count is not None)
         stream = _external_stream(torch.cuda.current_stream(v.device))
-        args = (x.data_ptr(), out.data_ptr(), v.data_ptr(), th.data_ptr(),
-                count.data_ptr() if count is not None else 0, cp.int64(M), cp.int32(steps), cp.int32(C),
-                cp.int64(inner), cp.float32(v_reset), cp.float32(decay))
+        args = (
+            x.data_ptr(),
+            out.data_ptr(),
+            v.data_ptr(),
+            th.data_ptr(),
+            count.data_ptr() if count is not None else 0,
+            cp.int64(M),
+            cp.int32(steps),
+            cp.int32(C),
+            cp.int64(inner),
+            cp.float32(v_reset),
+            cp.float32(decay),
+        )
         kern(((M // vec + _THREADS - 1) // _THREADS,), (_THREADS,), args, stream=stream)
     return out

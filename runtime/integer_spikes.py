@@ -20,7 +20,7 @@ import threading
 import torch
 import torch.nn as nn
 
-_HI = 255                # weight = 255 * hi + lo; 255 * spike still fits uint8
+_HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _QMAX = 127 * _HI + 127
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
 
@@ -37,29 +37,58 @@ def available() -> bool:
         w[1].fill_(-127)
         geometry = ((1, 1), (1, 1), (1, 1), 1)
         ones = torch.ones(8)
-        conv = _qconv(_pack_conv(w, ones, *geometry), x.contiguous(memory_format=torch.channels_last), ones, None,
-                      *geometry)
+        conv = _qconv(
+            _pack_conv(w, ones, *geometry), x.contiguous(memory_format=torch.channels_last), ones, None, *geometry
+        )
         xf, wf = x.flatten(1)[:, :64].contiguous(), w.flatten(1)[:, :64].contiguous()
         linear = _qlinear(_pack_linear(wf), xf, ones, None)
-        return (torch.equal(conv.double(), torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1))
-                and torch.equal(linear.double(), xf.double() @ wf.double().t()))
+        return torch.equal(
+            conv.double(), torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
+        ) and torch.equal(linear.double(), xf.double() @ wf.double().t())
     except Exception:  # no oneDNN, or an op missing from this torch build
         return False
 
 
-def _pack_conv(w: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups,
-               x_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def _pack_conv(
+    w: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups, x_shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """Weights in oneDNN's layout for inputs of `x_shape`: a layout packed for another shape is
     reordered again at every call (measured: 30 ms on a 0.2 ms convolution)."""
     w = w.contiguous(memory_format=torch.channels_last)
-    return torch.ops.onednn.qconv_prepack(w, scale, 1.0, 0, list(stride), list(padding), list(dilation),
-                                          groups, None if x_shape is None else list(x_shape))
+    return torch.ops.onednn.qconv_prepack(
+        w,
+        scale,
+        1.0,
+        0,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        None if x_shape is None else list(x_shape),
+    )
 
 
 def _qconv(packed, x, scale, bias, stride, padding, dilation, groups) -> torch.Tensor:
     zero = torch.zeros(scale.numel(), dtype=torch.int32)
-    return torch.ops.onednn.qconv2d_pointwise(x, 1.0, 0, packed, scale, zero, bias, list(stride), list(padding),
-                                              list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+    return torch.ops.onednn.qconv2d_pointwise(
+        x,
+        1.0,
+        0,
+        packed,
+        scale,
+        zero,
+        bias,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
 
 
 def _pack_linear(w: torch.Tensor, x_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -68,8 +97,9 @@ def _pack_linear(w: torch.Tensor, x_shape: tuple[int, ...] | None = None) -> tor
 
 def _qlinear(packed, x, scale, bias) -> torch.Tensor:
     zero = torch.zeros(scale.numel(), dtype=torch.int32)
-    return torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, scale, zero, bias, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise(
+        x, 1.0, 0, packed, scale, zero, bias, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +127,14 @@ def supports(layer: nn.Module) -> bool:
     no groups, and a kernel wider than 1x1 (a 1x1 convolution reads too little per output to win)."""
     if isinstance(layer, nn.Linear):
         return layer.weight.dtype == torch.float32
-    return (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
-            and layer.groups == 1 and layer.weight.dtype == torch.float32
-            and layer.kernel_size[0] * layer.kernel_size[1] > 1)
+    return (
+        isinstance(layer, nn.Conv2d)
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+        and layer.groups == 1
+        and layer.weight.dtype == torch.float32
+        and layer.kernel_size[0] * layer.kernel_size[1] > 1
+    )
 
 
 def _input_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -162,8 +197,13 @@ class SpikeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         clock = self._neuron.clock
-        if clock.mode == "ann" or x.device.type != "cpu" or x.dtype != torch.float32 \
-                or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if (
+            clock.mode == "ann"
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+        ):
             return self._layer.forward(x)  # forward(): hooks count this module once, not the layer again
         inner = self.inner
         if isinstance(inner, nn.Linear):
@@ -178,5 +218,13 @@ class SpikeLayer(nn.Module):
         buf = _input_buffer((n, h, w, 2, c))  # [255 * spikes, spikes] along the channels, channels-last
         torch.ne(x, 0, out=buf[:, :, :, 1].permute(0, 3, 1, 2).view(torch.bool))
         torch.mul(buf[:, :, :, 1], _HI, out=buf[:, :, :, 0])
-        return _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, inner.stride, inner.padding,
-                      inner.dilation, 1)
+        return _qconv(
+            packed,
+            buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2),
+            s,
+            bias,
+            inner.stride,
+            inner.padding,
+            inner.dilation,
+            1,
+        )

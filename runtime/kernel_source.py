@@ -29,8 +29,10 @@ def instantiations() -> str:
     for v in all_variants():
         n = name(*v)
         t = "float" if v[0] == "float32" else "snn_u16"
-        lines.append(f"template __global__ void {n}(const {t}*, {t}*, float*, const float*, float*, long long, "
-                     "int, int, long long, float, float);")
+        lines.append(
+            f"template __global__ void {n}(const {t}*, {t}*, float*, const float*, float*, long long, "
+            "int, int, long long, float, float);"
+        )
     return "\n".join(lines)
 
 
@@ -47,8 +49,9 @@ def ptx_with_nvcc(arch: str, nvcc: str = "nvcc") -> str:
     with tempfile.TemporaryDirectory() as d:
         src, ptx = Path(d) / "neuron_all.cu", Path(d) / "neuron.ptx"
         src.write_text(full_source())
-        proc = subprocess.run([nvcc, "-std=c++17", "-ptx", f"-arch={arch}", "-o", str(ptx), str(src)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [nvcc, "-std=c++17", "-ptx", f"-arch={arch}", "-o", str(ptx), str(src)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed for {arch}:\n{proc.stderr}")
         return ptx.read_text()
@@ -96,12 +99,13 @@ def ptx_with_nvrtc(arch: str) -> str:
 
 def host_library_source() -> str:
     """C++ that wraps every variant in an extern "C" host launcher `snn_host_<i>` (index in all_variants)."""
-    out = ['#define SNN_HOST 1', '#include "neuron.cu"']
+    out = ["#define SNN_HOST 1", '#include "neuron.cu"']
     for i, v in enumerate(all_variants()):
         t = "float" if v[0] == "float32" else "snn_u16"
         out.append(
             f'extern "C" void snn_host_{i}(const {t}* x, {t}* out, float* v, const float* th, float* count, '
             "long long M, int steps, int C, long long inner, float v_reset, float decay, int threads) {\n"
             f"  SNN_HOST_LAUNCH(({name(*v)}), (M / {v[1]} + threads - 1) / threads, threads, "
-            "x, out, v, th, count, M, steps, C, inner, v_reset, decay);\n}")
+            "x, out, v, th, count, M, steps, C, inner, v_reset, decay);\n}"
+        )
     return "\n".join(out) + "\n"

@@ -18,20 +18,20 @@ from snnconv.runtime import get_backend, torch_backend
 
 @dataclass
 class Clock:
-    mode: str = "ann"          # 'ann': behave as the ANN (calibration); 'snn': spiking dynamics
-    steps: int = 1             # time steps this graph call covers
+    mode: str = "ann"  # 'ann': behave as the ANN (calibration); 'snn': spiking dynamics
+    steps: int = 1  # time steps this graph call covers
     input_static: bool = True  # the input is one [N, ...] tensor fed at every step (direct encoding)
     backend: str = "auto"
 
 
 @dataclass
 class NeuronConfig:
-    kind: str = "if"           # 'if' or 'lif'
-    reset: str = "soft"        # 'soft' (subtract threshold) or 'hard' (set to v_reset)
+    kind: str = "if"  # 'if' or 'lif'
+    reset: str = "soft"  # 'soft' (subtract threshold) or 'hard' (set to v_reset)
     v_reset: float = 0.0
-    v_init: float = 0.5        # initial membrane, as a fraction of the threshold
-    tau: float = 2.0           # LIF time constant: decay = 1 - 1/tau
-    max_spikes: int = 1        # > 1: burst mode, up to this many spikes per step (outputs are not binary)
+    v_init: float = 0.5  # initial membrane, as a fraction of the threshold
+    tau: float = 2.0  # LIF time constant: decay = 1 - 1/tau
+    max_spikes: int = 1  # > 1: burst mode, up to this many spikes per step (outputs are not binary)
 
     @property
     def decay(self) -> float:
@@ -58,8 +58,8 @@ class Neuron(nn.Module):
         self.register_buffer("threshold", torch.tensor(1.0), persistent=False)
         self.bias: torch.Tensor | None = None  # per-channel current added every step (bias calibration)
         self.levels: int | None = None  # QCFS quantisation levels of the ANN activation (snnconv.qcfs)
-        self.fixed = False              # threshold given by the model (QCFS), not by calibration
-        self.static_input = False   # set by the hoisting pass: input is the same at every step
+        self.fixed = False  # threshold given by the model (QCFS), not by calibration
+        self.static_input = False  # set by the hoisting pass: input is the same at every step
         self.observer = None
         self.v: torch.Tensor | None = None
         self._out, self._out_key = None, None
@@ -115,18 +115,43 @@ class Neuron(nn.Module):
         cfg = self.config
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
             out, self.v = torch_backend.multistep_functional(
-                x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
-                v_reset=cfg.v_reset, decay=cfg.decay, max_spikes=cfg.max_spikes)
+                x_in,
+                self.v,
+                theta,
+                steps=steps,
+                static=static,
+                soft_reset=cfg.reset == "soft",
+                v_reset=cfg.v_reset,
+                decay=cfg.decay,
+                max_spikes=cfg.max_spikes,
+            )
             return out.reshape(steps * shape[0], *shape[1:])
         out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         if cfg.max_spikes > 1:  # burst neurons: torch backend only
-            torch_backend.multistep_burst(x_in, self.v, theta, steps=steps, static=static,
-                                          soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay,
-                                          max_spikes=cfg.max_spikes, out=out)
+            torch_backend.multistep_burst(
+                x_in,
+                self.v,
+                theta,
+                steps=steps,
+                static=static,
+                soft_reset=cfg.reset == "soft",
+                v_reset=cfg.v_reset,
+                decay=cfg.decay,
+                max_spikes=cfg.max_spikes,
+                out=out,
+            )
             return out.view(steps * shape[0], *shape[1:])
         get_backend(self.clock.backend, x.device)(
-            x_in, self.v, theta, steps=steps, static=static, soft_reset=cfg.reset == "soft",
-            v_reset=cfg.v_reset, decay=cfg.decay, out=out)
+            x_in,
+            self.v,
+            theta,
+            steps=steps,
+            static=static,
+            soft_reset=cfg.reset == "soft",
+            v_reset=cfg.v_reset,
+            decay=cfg.decay,
+            out=out,
+        )
         return out.view(steps * shape[0], *shape[1:])
 
 
@@ -143,7 +168,7 @@ class SpikeMaxPool(nn.Module):
         super().__init__()
         self.clock, self.pool_kwargs, self.dims = clock, pool_kwargs, dims
         self.static_input = False
-        self.acc: torch.Tensor | None = None   # running sum of the input
+        self.acc: torch.Tensor | None = None  # running sum of the input
         self.prev: torch.Tensor | None = None  # max pool of that running sum
 
     def extra_repr(self) -> str:
@@ -163,7 +188,7 @@ class SpikeMaxPool(nn.Module):
         xs = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc = torch.cumsum(xs.to(dtype), 0, out=torch.empty_like(xs, dtype=dtype))  # all running sums, one op
-        if self.acc is not None:      # continuing a previous call ('s' mode, time chunks)
+        if self.acc is not None:  # continuing a previous call ('s' mode, time chunks)
             acc += self.acc
         pooled = self._pool(acc.flatten(0, 1)).unflatten(0, (steps, xs.shape[1]))
         prev = self.prev if self.prev is not None else torch.zeros_like(pooled[0])

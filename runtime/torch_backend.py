@@ -16,8 +16,18 @@ from __future__ import annotations
 import torch
 
 
-def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
-              soft_reset: bool, v_reset: float, decay: float, out: torch.Tensor) -> torch.Tensor:
+def multistep(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    steps: int,
+    static: bool,
+    soft_reset: bool,
+    v_reset: float,
+    decay: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """Run `steps` steps; x is [steps, ...] or, when `static`, one [...] tensor fed at every step.
 
     Three in-place ops per step: out[t] holds the 0/1 spike until the end, where one multiply scales all
@@ -44,9 +54,19 @@ def multistep(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: i
     return out
 
 
-def multistep_burst(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
-                    soft_reset: bool, v_reset: float, decay: float, max_spikes: int, out: torch.Tensor
-                    ) -> torch.Tensor:
+def multistep_burst(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    steps: int,
+    static: bool,
+    soft_reset: bool,
+    v_reset: float,
+    decay: float,
+    max_spikes: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """Burst (multi-threshold) neurons: up to `max_spikes` spikes per step, S[t] = clamp(floor(H/theta),
     0, max_spikes); the output theta * S[t] is not binary. Soft reset subtracts theta * S[t]."""
     theta = theta.to(v.dtype)
@@ -64,9 +84,18 @@ def multistep_burst(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, st
     return out
 
 
-def multistep_functional(x: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, *, steps: int, static: bool,
-                         soft_reset: bool, v_reset: float, decay: float, max_spikes: int = 1
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def multistep_functional(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    steps: int,
+    static: bool,
+    soft_reset: bool,
+    v_reset: float,
+    decay: float,
+    max_spikes: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same dynamics with out-of-place ops only: what graph capture (ONNX export, tracing) records.
     Returns (outputs [steps, ...], final membrane)."""
     theta = theta.to(v.dtype)

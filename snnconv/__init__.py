@@ -1,7 +1,7 @@
 """snnconv: convert trained PyTorch ANNs into spiking neural networks that keep their weights.
 
-    snn = snnconv.convert(model, T=8, calib=data)
-    y = snn(x)                      # mean output over T steps, ANN-shaped
+snn = snnconv.convert(model, T=8, calib=data)
+y = snn(x)                      # mean output over T steps, ANN-shaped
 """
 
 from snnconv.checkpoint import load, save

@@ -49,8 +49,9 @@ def batches(calib, limit: int | None) -> Iterator[torch.Tensor]:
     elif isinstance(calib, Iterable):
         source = calib
     else:
-        raise ConversionError(f"calib must be a tensor, an iterable of tensors or a DataLoader, got "
-                              f"{type(calib).__name__}")
+        raise ConversionError(
+            f"calib must be a tensor, an iterable of tensors or a DataLoader, got {type(calib).__name__}"
+        )
     for i, item in enumerate(source):
         if limit is not None and i >= limit:
             return
@@ -83,7 +84,8 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
                     raise ConversionError(
                         f"the converted graph fails on calibration batch {seen} of shape {tuple(x.shape)}: "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} (if the model itself runs on "
-                        "this input, this is an snnconv bug: please report it with `snnconv inspect`)") from exc
+                        "this input, this is an snnconv bug: please report it with `snnconv inspect`)"
+                    ) from exc
                 if seen == 0:
                     check(y)
                 seen += 1
@@ -92,9 +94,11 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         for n in neurons:
             n.observer = None
     if seen == 0:
-        raise ConversionError("calibration data is empty: pass calib= a tensor or DataLoader of inputs "
-                              "(a few hundred training samples), or threshold=<float> for a data-free "
-                              "conversion")
+        raise ConversionError(
+            "calibration data is empty: pass calib= a tensor or DataLoader of inputs "
+            "(a few hundred training samples), or threshold=<float> for a data-free "
+            "conversion"
+        )
     for n, stats in zip(neurons, observers):
         if n.fixed:
             continue
@@ -110,8 +114,11 @@ def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
     input current by the per-channel gap between the ANN's mean activation and the SNN's mean output, so
     errors do not pile up with depth. The shift lives in the neuron (outside the state_dict)."""
     gm = snn.graph_module
-    order = [gm.get_submodule(n.target) for n in gm.graph.nodes
-             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Neuron)]
+    order = [
+        gm.get_submodule(n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Neuron)
+    ]
     xs = list(batches(calib, limit))
 
     def channel_mean(t: torch.Tensor) -> torch.Tensor:

@@ -24,19 +24,24 @@ def save(snn: SpikingModel, path: str | Path, source: dict | None = None, model_
     from safetensors.torch import save_file
 
     import snnconv
+
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in snn.state_dict().items()}
     if model_file is not None:  # an .onnx or .pt2 file: the source says which
         tensors[MODEL_KEY] = torch.frombuffer(bytearray(model_file), dtype=torch.uint8)
-    meta = {"format": FORMAT, "snnconv_version": snnconv.__version__,
-            "conversion": json.dumps(snn.conversion_state()),
-            "source": json.dumps(source if source is not None else snn.source)}
+    meta = {
+        "format": FORMAT,
+        "snnconv_version": snnconv.__version__,
+        "conversion": json.dumps(snn.conversion_state()),
+        "source": json.dumps(source if source is not None else snn.source),
+    }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a converted checkpoint, validated."""
     from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -45,11 +50,15 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise ConversionError(f"{path}: not a readable snnconv checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt or truncated'})") from exc
+        raise ConversionError(
+            f"{path}: not a readable snnconv checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt or truncated'})"
+        ) from exc
     if meta.get("format") != FORMAT:
-        raise ConversionError(f"{path}: not an snnconv checkpoint (format {meta.get('format')!r}); "
-                              "plain weights go to `snnconv convert --weights`")
+        raise ConversionError(
+            f"{path}: not an snnconv checkpoint (format {meta.get('format')!r}); "
+            "plain weights go to `snnconv convert --weights`"
+        )
     try:
         meta = {**meta, "conversion": json.loads(meta["conversion"]), "source": json.loads(meta["source"])}
     except (KeyError, json.JSONDecodeError) as exc:
@@ -62,6 +71,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> SpikingModel:
     strictly, then the recorded conversion state (no calibration data needed)."""
     from snnconv.convert import convert
     from snnconv.io import load_exported, load_factory, load_onnx, load_state_strict
+
     tensors, meta = read(path)
     model_file = tensors.pop(MODEL_KEY, None)
     source = meta["source"] or {}
@@ -73,18 +83,32 @@ def load(path: str | Path, model: nn.Module | None = None) -> SpikingModel:
         elif "factory" in source:
             model = load_factory(source["factory"], source.get("kwargs"))
         else:
-            raise ConversionError(f"{path}: the checkpoint does not record how to build the model; pass "
-                                  "model= (the ANN's architecture) to snnconv.load")
+            raise ConversionError(
+                f"{path}: the checkpoint does not record how to build the model; pass "
+                "model= (the ANN's architecture) to snnconv.load"
+            )
     load_state_strict(model, tensors, f"checkpoint {path}")
     state = meta["conversion"]
     s = state["settings"]
     n = s["neuron"]
     example = torch.rand(2, *s["input_shape"])
-    snn = convert(model, T=s["T"], threshold=1.0, example_input=example, neuron=n["kind"], reset=n["reset"],
-                  v_reset=n["v_reset"], v_init=n["v_init"], tau=n["tau"], max_spikes=n.get("max_spikes", 1),
-                  passes=s["passes"], chunk=s["chunk"],
-                  backend=s["backend"], memory_budget_mb=s.get("memory_budget_mb"),
-                  readout_delay=s.get("readout_delay", 0))
+    snn = convert(
+        model,
+        T=s["T"],
+        threshold=1.0,
+        example_input=example,
+        neuron=n["kind"],
+        reset=n["reset"],
+        v_reset=n["v_reset"],
+        v_init=n["v_init"],
+        tau=n["tau"],
+        max_spikes=n.get("max_spikes", 1),
+        passes=s["passes"],
+        chunk=s["chunk"],
+        backend=s["backend"],
+        memory_budget_mb=s.get("memory_budget_mb"),
+        readout_delay=s.get("readout_delay", 0),
+    )
     snn.load_conversion_state(state)
     snn.source = source
     return snn

@@ -46,39 +46,59 @@ def _guard_output(out: str, *inputs: str | None) -> Path:
 def cmd_convert(a) -> int:
     import snnconv
     from snnconv.io import load_data, load_model, parse_kwargs
+
     _positive("T", a.T)
     unknown = set(a.skip_pass) - snnconv.passes.OPTIONAL
     if unknown:
-        raise ConversionError(f"--skip-pass {sorted(unknown)}: not an optional pass; choose from "
-                              f"{sorted(snnconv.passes.OPTIONAL)}")
+        raise ConversionError(
+            f"--skip-pass {sorted(unknown)}: not an optional pass; choose from {sorted(snnconv.passes.OPTIONAL)}"
+        )
     out = _guard_output(a.output, a.model, a.weights, a.calib)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
     if a.calib:
         calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
-        calib = calib[:a.calib_limit]
+        calib = calib[: a.calib_limit]
     else:
         shape = _shape(a.input_shape)
         if shape is None:
-            raise ConversionError("no calibration data: pass --calib FILE (a few hundred training inputs), or "
-                                  "--input-shape C,H,W to calibrate on random inputs")
-        print("warning: calibrating on random inputs of the given shape; thresholds will not fit real data "
-              "(pass --calib for a useful conversion)", file=sys.stderr)
+            raise ConversionError(
+                "no calibration data: pass --calib FILE (a few hundred training inputs), or "
+                "--input-shape C,H,W to calibrate on random inputs"
+            )
+        print(
+            "warning: calibrating on random inputs of the given shape; thresholds will not fit real data "
+            "(pass --calib for a useful conversion)",
+            file=sys.stderr,
+        )
         calib = torch.rand(64, *shape)
     t0 = time.perf_counter()
     passes = sorted(snnconv.passes.OPTIONAL - set(a.skip_pass)) if a.skip_pass else None
-    snn = snnconv.convert(model, T=a.T, calib=calib, method=a.method, percentile=a.percentile,
-                          per_channel=not a.per_layer, neuron=a.neuron, reset=a.reset, v_init=a.v_init,
-                          bias_calibration=a.bias_calibration, passes=passes)
+    snn = snnconv.convert(
+        model,
+        T=a.T,
+        calib=calib,
+        method=a.method,
+        percentile=a.percentile,
+        per_channel=not a.per_layer,
+        neuron=a.neuron,
+        reset=a.reset,
+        v_init=a.v_init,
+        bias_calibration=a.bias_calibration,
+        passes=passes,
+    )
     snnconv.save(snn, out, source=source, model_file=model_file)
-    print(f"converted {type(model).__name__} in {time.perf_counter() - t0:.1f} s: {len(snn.neurons())} neuron "
-          f"layers, T={a.T}; wrote {out}")
+    print(
+        f"converted {type(model).__name__} in {time.perf_counter() - t0:.1f} s: {len(snn.neurons())} neuron "
+        f"layers, T={a.T}; wrote {out}"
+    )
     return 0
 
 
 def _load(a):
     import snnconv
     from snnconv.io import load_factory, parse_kwargs
+
     model = load_factory(a.model, parse_kwargs(a.kwargs)) if getattr(a, "model", None) else None
     snn = snnconv.load(a.checkpoint, model=model)
     if getattr(a, "T", None):
@@ -90,15 +110,18 @@ def _load(a):
 def cmd_run(a) -> int:
     from snnconv.io import load_data
     from snnconv.stats import evaluate, format_report
+
     _positive("batch", a.batch)
     _positive("limit", a.limit)
     snn = _load(a)
     x, y = load_data(a.data, a.labels)
     if a.limit:
-        x, y = x[:a.limit], (y[:a.limit] if y is not None else None)
+        x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
     if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
-        raise ConversionError(f"data samples have shape {tuple(x.shape[1:])}, the model was converted for "
-                              f"{tuple(snn.settings.input_shape)}")
+        raise ConversionError(
+            f"data samples have shape {tuple(x.shape[1:])}, the model was converted for "
+            f"{tuple(snn.settings.input_shape)}"
+        )
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConversionError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -114,11 +137,13 @@ def cmd_run(a) -> int:
 def _plot(r: dict, path: Path) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConversionError("--plot needs matplotlib: pip install 'snnconv[plot]'") from exc
     from snnconv.io import atomic_write
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ts = range(1, r["T"] + 1)
     ax.plot(ts, r["accuracy_by_T"], marker=".", label="SNN")
@@ -132,10 +157,12 @@ def _plot(r: dict, path: Path) -> None:
 
 def cmd_inspect(a) -> int:
     import snnconv
+
     if a.target.endswith((".safetensors", ".snn")):
         print(snnconv.inspect(_load(argparse.Namespace(checkpoint=a.target, model=None, kwargs=None))))
         return 0
     from snnconv.io import load_model, parse_kwargs
+
     model, _ = load_model(a.target, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     shape = _shape(a.input_shape)
     if shape is None:
@@ -147,6 +174,7 @@ def cmd_inspect(a) -> int:
 
 def cmd_export(a) -> int:
     from snnconv.export import export_onnx
+
     _positive("batch", a.batch)
     out = _guard_output(a.output, a.checkpoint)
     snn = _load(a)
@@ -160,15 +188,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("convert", help="convert a model into an SNN checkpoint",
-                       description="MODEL is package.module:factory (with --weights), an .onnx file, or a "
-                                   ".pt2 torch.export program exported with a dynamic batch dimension.")
+    c = sub.add_parser(
+        "convert",
+        help="convert a model into an SNN checkpoint",
+        description="MODEL is package.module:factory (with --weights), an .onnx file, or a "
+        ".pt2 torch.export program exported with a dynamic batch dimension.",
+    )
     c.add_argument("model")
-    c.add_argument("--weights", help=".pth/.pt state_dict (nested 'state_dict'/'model' keys and DDP 'module.' "
-                                     "prefixes accepted) or .safetensors")
+    c.add_argument(
+        "--weights",
+        help=".pth/.pt state_dict (nested 'state_dict'/'model' keys and DDP 'module.' "
+        "prefixes accepted) or .safetensors",
+    )
     c.add_argument("--kwargs", help="JSON keyword arguments for the factory, e.g. '{\"num_classes\": 10}'")
-    c.add_argument("--calib", help="calibration inputs: .npy, .npz, .pt, an idx file, an MNIST folder or a "
-                                   "folder of images")
+    c.add_argument(
+        "--calib", help="calibration inputs: .npy, .npz, .pt, an idx file, an MNIST folder or a folder of images"
+    )
     c.add_argument("--calib-limit", type=int, default=512, help="use at most this many calibration inputs")
     c.add_argument("--input-shape", help="one sample's shape (C,H,W) to calibrate on random inputs")
     c.add_argument("-o", "--output", required=True, help="converted checkpoint (.safetensors)")
@@ -180,9 +215,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--reset", choices=["soft", "hard"], default="soft")
     c.add_argument("--v-init", type=float, default=0.5, help="initial membrane / threshold")
     c.add_argument("--bias-calibration", action="store_true")
-    c.add_argument("--skip-pass", action="append", default=[], metavar="PASS",
-                   help="leave out an optional pass (repeatable), e.g. integer_spikes for float32 arithmetic "
-                        "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them")
+    c.add_argument(
+        "--skip-pass",
+        action="append",
+        default=[],
+        metavar="PASS",
+        help="leave out an optional pass (repeatable), e.g. integer_spikes for float32 arithmetic "
+        "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them",
+    )
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
     c.set_defaults(fn=cmd_convert)
 
@@ -196,8 +236,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="package.module:factory, for checkpoints that do not record their source")
     r.add_argument("--kwargs")
     r.add_argument("--plot", help="write an accuracy-vs-T figure here (needs matplotlib)")
-    r.add_argument("--device", help="cpu or cuda (default: cuda when available); on CUDA neurons run as CuPy "
-                                    "kernels where CuPy works")
+    r.add_argument(
+        "--device",
+        help="cpu or cuda (default: cuda when available); on CUDA neurons run as CuPy kernels where CuPy works",
+    )
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")

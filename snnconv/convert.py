@@ -17,10 +17,24 @@ from snnconv.settings import Settings
 from snnconv.trace import annotate, trace
 
 
-def _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk,
-                   memory_budget_mb, readout_delay, max_spikes):
+def _check_options(
+    T,
+    neuron,
+    reset,
+    method,
+    percentile,
+    threshold,
+    backend,
+    v_init,
+    tau,
+    chunk,
+    memory_budget_mb,
+    readout_delay,
+    max_spikes,
+):
     def bad(msg):
         raise ConversionError(msg)
+
     if not isinstance(T, int) or isinstance(T, bool) or T <= 0:
         bad(f"T must be a positive integer number of time steps, got {T!r}")
     if neuron not in ("if", "lif"):
@@ -61,9 +75,11 @@ def _output_check(ann: nn.Module, first: torch.Tensor):
         with torch.no_grad():
             ref_first = ann(first)
     except Exception as exc:
-        raise ConversionError(f"the model fails on the calibration data (batch shape {tuple(first.shape)}): "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; check the data's shape "
-                              "and preprocessing") from exc
+        raise ConversionError(
+            f"the model fails on the calibration data (batch shape {tuple(first.shape)}): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; check the data's shape "
+            "and preprocessing"
+        ) from exc
 
     def check(y):
         ys, refs = (y, ref_first) if isinstance(y, (tuple, list)) else ((y,), (ref_first,))
@@ -72,7 +88,9 @@ def _output_check(ann: nn.Module, first: torch.Tensor):
                 raise ConversionError(
                     "the traced graph does not reproduce the model's own output (max difference "
                     f"{(a - b).abs().max().item():.3g}): forward() likely depends on state or Python values "
-                    "that tracing froze; make forward() a pure function of its input")
+                    "that tracing froze; make forward() a pure function of its input"
+                )
+
     return check
 
 
@@ -95,18 +113,37 @@ def _activation_bytes(gm, x: torch.Tensor) -> int:
             if n.op != "get_attr":  # parameters and constants are not activations
                 count(out)
             return out
+
     with torch.no_grad():
         _Counter(gm).run(x)
     return total
 
 
-def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None = None,
-            method: str = "percentile", percentile: float = 99.99, per_channel: bool = True,
-            neuron: str = "if", reset: str = "soft", v_reset: float = 0.0, v_init: float = 0.5,
-            tau: float = 2.0, passes: list[str] | None = None, chunk: int | None = None,
-            backend: str = "auto", memory_budget_mb: float | None = None, calib_batches: int | None = 64,
-            example_input: torch.Tensor | None = None, bias_calibration: bool = False,
-            bias_batches: int = 4, readout_delay: int = 0, max_spikes: int = 1) -> SpikingModel:
+def convert(
+    model: nn.Module,
+    T: int = 8,
+    calib=None,
+    *,
+    threshold: float | None = None,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    per_channel: bool = True,
+    neuron: str = "if",
+    reset: str = "soft",
+    v_reset: float = 0.0,
+    v_init: float = 0.5,
+    tau: float = 2.0,
+    passes: list[str] | None = None,
+    chunk: int | None = None,
+    backend: str = "auto",
+    memory_budget_mb: float | None = None,
+    calib_batches: int | None = 64,
+    example_input: torch.Tensor | None = None,
+    bias_calibration: bool = False,
+    bias_batches: int = 4,
+    readout_delay: int = 0,
+    max_spikes: int = 1,
+) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
     calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
@@ -124,27 +161,50 @@ def convert(model: nn.Module, T: int = 8, calib=None, *, threshold: float | None
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
-    _check_options(T, neuron, reset, method, percentile, threshold, backend, v_init, tau, chunk,
-                   memory_budget_mb, readout_delay, max_spikes)
+    _check_options(
+        T,
+        neuron,
+        reset,
+        method,
+        percentile,
+        threshold,
+        backend,
+        v_init,
+        tau,
+        chunk,
+        memory_budget_mb,
+        readout_delay,
+        max_spikes,
+    )
     unknown = set(passes or ()) - pipeline.OPTIONAL
     if unknown:
         raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
     if calib is None:
         if threshold is None:
-            raise ConversionError("no calibration data: pass calib= a tensor or DataLoader of inputs (a few "
-                                  "hundred training samples), or threshold=<float> for a data-free conversion")
+            raise ConversionError(
+                "no calibration data: pass calib= a tensor or DataLoader of inputs (a few "
+                "hundred training samples), or threshold=<float> for a data-free conversion"
+            )
         if example_input is None:
             raise ConversionError("a data-free conversion (threshold=...) needs example_input= one input batch")
         calib = example_input
     first = next(batches(calib, 1), None)
     if first is None:
         raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
-    settings = Settings(T=T, input_ndim=first.dim(), input_shape=tuple(first.shape[1:]),
-                        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes),
-                        threshold_method="fixed" if threshold is not None else method, percentile=percentile,
-                        per_channel=per_channel, fixed_threshold=threshold,
-                        passes=None if passes is None else tuple(passes), chunk=chunk,
-                        memory_budget_mb=memory_budget_mb, readout_delay=readout_delay)
+    settings = Settings(
+        T=T,
+        input_ndim=first.dim(),
+        input_shape=tuple(first.shape[1:]),
+        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes),
+        threshold_method="fixed" if threshold is not None else method,
+        percentile=percentile,
+        per_channel=per_channel,
+        fixed_threshold=threshold,
+        passes=None if passes is None else tuple(passes),
+        chunk=chunk,
+        memory_budget_mb=memory_budget_mb,
+        readout_delay=readout_delay,
+    )
     settings.clock.backend = backend
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched

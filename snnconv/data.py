@@ -32,8 +32,10 @@ def load_idx(path: str | Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     if len(raw) - header != int(np.prod(shape)) * dtype.itemsize:
-        raise ConversionError(f"{path}: idx payload has {len(raw) - header} bytes, shape {shape} needs "
-                              f"{int(np.prod(shape)) * dtype.itemsize} (truncated or corrupt file)")
+        raise ConversionError(
+            f"{path}: idx payload has {len(raw) - header} bytes, shape {shape} needs "
+            f"{int(np.prod(shape)) * dtype.itemsize} (truncated or corrupt file)"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 

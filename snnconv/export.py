@@ -35,8 +35,15 @@ def export_onnx(snn: SpikingModel, path: str | Path, batch: int = 1, opset: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Unrolled(snn), (example,), buf, dynamo=False, opset_version=opset,
-                              input_names=["x"], output_names=["y"])
+            torch.onnx.export(
+                _Unrolled(snn),
+                (example,),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=["x"],
+                output_names=["y"],
+            )
     except Exception as exc:
         raise ConversionError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     finally:
@@ -44,4 +51,5 @@ def export_onnx(snn: SpikingModel, path: str | Path, batch: int = 1, opset: int 
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model)
     from snnconv.io import atomic_write
+
     atomic_write(Path(path), buf.getvalue())

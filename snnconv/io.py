@@ -35,11 +35,15 @@ def _torch_load(path: Path, trust_pickle: bool):
         with open(path, "rb") as f:
             raw_pickle = f.read(1) == b"\x80"  # a bare pickle stream rather than torch's zip container
         if "Unsupported global" in text or (raw_pickle and "WeightsUnpickler" in text):
-            raise ConversionError(f"{path}: refusing to unpickle: the file holds Python objects beyond tensors, "
-                                  "and unpickling can run arbitrary code; re-save it as a state_dict, or pass "
-                                  "--trust-pickle if you trust its origin") from exc
-        raise ConversionError(f"{path}: not a readable torch file ({type(exc).__name__}: "
-                              f"{text.splitlines()[0] if text else 'corrupt or truncated'})") from exc
+            raise ConversionError(
+                f"{path}: refusing to unpickle: the file holds Python objects beyond tensors, "
+                "and unpickling can run arbitrary code; re-save it as a state_dict, or pass "
+                "--trust-pickle if you trust its origin"
+            ) from exc
+        raise ConversionError(
+            f"{path}: not a readable torch file ({type(exc).__name__}: "
+            f"{text.splitlines()[0] if text else 'corrupt or truncated'})"
+        ) from exc
 
 
 def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -48,6 +52,7 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
     path = _need_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         try:
             sd = load_file(str(path))
         except Exception as exc:
@@ -63,7 +68,7 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path}: expected a state_dict (names -> tensors), found {type(sd).__name__}")
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -72,10 +77,13 @@ def load_state_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
+
         def few(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = ([f"missing keys: {few(missing)}"] if missing else []) + \
-                ([f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+
+        parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
+            [f"unexpected keys: {few(unexpected)}"] if unexpected else []
+        )
         raise ConversionError(f"{what} does not fit the model: {'; '.join(parts)}")
     for k, v in sd.items():
         if v.shape != own[k].shape:
@@ -117,32 +125,41 @@ def load_onnx(source: str | Path | bytes) -> nn.Module:
     except ConversionError:
         raise
     except Exception as exc:
-        raise ConversionError(f"{source if not isinstance(source, bytes) else 'ONNX bytes'}: not a valid ONNX "
-                              f"model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise ConversionError(
+            f"{source if not isinstance(source, bytes) else 'ONNX bytes'}: not a valid ONNX "
+            f"model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
     _drop_identity_nodes(model)
     try:
         return onnx_to_torch(model)
     except NotImplementedError as exc:
-        raise ConversionError(f"ONNX import: {exc}; supported: Conv, Gemm/MatMul, Relu, Clip, "
-                              "BatchNormalization, pools, Add, Concat, Flatten/Reshape") from exc
+        raise ConversionError(
+            f"ONNX import: {exc}; supported: Conv, Gemm/MatMul, Relu, Clip, "
+            "BatchNormalization, pools, Add, Concat, Flatten/Reshape"
+        ) from exc
 
 
 def load_exported(data: bytes, what: str = "torch.export program") -> nn.Module:
     """A torch.export program (.pt2) as a module. It must be exported with a dynamic batch dimension
     (dynamic_shapes={"x": {0: torch.export.Dim("batch")}}): the SNN folds time into the batch."""
     import io as _io
+
     try:
         program = torch.export.load(_io.BytesIO(data))
     except Exception as exc:
-        raise ConversionError(f"{what}: not a readable torch.export program ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt'})") from exc
+        raise ConversionError(
+            f"{what}: not a readable torch.export program ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'corrupt'})"
+        ) from exc
     batch = program.graph_module.graph.find_nodes(op="placeholder")
     user_inputs = [n for n in batch if n.name in program.graph_signature.user_inputs]
     if user_inputs and isinstance(user_inputs[0].meta.get("val"), torch.Tensor):
         size0 = user_inputs[0].meta["val"].shape[0]
         if isinstance(size0, int):
-            raise ConversionError(f"{what}: exported with a fixed batch size {size0}; export again with "
-                                  "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}")
+            raise ConversionError(
+                f"{what}: exported with a fixed batch size {size0}; export again with "
+                "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}"
+            )
     gm = program.module()
     for node in list(gm.graph.nodes):  # the input guards check the export-time shapes; T*N batches differ
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -168,8 +185,9 @@ def _drop_identity_nodes(model) -> None:
     model.graph.node.extend(keep)
 
 
-def load_model(source: str, weights: str | None = None, kwargs: dict | None = None,
-               trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+def load_model(
+    source: str, weights: str | None = None, kwargs: dict | None = None, trust_pickle: bool = False
+) -> tuple[nn.Module, dict]:
     """(model, source record) from a factory spec (+ weights file), an .onnx file or a .pt2 program."""
     if source.endswith(".onnx"):
         data = _need_file(source).read_bytes()
@@ -190,8 +208,9 @@ def _as_float(x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def load_data(path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_data(
+    path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inputs (and labels where the data has them) from .npy/.npz/.pt, an idx file, an MNIST folder or a
     folder of images (class subfolders give labels)."""
     path = Path(path)
@@ -222,8 +241,9 @@ def load_data(path: str | Path, labels: str | Path | None = None, trust_pickle: 
                 xk = next((k for k in ("x", "data", "images", "inputs") if k in obj), None)
                 yk = next((k for k in ("y", "labels", "targets") if k in obj), None)
                 if xk is None:
-                    raise ConversionError(f"{path}: expected a tensor or a dict with 'x' (and 'y'), found keys "
-                                          f"{list(obj)[:8]}")
+                    raise ConversionError(
+                        f"{path}: expected a tensor or a dict with 'x' (and 'y'), found keys {list(obj)[:8]}"
+                    )
                 x, y = _as_float(obj[xk], str(path)), torch.as_tensor(obj[yk]).long() if yk else None
             elif isinstance(obj, torch.Tensor):
                 x = _as_float(obj, str(path))
@@ -235,12 +255,16 @@ def load_data(path: str | Path, labels: str | Path | None = None, trust_pickle: 
             if x.dim() == 3:
                 x = x.unsqueeze(1)
         else:
-            raise ConversionError(f"{path}: unknown data format {path.suffix!r}; use .npy, .npz, .pt, an idx file "
-                                  "or a folder of images")
+            raise ConversionError(
+                f"{path}: unknown data format {path.suffix!r}; use .npy, .npz, .pt, an idx file or a folder of images"
+            )
     if labels is not None:
         lp = _need_file(labels)
-        y = torch.as_tensor(load_idx(lp).astype(np.int64)) if "idx" in lp.name else \
-            torch.as_tensor(np.load(lp, allow_pickle=False)).long()
+        y = (
+            torch.as_tensor(load_idx(lp).astype(np.int64))
+            if "idx" in lp.name
+            else torch.as_tensor(np.load(lp, allow_pickle=False)).long()
+        )
     if x.dim() < 2 or len(x) == 0:
         raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
     if y is not None and len(y) != len(x):
@@ -255,8 +279,11 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ConversionError("reading a folder of images needs Pillow: pip install pillow") from exc
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-    files = [(f, classes.index(d.name)) for d in path.iterdir() if d.is_dir() for f in sorted(d.iterdir())] \
-        if classes else [(f, None) for f in sorted(path.iterdir())]
+    files = (
+        [(f, classes.index(d.name)) for d in path.iterdir() if d.is_dir() for f in sorted(d.iterdir())]
+        if classes
+        else [(f, None) for f in sorted(path.iterdir())]
+    )
     files = [(f, c) for f, c in files if f.suffix.lower() in exts]
     if not files:
         raise ConversionError(f"{path}: no images ({', '.join(sorted(exts))}) found")

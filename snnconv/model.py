@@ -73,8 +73,10 @@ class SpikingModel(nn.Module):
         want = self.settings.input_ndim + (1 if time_major else 0)
         if x.dim() != want:
             layout = "[T, N, ...]" if time_major else "[N, ...]"
-            raise ConversionError(f"input has {x.dim()} dims {tuple(x.shape)}, expected {want} ({layout} as in "
-                                  "calibration); for a time-major input pass time_major=True")
+            raise ConversionError(
+                f"input has {x.dim()} dims {tuple(x.shape)}, expected {want} ({layout} as in "
+                "calibration); for a time-major input pass time_major=True"
+            )
         if not x.is_floating_point():
             raise ConversionError(f"input dtype {x.dtype} is not floating point; convert with x.float()")
         if not torch.isfinite(x).all():
@@ -92,8 +94,10 @@ class SpikingModel(nn.Module):
         if self.step_mode not in ("m", "s"):
             raise ConversionError(f"step_mode must be 'm' or 's', got {self.step_mode!r}")
         if self.step_mode == "s" and (time_major or per_step):
-            raise ConversionError("time_major and per_step apply to step_mode 'm'; in step mode 's' each call "
-                                  "takes one step's input [N, ...] and returns that step's output")
+            raise ConversionError(
+                "time_major and per_step apply to step_mode 'm'; in step mode 's' each call "
+                "takes one step's input [N, ...] and returns that step's output"
+            )
         self._check_input(x, time_major)
         with torch.no_grad():
             if self.step_mode == "s":  # neuron outputs live in reused buffers: hand out copies
@@ -106,7 +110,7 @@ class SpikingModel(nn.Module):
             total, outs = None, []
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
-                xin = x[t0:t0 + steps].flatten(0, 1) if time_major else x
+                xin = x[t0 : t0 + steps].flatten(0, 1) if time_major else x
                 y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self._run(xin, steps, not time_major))
                 if per_step:
                     outs.append(_map(torch.clone, y))
@@ -129,9 +133,11 @@ class SpikingModel(nn.Module):
 
     def conversion_state(self) -> dict:
         """Everything the conversion decided that is not a weight (JSON-able): T, options, thresholds."""
-        return {"settings": self.settings.to_dict(),
-                "thresholds": {k: v.tolist() for k, v in self.thresholds().items()},
-                "biases": {k: n.bias.tolist() for k, n in self.neurons().items() if n.bias is not None}}
+        return {
+            "settings": self.settings.to_dict(),
+            "thresholds": {k: v.tolist() for k, v in self.thresholds().items()},
+            "biases": {k: n.bias.tolist() for k, n in self.neurons().items() if n.bias is not None},
+        }
 
     def load_conversion_state(self, state: dict) -> None:
         neurons = self.neurons()
@@ -146,8 +152,7 @@ class SpikingModel(nn.Module):
         self.settings.clock.backend = s.clock.backend
         biases = state.get("biases", {})
         for name, n in neurons.items():
-            n.threshold = torch.tensor(state["thresholds"][name], dtype=torch.float32,
-                                       device=n.threshold.device)
+            n.threshold = torch.tensor(state["thresholds"][name], dtype=torch.float32, device=n.threshold.device)
             n.bias = torch.tensor(biases[name], dtype=torch.float32) if name in biases else None
 
     def extra_repr(self) -> str:

@@ -21,8 +21,9 @@ def neuron_table(snn: SpikingModel) -> str:
         if not isinstance(m, Neuron):
             continue
         th = m.threshold
-        th_text = f"{th.item():.4g}" if th.numel() == 1 else \
-            f"{th.numel()} ch, {th.min().item():.3g}..{th.max().item():.3g}"
+        th_text = (
+            f"{th.item():.4g}" if th.numel() == 1 else f"{th.numel()} ch, {th.min().item():.3g}..{th.max().item():.3g}"
+        )
         clip = "-" if m.clip is None else f"{m.clip:g}"
         static = " (static input)" if m.static_input else ""
         where = user_source_line(node.stack_trace, node.meta.get("snn_origin"))
@@ -40,8 +41,9 @@ def inspect(snn: SpikingModel, diffs: bool = True) -> str:
             if not diffs:
                 out.append(f"== after {name} ==")
                 continue
-            delta = list(difflib.unified_diff(before.strip().splitlines(), after.strip().splitlines(), lineterm="",
-                                              n=0))[2:]
+            delta = list(
+                difflib.unified_diff(before.strip().splitlines(), after.strip().splitlines(), lineterm="", n=0)
+            )[2:]
             out += [f"== {name}: {'no change' if not delta else f'{len(delta)} changed lines'} ==", *delta]
     out += ["== final graph ==", snn.graph_module.code.strip(), "", neuron_table(snn)]
     return "\n".join(out)

@@ -31,8 +31,14 @@ def _macs(module: nn.Module, out: torch.Tensor) -> float:
     return out.numel() * k
 
 
-def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256,
-             progress: bool = True, device: str | torch.device = "cpu") -> dict:
+def evaluate(
+    snn: SpikingModel,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    batch: int = 256,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Run `snn` for snn.T steps on x (and the ANN on it), batch by batch on `device`; returns accuracies
     by T, firing rates and op counts."""
     snn.to(device)
@@ -58,6 +64,7 @@ def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, 
             if state["mode"] == "snn":
                 spikes[name] += (o != 0).sum()
                 sizes[name] += o.numel()
+
         return hook
 
     hooks = [m.register_forward_hook(on_compute) for m in compute]
@@ -75,9 +82,14 @@ def evaluate(snn: SpikingModel, x: torch.Tensor, y: torch.Tensor | None = None, 
         for h in hooks:
             h.remove()
     n = len(x)
-    result = {"T": T, "samples": n, "firing_rates": {k: float(spikes[k]) / max(sizes[k], 1) for k in neurons},
-              "ann_macs": counts["ann_macs"] / n, "snn_acs": float(counts["snn_acs"]) / n,
-              "snn_macs": counts["snn_macs"] / n}
+    result = {
+        "T": T,
+        "samples": n,
+        "firing_rates": {k: float(spikes[k]) / max(sizes[k], 1) for k in neurons},
+        "ann_macs": counts["ann_macs"] / n,
+        "snn_acs": float(counts["snn_acs"]) / n,
+        "snn_macs": counts["snn_macs"] / n,
+    }
     result["ann_energy_uj"] = result["ann_macs"] * E_MAC_PJ * 1e-6
     result["snn_energy_uj"] = (result["snn_acs"] * E_AC_PJ + result["snn_macs"] * E_MAC_PJ) * 1e-6
     if y is not None:
@@ -91,15 +103,21 @@ def format_report(r: dict) -> str:
     lines = []
     if "accuracy_by_T" in r:
         ts = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= r["T"]} | {r["T"]})
-        lines += [f"accuracy on {r['samples']} samples (ANN: {r['ann_accuracy']:.2f}%)",
-                  "  " + "".join(f"{'T=' + str(t):>9}" for t in ts),
-                  "  " + "".join(f"{r['accuracy_by_T'][t - 1]:9.2f}" for t in ts), ""]
+        lines += [
+            f"accuracy on {r['samples']} samples (ANN: {r['ann_accuracy']:.2f}%)",
+            "  " + "".join(f"{'T=' + str(t):>9}" for t in ts),
+            "  " + "".join(f"{r['accuracy_by_T'][t - 1]:9.2f}" for t in ts),
+            "",
+        ]
     lines.append(f"firing rates (spikes per neuron per step, T={r['T']}):")
     for name, rate in r["firing_rates"].items():
         lines.append(f"  {name:<32}{rate:8.4f}")
-    lines += ["", "operations per sample:",
-              f"  ANN:  {r['ann_macs'] / 1e6:10.2f} M MACs                      -> {r['ann_energy_uj']:.3f} uJ",
-              f"  SNN:  {r['snn_acs'] / 1e6:10.2f} M ACs + {r['snn_macs'] / 1e6:8.2f} M MACs over T={r['T']}"
-              f" -> {r['snn_energy_uj']:.3f} uJ",
-              f"  energy constants: {E_MAC_PJ} pJ/MAC, {E_AC_PJ} pJ/AC (45 nm, Horowitz 2014)"]
+    lines += [
+        "",
+        "operations per sample:",
+        f"  ANN:  {r['ann_macs'] / 1e6:10.2f} M MACs                      -> {r['ann_energy_uj']:.3f} uJ",
+        f"  SNN:  {r['snn_acs'] / 1e6:10.2f} M ACs + {r['snn_macs'] / 1e6:8.2f} M MACs over T={r['T']}"
+        f" -> {r['snn_energy_uj']:.3f} uJ",
+        f"  energy constants: {E_MAC_PJ} pJ/MAC, {E_AC_PJ} pJ/AC (45 nm, Horowitz 2014)",
+    ]
     return "\n".join(lines)

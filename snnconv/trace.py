@@ -22,43 +22,159 @@ from snnconv.qcfs import QCFS
 CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_LINEAR_MODULES = CONV_LINEAR + BATCHNORM + (
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.ChannelShuffle)
+_LINEAR_MODULES = (
+    CONV_LINEAR
+    + BATCHNORM
+    + (
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.Flatten,
+        nn.Unflatten,
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.ZeroPad2d,
+        nn.ConstantPad1d,
+        nn.ConstantPad2d,
+        nn.ConstantPad3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.ChannelShuffle,
+    )
+)
 _LINEAR_FUNCTIONS = {
-    F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten, torch.cat,
-    torch.concat, torch.add, torch.sub, operator.add, operator.sub, operator.iadd, operator.neg,
-    operator.getitem, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.transpose, torch.chunk,
-    torch.split, torch.unsqueeze, torch.squeeze, torch.reshape, torch.permute, F.pad, torch.channel_shuffle,
-    getattr(F, "channel_shuffle", torch.channel_shuffle), torch.mean,
-    operator.mul, operator.truediv, torch.mul, torch.div,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.linear,
+    F.batch_norm,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    torch.flatten,
+    torch.cat,
+    torch.concat,
+    torch.add,
+    torch.sub,
+    operator.add,
+    operator.sub,
+    operator.iadd,
+    operator.neg,
+    operator.getitem,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    torch.transpose,
+    torch.chunk,
+    torch.split,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.reshape,
+    torch.permute,
+    F.pad,
+    torch.channel_shuffle,
+    getattr(F, "channel_shuffle", torch.channel_shuffle),
+    torch.mean,
+    operator.mul,
+    operator.truediv,
+    torch.mul,
+    torch.div,
 }
-_LINEAR_METHODS = {"view", "reshape", "flatten", "add", "add_", "sub", "contiguous", "transpose", "permute",
-                   "chunk", "split", "unsqueeze", "squeeze", "mean", "mul", "div", "__getitem__", "neg",
-                   "view_as", "reshape_as", "expand_as"}
+_LINEAR_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "add",
+    "add_",
+    "sub",
+    "contiguous",
+    "transpose",
+    "permute",
+    "chunk",
+    "split",
+    "unsqueeze",
+    "squeeze",
+    "mean",
+    "mul",
+    "div",
+    "__getitem__",
+    "neg",
+    "view_as",
+    "reshape_as",
+    "expand_as",
+}
 _VALUE_METHODS = {"size", "dim", "numel", "__len__"}
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, QCFS)
-_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh, F.hardtanh_,
-                  torch.clamp, torch.clip, torch.clamp_min}
+_ACT_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu_,
+    torch.relu_,
+    F.relu6,
+    F.hardtanh,
+    F.hardtanh_,
+    torch.clamp,
+    torch.clip,
+    torch.clamp_min,
+}
 _ACT_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
 _MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 
 # torch.export programs (.pt2) arrive as aten-level graphs: the same ops, as OpOverloads
 _aten = torch.ops.aten
 _LINEAR_FUNCTIONS |= {
-    _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.linear.default,
-    _aten.batch_norm.default, _aten.avg_pool1d.default, _aten.avg_pool2d.default, _aten.avg_pool3d.default,
-    _aten.adaptive_avg_pool1d.default, _aten.adaptive_avg_pool2d.default, _aten.adaptive_avg_pool3d.default,
-    _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default, _aten.add.Tensor, _aten.add_.Tensor,
-    _aten.sub.Tensor, _aten.cat.default, _aten.dropout.default, _aten.clone.default, _aten.mul.Tensor,
-    _aten.div.Tensor, _aten.permute.default, _aten.transpose.int, _aten.unsqueeze.default, _aten.squeeze.dim,
-    _aten.mean.dim, _aten.chunk.default, _aten.split.Tensor, _aten.contiguous.default, _aten.slice.Tensor,
+    _aten.conv1d.default,
+    _aten.conv2d.default,
+    _aten.conv3d.default,
+    _aten.linear.default,
+    _aten.batch_norm.default,
+    _aten.avg_pool1d.default,
+    _aten.avg_pool2d.default,
+    _aten.avg_pool3d.default,
+    _aten.adaptive_avg_pool1d.default,
+    _aten.adaptive_avg_pool2d.default,
+    _aten.adaptive_avg_pool3d.default,
+    _aten.flatten.using_ints,
+    _aten.view.default,
+    _aten.reshape.default,
+    _aten.add.Tensor,
+    _aten.add_.Tensor,
+    _aten.sub.Tensor,
+    _aten.cat.default,
+    _aten.dropout.default,
+    _aten.clone.default,
+    _aten.mul.Tensor,
+    _aten.div.Tensor,
+    _aten.permute.default,
+    _aten.transpose.int,
+    _aten.unsqueeze.default,
+    _aten.squeeze.dim,
+    _aten.mean.dim,
+    _aten.chunk.default,
+    _aten.split.Tensor,
+    _aten.contiguous.default,
+    _aten.slice.Tensor,
 }
-_ACT_FUNCTIONS |= {_aten.relu.default, _aten.relu_.default, _aten.hardtanh.default, _aten.hardtanh_.default,
-                   _aten.clamp.default, _aten.clamp_min.default}
+_ACT_FUNCTIONS |= {
+    _aten.relu.default,
+    _aten.relu_.default,
+    _aten.hardtanh.default,
+    _aten.hardtanh_.default,
+    _aten.clamp.default,
+    _aten.clamp_min.default,
+}
 _MAXPOOL_FUNCTIONS |= {_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_pool3d.default}
 _VALUE_FUNCTIONS = {_aten.sym_size.int}
 
@@ -70,7 +186,7 @@ _HINTS = {
     "hardswish": "Hardswish multiplies the input by a gate: retrain with nn.ReLU",
     "hardsigmoid": "Hardsigmoid gates are multiplicative: retrain with nn.ReLU",
     "softmax": "softmax over a time-varying input differs from softmax of the rate; drop it from the "
-               "model (argmax is unchanged) and apply it to snn(x) afterwards",
+    "model (argmax is unchanged) and apply it to snn(x) afterwards",
     "layer_norm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
     "layernorm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
     "mul": "product of two time-varying tensors (gating): a spiking network cannot multiply rates",
@@ -107,10 +223,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as exc:
         where = frame_of(exc)
-        fix = ("move data-dependent Python control flow (if/for on tensor values) out of forward(), "
-               "or into a submodule that contains no activation and mark it a leaf")
-        raise ConversionError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
-                              f"  at {where}\n  fix: {fix}") from exc
+        fix = (
+            "move data-dependent Python control flow (if/for on tensor values) out of forward(), "
+            "or into a submodule that contains no activation and mark it a leaf"
+        )
+        raise ConversionError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}\n  at {where}\n  fix: {fix}"
+        ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -131,8 +250,16 @@ def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | No
         if isinstance(m, nn.Hardtanh):
             return m.min_val == 0, float(m.max_val)
         return isinstance(m, nn.ReLU), None
-    if node.target in (F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_", _aten.relu.default,
-                       _aten.relu_.default):
+    if node.target in (
+        F.relu,
+        torch.relu,
+        F.relu_,
+        torch.relu_,
+        "relu",
+        "relu_",
+        _aten.relu.default,
+        _aten.relu_.default,
+    ):
         return True, None
     if node.target is F.relu6:
         return True, 6.0
@@ -189,8 +316,10 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     if t in _MAXPOOL_FUNCTIONS:
         ok = _plain_pool(_arg(node, 6, "return_indices", False), _arg(node, 4, "dilation", 1))
         return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
-    if t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", _aten.mul.Tensor,
-             _aten.div.Tensor) and len(tensor_inputs) > 1:
+    if (
+        t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", _aten.mul.Tensor, _aten.div.Tensor)
+        and len(tensor_inputs) > 1
+    ):
         return None, _HINTS["mul"]
     if t in (torch.mean, "mean", _aten.mean.dim):
         dims = _arg(node, 1, "dim")
@@ -242,8 +371,11 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
         kind, reason = _classify(node, gm)
         if kind is None:
             problems.append(f"  - {describe(node)}\n      why: {reason}")
-            op = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
-                getattr(node.target, "__name__", str(node.target))
+            op = (
+                type(gm.get_submodule(node.target)).__name__
+                if node.op == "call_module"
+                else getattr(node.target, "__name__", str(node.target))
+            )
             counts[op] = counts.get(op, 0) + 1
             kind = "linear"
         node.meta["snn_kind"] = kind
@@ -253,5 +385,6 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
             f"{type(gm).__name__}: {len(problems)} op(s) cannot be converted to a spiking network ({summary}):\n"
             + "\n".join(problems)
             + "\n  fix: replace them with supported ops (ReLU-like activations, conv/linear/BN, "
-            "avg/max pooling, add, cat, flatten/view) or retrain without them")
+            "avg/max pooling, add, cat, flatten/view) or retrain without them"
+        )
     return gm

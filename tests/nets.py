@@ -55,8 +55,10 @@ def notebook_net(seed: int = 0, C: int = 8) -> nn.Module:
 def record_spikes(snn, run):
     """(what run() returns, every neuron's outputs over all its calls during run(), concatenated)."""
     rec = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
-             for n, m in snn.neurons().items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
+        for n, m in snn.neurons().items()
+    ]
     try:
         y = run()
     finally:

@@ -50,6 +50,7 @@ def work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("tvstyle", None)
     import tvstyle
+
     torch.manual_seed(0)
     model = tvstyle.tiny_resnet().eval()
     with torch.no_grad():
@@ -67,19 +68,36 @@ def _files(d):
 
 def test_convert_run_export_onnxruntime(work, capsys):
     d, model = work
-    assert main(["convert", "tvstyle:tiny_resnet", "--weights", "w.pth", "--calib", "calib.npy", "--T", "6",
-                 "-o", "snn.safetensors"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tvstyle:tiny_resnet",
+                "--weights",
+                "w.pth",
+                "--calib",
+                "calib.npy",
+                "--T",
+                "6",
+                "-o",
+                "snn.safetensors",
+            ]
+        )
+        == 0
+    )
     assert main(["run", "snn.safetensors", "--data", "test.pt", "--T", "8"]) == 0
     out = capsys.readouterr().out
     assert "accuracy on 40 samples" in out and "firing rates" in out and "pJ/MAC" in out and "T=8" in out
     assert main(["export", "snn.safetensors", "-o", "snn.onnx", "--batch", "5"]) == 0
     import onnxruntime as ort
+
     snn = snnconv.load(d / "snn.safetensors")
     x = torch.rand(5, 1, 8, 8)
     y_ort = ort.InferenceSession(str(d / "snn.onnx")).run(None, {"x": x.numpy()})[0]
     assert np.allclose(y_ort, snn(x).numpy(), atol=1e-5)
     # the saved weights load strictly into the plain ANN, and equal the input weights
     from safetensors.torch import load_file
+
     plain = type(model)()
     plain.load_state_dict(load_file(str(d / "snn.safetensors")), strict=True)
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -88,8 +106,25 @@ def test_convert_run_export_onnxruntime(work, capsys):
 def test_skip_pass_is_recorded_and_honoured(work):
     """--skip-pass leaves a pass out of the conversion, and the checkpoint rebuilds without it."""
     d, _ = work
-    assert main(["convert", "tvstyle:tiny_resnet", "--weights", "w.pth", "--calib", "calib.npy", "-o", "a.safetensors",
-                 "--skip-pass", "integer_spikes", "--skip-pass", "inplace_add"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "tvstyle:tiny_resnet",
+                "--weights",
+                "w.pth",
+                "--calib",
+                "calib.npy",
+                "-o",
+                "a.safetensors",
+                "--skip-pass",
+                "integer_spikes",
+                "--skip-pass",
+                "inplace_add",
+            ]
+        )
+        == 0
+    )
     snn = snnconv.load(d / "a.safetensors")
     names = [n for n, _ in snn.pass_log]
     assert "integer_spikes" not in names and "inplace_add" not in names and "fold_batchnorm" in names
@@ -111,8 +146,15 @@ def test_onnx_file_convert_and_run(work, capsys):
     pytest.importorskip("onnx2torch")
     d, model = work
     buf = io.BytesIO()
-    torch.onnx.export(model, (torch.rand(2, 1, 8, 8),), buf, dynamo=False, opset_version=17, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        model,
+        (torch.rand(2, 1, 8, 8),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
     (d / "m.onnx").write_bytes(buf.getvalue())
     assert main(["convert", "m.onnx", "--calib", "calib.npy", "--T", "16", "-o", "o.safetensors"]) == 0
     assert main(["run", "o.safetensors", "--data", "test.pt"]) == 0
@@ -146,9 +188,13 @@ def test_console_script_error_is_one_line(work):
     exe = os.path.join(os.path.dirname(sys.executable), "snnconv")
     if not os.path.exists(exe):
         pytest.skip("console script not installed")
-    proc = subprocess.run([exe, "convert", "tvstyle:tiny_resnet", "--weights", "nope.pth", "--calib", "calib.npy",
-                           "-o", "x.safetensors"], capture_output=True, text=True, cwd=d,
-                          env={**os.environ, "PYTHONPATH": str(d)})
+    proc = subprocess.run(
+        [exe, "convert", "tvstyle:tiny_resnet", "--weights", "nope.pth", "--calib", "calib.npy", "-o", "x.safetensors"],
+        capture_output=True,
+        text=True,
+        cwd=d,
+        env={**os.environ, "PYTHONPATH": str(d)},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.pth: no such file" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -161,6 +207,7 @@ class Evil:
 
 def _bad_inputs(d):
     """(name, prepare, argv, fragment of the error)."""
+
     def write(name, data):
         (d / name).write_bytes(data) if isinstance(data, bytes) else (d / name).write_text(data)
 
@@ -168,67 +215,149 @@ def _bad_inputs(d):
     conv = ["convert", "tvstyle:tiny_resnet", "--weights"]
     cases = [
         ("missing weights", None, [*conv, "missing.pth", *good], "missing.pth: no such file"),
-        ("corrupt weights", lambda: write("bad.pth", b"garbage" + os.urandom(300)), [*conv, "bad.pth", *good],
-         "not a readable"),
-        ("truncated weights", lambda: write("trunc.pth", (d / "w.pth").read_bytes()[:500]),
-         [*conv, "trunc.pth", *good], "not a readable"),
-        ("wrong keys", lambda: torch.save({"a.weight": torch.zeros(2)}, d / "wk.pth"), [*conv, "wk.pth", *good],
-         "missing keys"),
+        (
+            "corrupt weights",
+            lambda: write("bad.pth", b"garbage" + os.urandom(300)),
+            [*conv, "bad.pth", *good],
+            "not a readable",
+        ),
+        (
+            "truncated weights",
+            lambda: write("trunc.pth", (d / "w.pth").read_bytes()[:500]),
+            [*conv, "trunc.pth", *good],
+            "not a readable",
+        ),
+        (
+            "wrong keys",
+            lambda: torch.save({"a.weight": torch.zeros(2)}, d / "wk.pth"),
+            [*conv, "wk.pth", *good],
+            "missing keys",
+        ),
         ("shape mismatch", None, [*conv, "w.pth", "--kwargs", '{"num_classes": 5}', *good], "has shape"),
         ("unknown factory module", None, ["convert", "nosuchpkg.models:net", *good], "cannot import"),
         ("unknown factory function", None, ["convert", "tvstyle:nothing", *good], "no callable"),
         ("factory without colon", None, ["convert", "tvstyle.tiny_resnet", *good], "must look like"),
         ("bad kwargs json", None, [*conv, "w.pth", "--kwargs", "{num:", *good], "--kwargs must be"),
-        ("pickle running code", lambda: write("evil.pth", pickle.dumps(Evil())), [*conv, "evil.pth", *good],
-         "refusing to unpickle"),
-        ("NaN calibration", lambda: np.save(d / "nan.npy", np.full((4, 1, 8, 8), np.nan, np.float32)),
-         [*conv, "w.pth", "--calib", "nan.npy", "-o", "out.safetensors"], "NaN"),
-        ("Inf calibration", lambda: np.save(d / "inf.npy", np.full((4, 1, 8, 8), np.inf, np.float32)),
-         [*conv, "w.pth", "--calib", "inf.npy", "-o", "out.safetensors"], "NaN or Inf"),
-        ("missing calibration", None, [*conv, "w.pth", "--calib", "none.npy", "-o", "out.safetensors"],
-         "none.npy: no such file"),
-        ("object npy", lambda: np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
-         [*conv, "w.pth", "--calib", "obj.npy", "-o", "out.safetensors"], "not a plain .npy"),
-        ("empty calibration", lambda: np.save(d / "empty.npy", np.zeros((0, 1, 8, 8), np.float32)),
-         [*conv, "w.pth", "--calib", "empty.npy", "-o", "out.safetensors"], "N > 0"),
-        ("unknown data format", lambda: write("c.csv", "1,2,3"), [*conv, "w.pth", "--calib", "c.csv", "-o",
-                                                                   "out.safetensors"], "unknown data format"),
-        ("truncated idx", lambda: write("t-images-idx3-ubyte.gz", gzip.compress(
-            b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (8).to_bytes(4, "big") * 2 + b"\x00" * 100)),
-         [*conv, "w.pth", "--calib", "t-images-idx3-ubyte.gz", "-o", "out.safetensors"], "truncated"),
+        (
+            "pickle running code",
+            lambda: write("evil.pth", pickle.dumps(Evil())),
+            [*conv, "evil.pth", *good],
+            "refusing to unpickle",
+        ),
+        (
+            "NaN calibration",
+            lambda: np.save(d / "nan.npy", np.full((4, 1, 8, 8), np.nan, np.float32)),
+            [*conv, "w.pth", "--calib", "nan.npy", "-o", "out.safetensors"],
+            "NaN",
+        ),
+        (
+            "Inf calibration",
+            lambda: np.save(d / "inf.npy", np.full((4, 1, 8, 8), np.inf, np.float32)),
+            [*conv, "w.pth", "--calib", "inf.npy", "-o", "out.safetensors"],
+            "NaN or Inf",
+        ),
+        (
+            "missing calibration",
+            None,
+            [*conv, "w.pth", "--calib", "none.npy", "-o", "out.safetensors"],
+            "none.npy: no such file",
+        ),
+        (
+            "object npy",
+            lambda: np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+            [*conv, "w.pth", "--calib", "obj.npy", "-o", "out.safetensors"],
+            "not a plain .npy",
+        ),
+        (
+            "empty calibration",
+            lambda: np.save(d / "empty.npy", np.zeros((0, 1, 8, 8), np.float32)),
+            [*conv, "w.pth", "--calib", "empty.npy", "-o", "out.safetensors"],
+            "N > 0",
+        ),
+        (
+            "unknown data format",
+            lambda: write("c.csv", "1,2,3"),
+            [*conv, "w.pth", "--calib", "c.csv", "-o", "out.safetensors"],
+            "unknown data format",
+        ),
+        (
+            "truncated idx",
+            lambda: write(
+                "t-images-idx3-ubyte.gz",
+                gzip.compress(
+                    b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (8).to_bytes(4, "big") * 2 + b"\x00" * 100
+                ),
+            ),
+            [*conv, "w.pth", "--calib", "t-images-idx3-ubyte.gz", "-o", "out.safetensors"],
+            "truncated",
+        ),
         ("T zero", None, [*conv, "w.pth", "--T", "0", *good], "--T must be a positive"),
         ("T negative", None, [*conv, "w.pth", "--T", "-4", *good], "--T must be a positive"),
         ("output is input", None, [*conv, "w.pth", "--calib", "calib.npy", "-o", "w.pth"], "is also an input"),
-        ("output folder missing", None, [*conv, "w.pth", "--calib", "calib.npy", "-o", "no/dir/o.safetensors"],
-         "does not exist"),
+        (
+            "output folder missing",
+            None,
+            [*conv, "w.pth", "--calib", "calib.npy", "-o", "no/dir/o.safetensors"],
+            "does not exist",
+        ),
         ("no calibration", None, [*conv, "w.pth", "-o", "out.safetensors"], "no calibration data"),
-        ("corrupt onnx", lambda: write("bad.onnx", b"garbage" + os.urandom(200)), ["convert", "bad.onnx", *good],
-         "not a valid ONNX"),
+        (
+            "corrupt onnx",
+            lambda: write("bad.onnx", b"garbage" + os.urandom(200)),
+            ["convert", "bad.onnx", *good],
+            "not a valid ONNX",
+        ),
         ("unsupported op", None, ["convert", "tvstyle:sigmoid_net", *good], "cannot be converted"),
         ("unknown pass", None, [*conv, "w.pth", "--skip-pass", "fold_bn", *good], "not an optional pass"),
-        ("corrupt checkpoint", lambda: write("bad.safetensors", b"garbage" + os.urandom(100)),
-         ["run", "bad.safetensors", "--data", "test.pt"], "not a readable snnconv checkpoint"),
-        ("plain weights as checkpoint", lambda: __import__("safetensors.torch").torch.save_file(
-            {"a": torch.zeros(2)}, str(d / "plain.safetensors")), ["run", "plain.safetensors", "--data", "test.pt"],
-         "not an snnconv checkpoint"),
+        (
+            "corrupt checkpoint",
+            lambda: write("bad.safetensors", b"garbage" + os.urandom(100)),
+            ["run", "bad.safetensors", "--data", "test.pt"],
+            "not a readable snnconv checkpoint",
+        ),
+        (
+            "plain weights as checkpoint",
+            lambda: __import__("safetensors.torch").torch.save_file(
+                {"a": torch.zeros(2)}, str(d / "plain.safetensors")
+            ),
+            ["run", "plain.safetensors", "--data", "test.pt"],
+            "not an snnconv checkpoint",
+        ),
     ]
     return cases
 
 
 def _make_checkpoint(d):
-    assert main(["convert", "tvstyle:tiny_resnet", "--weights", "w.pth", "--calib", "calib.npy", "-o",
-                 "ok.safetensors"]) == 0
+    assert (
+        main(["convert", "tvstyle:tiny_resnet", "--weights", "w.pth", "--calib", "calib.npy", "-o", "ok.safetensors"])
+        == 0
+    )
 
 
 RUN_CASES = [
-    ("data shape mismatch", lambda d: np.save(d / "wrong.npy", np.zeros((3, 1, 9, 9), np.float32)),
-     ["run", "ok.safetensors", "--data", "wrong.npy"], "data samples have shape"),
-    ("label count mismatch", lambda d: np.save(d / "lab.npy", np.zeros(3, np.int64)),
-     ["run", "ok.safetensors", "--data", "calib.npy", "--labels", "lab.npy"], "64 inputs but 3 labels"),
+    (
+        "data shape mismatch",
+        lambda d: np.save(d / "wrong.npy", np.zeros((3, 1, 9, 9), np.float32)),
+        ["run", "ok.safetensors", "--data", "wrong.npy"],
+        "data samples have shape",
+    ),
+    (
+        "label count mismatch",
+        lambda d: np.save(d / "lab.npy", np.zeros(3, np.int64)),
+        ["run", "ok.safetensors", "--data", "calib.npy", "--labels", "lab.npy"],
+        "64 inputs but 3 labels",
+    ),
     ("batch zero", None, ["run", "ok.safetensors", "--data", "test.pt", "--batch", "0"], "--batch must be"),
-    pytest.param(("cuda without a GPU", None, ["run", "ok.safetensors", "--data", "test.pt", "--device", "cuda"],
-                  "no CUDA device"), marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"),
-                 id="cuda without a GPU"),
+    pytest.param(
+        (
+            "cuda without a GPU",
+            None,
+            ["run", "ok.safetensors", "--data", "test.pt", "--device", "cuda"],
+            "no CUDA device",
+        ),
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"),
+        id="cuda without a GPU",
+    ),
     ("export over checkpoint", None, ["export", "ok.safetensors", "-o", "ok.safetensors"], "is also an input"),
 ]
 
@@ -271,10 +400,28 @@ def test_bad_run_inputs(work, capsys, case):
 def test_trust_pickle_flag_allows_full_checkpoints(work):
     d, model = work
     torch.save(model, d / "whole.pth")  # a pickled module, not a state_dict
-    assert main(["convert", "tvstyle:tiny_resnet", "--weights", "whole.pth", "--calib", "calib.npy",
-                 "-o", "o1.safetensors"]) == 2
-    assert main(["convert", "tvstyle:tiny_resnet", "--weights", "whole.pth", "--calib", "calib.npy",
-                 "-o", "o2.safetensors", "--trust-pickle"]) == 0
+    assert (
+        main(
+            ["convert", "tvstyle:tiny_resnet", "--weights", "whole.pth", "--calib", "calib.npy", "-o", "o1.safetensors"]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "convert",
+                "tvstyle:tiny_resnet",
+                "--weights",
+                "whole.pth",
+                "--calib",
+                "calib.npy",
+                "-o",
+                "o2.safetensors",
+                "--trust-pickle",
+            ]
+        )
+        == 0
+    )
 
 
 def test_inspect_lists_rejected_ops(work, capsys):

@@ -115,14 +115,36 @@ def test_time_major_input_and_per_step_output():
     assert torch.allclose(snn(x), direct.mean(0), atol=1e-6)
 
 
-@pytest.mark.parametrize("form", ["module", "module_inplace", "F.relu", "torch.relu", "method", "method_", "relu6",
-                                  "hardtanh", "clamp", "clamp_max", "F.relu_inplace"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "module",
+        "module_inplace",
+        "F.relu",
+        "torch.relu",
+        "method",
+        "method_",
+        "relu6",
+        "hardtanh",
+        "clamp",
+        "clamp_max",
+        "F.relu_inplace",
+    ],
+)
 def test_relu_forms_become_neurons(form):
     acts = {
-        "module": nn.ReLU(), "module_inplace": nn.ReLU(inplace=True), "F.relu": F.relu, "torch.relu": torch.relu,
-        "method": lambda x: x.relu(), "method_": lambda x: x.relu_(), "relu6": nn.ReLU6(),
-        "hardtanh": nn.Hardtanh(0.0, 2.0), "clamp": lambda x: torch.clamp(x, min=0),
-        "clamp_max": lambda x: x.clamp(0, 1.5), "F.relu_inplace": lambda x: F.relu(x, inplace=True)}
+        "module": nn.ReLU(),
+        "module_inplace": nn.ReLU(inplace=True),
+        "F.relu": F.relu,
+        "torch.relu": torch.relu,
+        "method": lambda x: x.relu(),
+        "method_": lambda x: x.relu_(),
+        "relu6": nn.ReLU6(),
+        "hardtanh": nn.Hardtanh(0.0, 2.0),
+        "clamp": lambda x: torch.clamp(x, min=0),
+        "clamp_max": lambda x: x.clamp(0, 1.5),
+        "F.relu_inplace": lambda x: F.relu(x, inplace=True),
+    }
     act = acts[form]
 
     class Net(nn.Module):
@@ -173,8 +195,16 @@ def test_view_flatten_reshape_mean_forms():
 def test_maxpool_moves_before_the_neuron_and_converges():
     """maxpool(relu(x)) converts as neuron(maxpool(x)): pooling currents, not spikes."""
     torch.manual_seed(0)
-    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    ).eval()
     x = torch.rand(64, 1, 16, 16)
     snn = snnconv.convert(ann, T=64, calib=x)
     for node in snn.graph_module.graph.nodes:
@@ -199,8 +229,9 @@ def test_spike_maxpool_running_sum_is_exact():
     # alternating inputs: the per-step max would report 1.0, the max of the averages is 0.5
     alt = torch.zeros(10, 1, 1, 1, 2, dtype=torch.float64)
     alt[0::2, ..., 0], alt[1::2, ..., 1] = 1.0, 1.0
-    pool1 = SpikeMaxPool(clock, {"kernel_size": (1, 2), "stride": (1, 2), "padding": 0, "dilation": 1,
-                                 "ceil_mode": False}, 2)
+    pool1 = SpikeMaxPool(
+        clock, {"kernel_size": (1, 2), "stride": (1, 2), "padding": 0, "dilation": 1, "ceil_mode": False}, 2
+    )
     assert pool1(alt.flatten(0, 1)).sum().item() == 5.0
     assert F.max_pool2d(alt.flatten(0, 1), (1, 2)).sum().item() == 10.0
 
@@ -211,6 +242,7 @@ def test_conversion_state_roundtrip():
     snn = snnconv.convert(ann, T=5, calib=x, per_channel=True)
     state = snn.conversion_state()
     import json
+
     state = json.loads(json.dumps(state))
     other = snnconv.convert(ann, T=9, calib=torch.rand(16, 3, 16, 16) * 3)
     assert not torch.allclose(other(x), snn(x))

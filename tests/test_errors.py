@@ -21,6 +21,7 @@ def _net(body):
 
         def forward(self, x):
             return body(self, self.fc(x))
+
     return Net().eval()
 
 
@@ -49,8 +50,8 @@ def test_unsupported_op_names_node_and_line(case):
         snnconv.convert(_net(body), T=4, calib=torch.randn(8, 4))
     msg = str(info.value)
     assert op in msg, msg
-    assert re.search(r"%\w+ : \[num_users=\d+\] = call_", msg), msg          # the graph node
-    assert "test_errors.py" in msg and "line" in msg, msg                      # the user's source line
+    assert re.search(r"%\w+ : \[num_users=\d+\] = call_", msg), msg  # the graph node
+    assert "test_errors.py" in msg and "line" in msg, msg  # the user's source line
     assert "fix:" in msg
 
 
@@ -79,18 +80,21 @@ def test_data_dependent_control_flow():
     assert "cannot trace" in msg and "if h.sum() > 0" in msg and "test_errors.py" in msg and "fix:" in msg
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    ({"T": 0}, "T must be a positive integer"),
-    ({"T": 2.5}, "T must be a positive integer"),
-    ({"neuron": "izhikevich"}, "neuron must be"),
-    ({"reset": "none"}, "reset must be"),
-    ({"method": "mean"}, "method must be"),
-    ({"percentile": 150}, "percentile"),
-    ({"backend": "triton"}, "backend must be"),
-    ({"v_init": 2}, "v_init"),
-    ({"passes": ["no_such_pass"]}, "unknown passes"),
-    ({"threshold": -1.0}, "threshold must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"T": 0}, "T must be a positive integer"),
+        ({"T": 2.5}, "T must be a positive integer"),
+        ({"neuron": "izhikevich"}, "neuron must be"),
+        ({"reset": "none"}, "reset must be"),
+        ({"method": "mean"}, "method must be"),
+        ({"percentile": 150}, "percentile"),
+        ({"backend": "triton"}, "backend must be"),
+        ({"v_init": 2}, "v_init"),
+        ({"passes": ["no_such_pass"]}, "unknown passes"),
+        ({"threshold": -1.0}, "threshold must be"),
+    ],
+)
 def test_bad_options(kwargs, fragment):
     kwargs = {"T": 4, **kwargs}
     with pytest.raises(ConversionError, match=fragment):

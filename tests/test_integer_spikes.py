@@ -16,8 +16,9 @@ from snnconv import passes
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.modules import Clock, Neuron, NeuronConfig
 
-needs_int8 = pytest.mark.skipif(not int8.available(),
-                                reason="oneDNN int8 convolution missing or inexact here (no VNNI)")
+needs_int8 = pytest.mark.skipif(
+    not int8.available(), reason="oneDNN int8 convolution missing or inexact here (no VNNI)"
+)
 FLOAT32_PASSES = sorted(passes.OPTIONAL - {"integer_spikes"})
 
 
@@ -40,8 +41,12 @@ def test_fold_input_scale_matches_scaled_input():
     w, x = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=g), torch.rand(2, 4, 7, 7, dtype=torch.float64)
     for theta in (torch.tensor(0.7, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1):
         scaled = x * (theta.view(1, -1, 1, 1) if theta.dim() else theta)
-        assert torch.allclose(F.conv2d(x, int8.fold_input_scale(w, theta), padding=1),
-                              F.conv2d(scaled, w, padding=1), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(
+            F.conv2d(x, int8.fold_input_scale(w, theta), padding=1),
+            F.conv2d(scaled, w, padding=1),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 def test_fold_input_scale_for_flattened_maps():
@@ -56,7 +61,7 @@ def test_fold_input_scale_for_flattened_maps():
 def test_supports_linear_and_plain_wide_kernels():
     assert int8.supports(nn.Linear(4, 8)) and not int8.supports(nn.Linear(4, 8).double())
     assert int8.supports(nn.Conv2d(4, 8, 3, padding=1, stride=2))
-    assert not int8.supports(nn.Conv2d(4, 8, 1))                     # 1x1: float32 is as fast
+    assert not int8.supports(nn.Conv2d(4, 8, 1))  # 1x1: float32 is as fast
     assert not int8.supports(nn.Conv2d(4, 8, 3, groups=2))
     assert not int8.supports(nn.Conv2d(4, 8, 3, padding="same"))
     assert not int8.supports(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"))
@@ -71,8 +76,15 @@ def _spike_layer(conv: nn.Module, theta: torch.Tensor) -> int8.SpikeLayer:
 
 
 @needs_int8
-@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=1), dict(padding=(0, 2), dilation=2),
-                                      dict(kernel_size=(1, 3), padding=(0, 1), bias=False)])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(padding=1),
+        dict(stride=2, padding=1),
+        dict(padding=(0, 2), dilation=2),
+        dict(kernel_size=(1, 3), padding=(0, 1), bias=False),
+    ],
+)
 def test_spike_conv_within_its_error_bound(geometry):
     """Against float64: each output is off by at most (active inputs) x s/2 (the weights' rounding)
     plus float32 rounding of the result."""
@@ -82,11 +94,23 @@ def test_spike_conv_within_its_error_bound(geometry):
     x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
     x = x.contiguous(memory_format=torch.channels_last)
     out = _spike_layer(conv, theta)(x)
-    ref = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
-                   conv.stride, conv.padding, conv.dilation)
+    ref = F.conv2d(
+        x.double(),
+        conv.weight.double(),
+        None if conv.bias is None else conv.bias.double(),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
     _, s = int8.split_weight(int8.fold_input_scale(conv.weight.double(), theta.double()))
-    active = F.conv2d((x != 0).double(), torch.ones_like(conv.weight, dtype=torch.float64), None,
-                      conv.stride, conv.padding, conv.dilation)
+    active = F.conv2d(
+        (x != 0).double(),
+        torch.ones_like(conv.weight, dtype=torch.float64),
+        None,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
     bound = active * s.view(1, -1, 1, 1) / 2 + ref.abs() * 2**-23 + 1e-6
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert torch.all((out.double() - ref).abs() <= bound)
@@ -139,8 +163,7 @@ def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
 
 
 def _float_and_int8(ann, calib):
-    return (snnconv.convert(ann, T=6, calib=calib, passes=FLOAT32_PASSES),
-            snnconv.convert(ann, T=6, calib=calib))
+    return (snnconv.convert(ann, T=6, calib=calib, passes=FLOAT32_PASSES), snnconv.convert(ann, T=6, calib=calib))
 
 
 @needs_int8
@@ -170,16 +193,28 @@ def test_integer_spikes_step_modes_and_chunks_agree():
     """Integer sums do not depend on how the batch is grouped: with every layer after the stem in int8,
     the spikes and outputs of 's', 'm' and chunked runs are identical."""
     torch.manual_seed(0)
-    ann = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(16, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    ann = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    )
     x = torch.rand(8, 3, 16, 16)
     runs = {}
     for tag, chunk, mode in (("m", None, "m"), ("s", None, "s"), ("chunk", 2, "m")):
         snn = snnconv.convert(ann, T=6, calib=x, chunk=chunk)
         assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3  # 2 convs, the linear head
         snn.step_mode = mode
-        runs[tag] = record_spikes(snn, lambda snn=snn, mode=mode: torch.stack([snn(x) for _ in range(6)])
-                                  if mode == "s" else snn(x, per_step=True))
+        runs[tag] = record_spikes(
+            snn,
+            lambda snn=snn, mode=mode: (
+                torch.stack([snn(x) for _ in range(6)]) if mode == "s" else snn(x, per_step=True)
+            ),
+        )
     for tag in ("s", "chunk"):
         for n, spikes in runs["m"][1].items():
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
@@ -219,6 +254,8 @@ def test_converted_model_deep_copies_after_running():
 def test_integer_spikes_skips_what_it_cannot_run():
     ann = randomize_bn(ResCatNet(c=16))
     x = torch.rand(8, 3, 16, 16)
-    for snn in (snnconv.convert(ann.double(), T=4, calib=x.double()),   # float64: exact arithmetic wanted
-                snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3)):  # burst spikes are not binary
+    for snn in (
+        snnconv.convert(ann.double(), T=4, calib=x.double()),  # float64: exact arithmetic wanted
+        snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3),
+    ):  # burst spikes are not binary
         assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())

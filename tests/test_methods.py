@@ -18,8 +18,8 @@ def test_qcfs_converts_exactly_at_T_equals_L():
     snn = snnconv.convert(ann, T=L, calib=x)
     neuron = next(iter(snn.neurons().values()))
     assert neuron.threshold.item() == pytest.approx(1.7) and neuron.fixed
-    assert torch.allclose(snn(x), ann(x), atol=1e-9)          # the mean over T = L steps is QCFS itself
-    snn.T = L + 3                                             # elsewhere only close
+    assert torch.allclose(snn(x), ann(x), atol=1e-9)  # the mean over T = L steps is QCFS itself
+    snn.T = L + 3  # elsewhere only close
     assert not torch.allclose(snn(x), ann(x), atol=1e-9)
 
 
@@ -53,9 +53,11 @@ def _layer_errors(snn, ann_acts, x):
     snn(x)
     for h in hooks:
         h.remove()
+
     def channel_gap(n):  # |mean SNN rate - mean ANN activation|, per channel, summed
         rate = rec[n].view(snn.T, -1, *rec[n].shape[1:]).mean(0)
         return (rate - ann_acts[n]).transpose(0, 1).reshape(rate.shape[1], -1).mean(1).abs().sum().item()
+
     return {n: channel_gap(n) for n in rec}
 
 

@@ -29,14 +29,23 @@ def reference(x, theta, kind, reset, v_init, tau, v_reset=0.0):
 def test_torch_backend_matches_float64_loop(kind, reset, static):
     g = torch.Generator().manual_seed(hash((kind, reset, static)) % 1000)
     T, n, theta, v_init, tau = 13, 37, 0.7, 0.5, 2.5
-    x = (torch.rand(T, n, generator=g, dtype=torch.float64) * 1.6 - 0.3)
+    x = torch.rand(T, n, generator=g, dtype=torch.float64) * 1.6 - 0.3
     if static:
         x[:] = x[0]
     v = torch.full((n,), v_init * theta, dtype=torch.float64)
     out = torch.empty(T, n, dtype=torch.float64)
     decay = 1.0 - 1.0 / tau if kind == "lif" else 1.0
-    torch_backend.multistep(x[0] if static else x, v, torch.tensor(theta, dtype=torch.float64), steps=T,
-                            static=static, soft_reset=reset == "soft", v_reset=0.0, decay=decay, out=out)
+    torch_backend.multistep(
+        x[0] if static else x,
+        v,
+        torch.tensor(theta, dtype=torch.float64),
+        steps=T,
+        static=static,
+        soft_reset=reset == "soft",
+        v_reset=0.0,
+        decay=decay,
+        out=out,
+    )
     ref = reference(x.tolist(), theta, kind, reset, v_init, tau)
     assert out.tolist() == ref
     assert out.abs().sum() > 0 and (out == 0).any()  # the case exercises both firing and silence
@@ -59,8 +68,9 @@ def test_per_channel_threshold_matches_loop():
     x = torch.rand(6, 2, 3, 4, dtype=torch.float64)
     th = torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64)
     v = (0.5 * th).view(3, 1).expand(2, 3, 4).contiguous()
-    out = torch_backend.multistep(x, v, th.view(3, 1), steps=6, static=False, soft_reset=True, v_reset=0.0,
-                                  decay=1.0, out=torch.empty_like(x))
+    out = torch_backend.multistep(
+        x, v, th.view(3, 1), steps=6, static=False, soft_reset=True, v_reset=0.0, decay=1.0, out=torch.empty_like(x)
+    )
     for c in range(3):
         ref = reference(x[:, :, c].reshape(6, -1).tolist(), th[c].item(), "if", "soft", 0.5, 2.0)
         assert out[:, :, c].reshape(6, -1).tolist() == ref
@@ -70,8 +80,9 @@ def test_half_input_keeps_float32_state():
     x = torch.rand(9, 50).half()
     th = torch.tensor(0.3)
     v = torch.full((50,), 0.15)
-    out = torch_backend.multistep(x, v, th, steps=9, static=False, soft_reset=True, v_reset=0.0, decay=1.0,
-                                  out=torch.empty_like(x))
+    out = torch_backend.multistep(
+        x, v, th, steps=9, static=False, soft_reset=True, v_reset=0.0, decay=1.0, out=torch.empty_like(x)
+    )
     ref = reference(x.double().tolist(), 0.3, "if", "soft", 0.5, 2.0)
     assert out.dtype == torch.float16
     # state in float32 over float16 inputs: spikes equal except at rare exact ties
@@ -86,8 +97,18 @@ def test_burst_neurons_match_float64_loop(reset):
     x = torch.rand(T, n, generator=g, dtype=torch.float64) * 1.5 - 0.2
     v = torch.full((n,), 0.5 * theta, dtype=torch.float64)
     out = torch.empty(T, n, dtype=torch.float64)
-    torch_backend.multistep_burst(x, v, torch.tensor(theta, dtype=torch.float64), steps=T, static=False,
-                                  soft_reset=reset == "soft", v_reset=0.0, decay=1.0, max_spikes=k, out=out)
+    torch_backend.multistep_burst(
+        x,
+        v,
+        torch.tensor(theta, dtype=torch.float64),
+        steps=T,
+        static=False,
+        soft_reset=reset == "soft",
+        v_reset=0.0,
+        decay=1.0,
+        max_spikes=k,
+        out=out,
+    )
     ref = []
     for i in range(n):
         vi, col = 0.5 * theta, []
@@ -104,9 +125,11 @@ def test_burst_neurons_match_float64_loop(reset):
 
 def test_burst_conversion_is_closer_at_small_T():
     import snnconv
+
     torch.manual_seed(0)
-    ann = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
-                              torch.nn.Linear(32, 4)).eval()
+    ann = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    ).eval()
     x = torch.randn(256, 8)
     ref = ann(x)
     errs = {}

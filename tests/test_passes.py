@@ -96,8 +96,14 @@ def test_chunked_equals_unchunked(chunk):
 
 def test_peak_memory_falls_with_chunk_size():
     torch.manual_seed(0)
-    ann = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(32 * 32 * 32, 10)).eval()
+    ann = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 32 * 32, 10),
+    ).eval()
     x = torch.rand(8, 3, 32, 32)
     snn = snnconv.convert(ann, T=32, calib=x, passes=["fold_batchnorm", "hoist_static_input"])
     peaks = {}
@@ -119,6 +125,7 @@ def test_peak_memory_falls_with_chunk_size():
 def _torch_peak(snn, x) -> int:
     """Peak bytes allocated by torch on the CPU during one forward, from the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
+
     for m in snn.modules():
         if isinstance(m, Neuron):
             m._out, m._out_key = None, None

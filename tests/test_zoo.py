@@ -11,10 +11,29 @@ import snnconv
 tv = pytest.importorskip("torchvision")
 
 CI = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "googlenet", "squeezenet1_1"]
-REST = ["resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11", "vgg16", "vgg16_bn", "alexnet",
-        "squeezenet1_0", "densenet121", "inception_v3", "shufflenet_v2_x1_0", "mnasnet0_5", "regnet_x_400mf"]
-UNSUPPORTED = {"efficientnet_b0": "SiLU", "mobilenet_v3_small": "Hardswish", "convnext_tiny": "layer_norm",
-               "regnet_y_400mf": "Sigmoid", "vit_b_16": "GELU"}
+REST = [
+    "resnet34",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "vgg11",
+    "vgg16",
+    "vgg16_bn",
+    "alexnet",
+    "squeezenet1_0",
+    "densenet121",
+    "inception_v3",
+    "shufflenet_v2_x1_0",
+    "mnasnet0_5",
+    "regnet_x_400mf",
+]
+UNSUPPORTED = {
+    "efficientnet_b0": "SiLU",
+    "mobilenet_v3_small": "Hardswish",
+    "convnext_tiny": "layer_norm",
+    "regnet_y_400mf": "Sigmoid",
+    "vit_b_16": "GELU",
+}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -73,8 +92,10 @@ def test_zoo_step_modes_same_spikes_in_float64(name):
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     snn = snnconv.convert(model, T=3, calib=x)
     rec = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
-             for n, m in snn.neurons().items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: rec.setdefault(n, []).append(o.clone()))
+        for n, m in snn.neurons().items()
+    ]
     y_m = snn(x, per_step=True)
     spikes_m = {n: v[0] for n, v in rec.items()}
     rec.clear()
@@ -101,13 +122,30 @@ def test_unsupported_zoo_models_list_every_op(name):
 
 def test_zoo_weights_file_through_cli(tmp_path, capsys):
     from snnconv.cli import main
+
     model = build("resnet18")
     torch.save(model.state_dict(), tmp_path / "r18.pth")
     import numpy as np
+
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((8, 3, 64, 64), dtype=np.float32))
     out = tmp_path / "r18.safetensors"
-    assert main(["convert", "torchvision.models:resnet18", "--weights", str(tmp_path / "r18.pth"), "--calib",
-                 str(tmp_path / "calib.npy"), "-o", str(out), "--T", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "torchvision.models:resnet18",
+                "--weights",
+                str(tmp_path / "r18.pth"),
+                "--calib",
+                str(tmp_path / "calib.npy"),
+                "-o",
+                str(out),
+                "--T",
+                "4",
+            ]
+        )
+        == 0
+    )
     snn = snnconv.load(out)
     x = torch.rand(2, 3, 64, 64)
     ref = snnconv.convert(model, T=4, calib=torch.from_numpy(np.load(tmp_path / "calib.npy")))
