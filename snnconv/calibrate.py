@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from snnconv import distributed
 from snnconv.errors import ConversionError
 from snnconv.runtime.modules import Neuron
 
@@ -23,22 +24,43 @@ def by_channel(y: torch.Tensor) -> torch.Tensor:
 
 
 class Stats:
-    def __init__(self, per_channel: bool, q: float):
-        self.per_channel, self.q = per_channel, q
+    """One neuron layer's observer. Under torch.distributed (`merged=True`) the percentile comes from
+    per-channel histograms that merge exactly across ranks (snnconv.distributed.Histogram: within one bin,
+    < 2 * max / 1024, of the exact percentile of all ranks' values); the max is all-reduced."""
+
+    def __init__(self, per_channel: bool, q: float, merged: bool = False):
+        self.per_channel, self.q, self.merged = per_channel, q, merged
         self.max: torch.Tensor | None = None
         self.quantiles: list[torch.Tensor] = []
+        self.histogram: distributed.Histogram | None = None
 
     def __call__(self, y: torch.Tensor) -> None:
         y = y.detach().float()
         flat = by_channel(y) if self.per_channel else y.reshape(1, -1)
         m = flat.amax(dim=1)
         self.max = m if self.max is None else torch.maximum(self.max, m)
+        if self.merged:
+            if self.histogram is None:
+                self.histogram = distributed.Histogram(len(flat), device=flat.device)
+            self.histogram.add(flat)
+            return
         if flat.shape[1] > _SAMPLE:  # the max sees every value; the quantile a random sample
             flat = flat[:, torch.randint(flat.shape[1], (_SAMPLE,), device=flat.device)]
         self.quantiles.append(torch.quantile(flat, self.q, dim=1))
 
+    def merge(self) -> None:
+        """Combine every rank's observations (collective: all ranks call it, in the same order)."""
+        self.max = distributed.all_reduce(self.max, "max")
+        if self.histogram is not None:
+            self.histogram.merge_across_ranks()
+
     def threshold(self, method: str) -> torch.Tensor:
-        value = self.max if method == "max" else torch.stack(self.quantiles).mean(0)
+        if method == "max":
+            value = self.max
+        elif self.histogram is not None:
+            value = torch.minimum(self.histogram.quantile(self.q).to(self.max), self.max)
+        else:
+            value = torch.stack(self.quantiles).mean(0)
         return value if self.per_channel else value.reshape(())
 
 
@@ -72,8 +94,9 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
     prepared graph's output against the ANN on the first batch."""
     neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
     q = settings.percentile / 100.0
+    merged = distributed.active()
     for n in neurons:
-        n.observer = Stats(settings.per_channel, q)
+        n.observer = Stats(settings.per_channel, q, merged)
     seen = 0
     try:
         with torch.no_grad():
@@ -93,6 +116,14 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         observers = [n.observer for n in neurons]
         for n in neurons:
             n.observer = None
+    if merged:  # every rank must have data: an empty shard would leave its observers without a shape
+        if distributed.all_reduce(torch.tensor(float(seen == 0)), "max").item():
+            raise ConversionError(
+                "calibration data is empty on at least one rank: give every rank a shard (a DistributedSampler "
+                "over at least as many samples as ranks)"
+            )
+        for stats in observers:
+            stats.merge()
     if seen == 0:
         raise ConversionError(
             "calibration data is empty: pass calib= a tensor or DataLoader of inputs "
@@ -109,6 +140,21 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
 
 
+class ChannelMean:
+    """Per-channel mean as sum and count: exact over any batching, time chunking or split over ranks."""
+
+    def __init__(self):
+        self.sum, self.count = 0.0, 0
+
+    def __call__(self, t: torch.Tensor) -> None:
+        rows = by_channel(t.detach().double())
+        self.sum, self.count = self.sum + rows.sum(1), self.count + rows.shape[1]
+
+    def value(self) -> torch.Tensor:
+        total = distributed.all_reduce(torch.cat([self.sum.cpu(), torch.tensor([float(self.count)])]))
+        return total[:-1] / total[-1]
+
+
 def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
     """Bias calibration (after Li et al., ICML 2021): layer by layer, in graph order, shift each neuron's
     input current by the per-channel gap between the ANN's mean activation and the SNN's mean output, so
@@ -121,25 +167,22 @@ def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
     ]
     xs = list(batches(calib, limit))
 
-    def channel_mean(t: torch.Tensor) -> torch.Tensor:
-        return by_channel(t.double()).mean(1)
-
     with torch.no_grad():
-        ann_means = {n: [] for n in order}
+        ann_means = {n: ChannelMean() for n in order}
         for n in order:  # the ANN's mean activation of each neuron layer, per channel
-            n.observer = lambda y, n=n: ann_means[n].append(channel_mean(y))
+            n.observer = ann_means[n]
         for x in xs:
             gm(x)
         for n in order:
             n.observer = None
-        ann_means = {n: torch.stack(v).mean(0) for n, v in ann_means.items()}
+        ann_means = {n: v.value() for n, v in ann_means.items()}
         for _ in range(iterations):
             for n in order:
-                seen = []
-                hook = n.register_forward_hook(lambda m, i, o, seen=seen: seen.append(channel_mean(o)))
+                seen = ChannelMean()
+                hook = n.register_forward_hook(lambda m, i, o, seen=seen: seen(o))
                 for x in xs:
                     snn(x)
                 hook.remove()
-                gap = (ann_means[n] - torch.stack(seen).mean(0)).float()
+                gap = (ann_means[n] - seen.value()).float()
                 gap = gap if gap.numel() > 1 else gap.reshape(())
                 n.bias = gap if n.bias is None else n.bias + gap

@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from snnconv.errors import ConversionError
+from snnconv.memory import plan_chunk
 from snnconv.runtime.modules import Neuron, stateful_modules
 from snnconv.settings import Settings
 
@@ -105,7 +106,7 @@ class SpikingModel(nn.Module):
             self.reset()
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
-            chunk = self._chunk(T, n)
+            chunk = self._chunk(T, n, x.device)
             delay = min(self.settings.readout_delay, T - 1)  # leading steps left out of the mean
             total, outs = None, []
             for t0 in range(0, T, chunk):
@@ -123,13 +124,9 @@ class SpikingModel(nn.Module):
                 return outs[0] if len(outs) == 1 else _cat(outs)
             return _map(lambda a: a / (T - delay), total)
 
-    def _chunk(self, T: int, n: int) -> int:
-        s = self.settings
-        if s.chunk:
-            return s.chunk
-        if s.memory_budget_mb and s.step_bytes_per_sample:
-            return max(1, min(T, int(s.memory_budget_mb * 2**20 // (s.step_bytes_per_sample * n))))
-        return T
+    def _chunk(self, T: int, n: int, device: torch.device | str = "cpu") -> int:
+        """Steps per layer-by-layer pass: set, or chosen from the memory available (snnconv.memory)."""
+        return plan_chunk(self.settings, T, n, device).chunk
 
     def conversion_state(self) -> dict:
         """Everything the conversion decided that is not a weight (JSON-able): T, options, thresholds."""

@@ -1,0 +1,148 @@
+"""torch.distributed glue: one process per device (torchrun), each sees its shard of the data, and the
+statistics that decide thresholds, bias corrections and reported numbers are merged with collectives so
+that every rank ends with the same conversion. Nothing here runs unless a process group is initialised
+(or `init_from_env()` finds torchrun's variables); one process is the world of size 1.
+
+Merging rules (each exact, so N ranks give what one process gives on the union of their data):
+- max: all-reduce MAX;
+- sums and counts (bias-calibration means, accuracy, spikes, operations): all-reduce SUM in float64;
+- percentile: per-channel histograms (see `Histogram`): integer counts added, bins aligned exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str | None = None) -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment):
+    NCCL when the device is CUDA, gloo otherwise. True when a group is (now) initialised."""
+    if active():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or not dist.is_available():
+        return False
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def local_device(device: str) -> str:
+    """cuda -> this rank's GPU (LOCAL_RANK) under torchrun; anything else unchanged."""
+    if device == "cuda" and active():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A reduced copy of t on every rank (t itself when not distributed); t keeps its device and dtype."""
+    if not active():
+        return t
+    buf = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf, {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return buf.to(t.device, t.dtype)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Histogram:
+    """Per-row (channel) histograms of non-negative values, row r over [0, R_r) in `bins` bins, R_r a power of
+    two that doubles (merging bin pairs) as larger values arrive. Because R_r and `bins` are powers of two, a
+    value falls in the same bin whichever R_r it was first counted under, so histograms from any split of the
+    data merge into exactly the histogram of the union. A quantile read from it is within one bin,
+    R_r / bins < 2 * max_r / bins, of the exact quantile of the row's values (torch.quantile's definition)."""
+
+    def __init__(self, rows: int, bins: int = 1024, device=None):
+        if bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two, got {bins}")
+        self.bins, self.log2_bins = bins, bins.bit_length() - 1
+        self.counts = torch.zeros(rows, bins, dtype=torch.int64, device=device)
+        # R_r = 2 ** log2_range[r], grown with the data; the floor keeps float32 scales finite
+        self.log2_range = torch.full((rows,), -60, dtype=torch.int64, device=device)
+
+    def _grow(self, log2_range: torch.Tensor) -> None:
+        """Widen each row's range to at least 2 ** log2_range[r], merging 2^k bins into one."""
+        log2_range = torch.maximum(self.log2_range, log2_range.to(self.log2_range))
+        ks = (log2_range - self.log2_range).clamp(max=self.log2_bins)
+        for k in ks.unique().tolist():
+            if k == 0:
+                continue
+            rows = (ks == k).nonzero().squeeze(1)
+            merged = self.counts[rows].view(len(rows), self.bins >> k, 1 << k).sum(2)
+            self.counts[rows] = torch.cat([merged, merged.new_zeros(len(rows), self.bins - merged.shape[1])], 1)
+        self.log2_range = log2_range
+
+    def add(self, rows: torch.Tensor) -> None:
+        """rows: [rows, M] non-negative values."""
+        top = rows.amax(1).double()
+        e = torch.frexp(top.clamp(min=2.0**-70)).exponent.long()  # top = m * 2^e, 0.5 <= m < 1: top < 2^e
+        self._grow(e)
+        scale = torch.ldexp(torch.ones(len(rows), device=rows.device), (self.log2_bins - self.log2_range).float())
+        idx = torch.floor(rows.float() * scale.unsqueeze(1)).long().clamp_(0, self.bins - 1)  # exact: scale = 2^k
+        idx += torch.arange(len(rows), device=rows.device).unsqueeze(1) * self.bins
+        self.counts += torch.bincount(idx.flatten(), minlength=self.counts.numel()).view_as(self.counts)
+
+    def merge_across_ranks(self) -> None:
+        if not active():
+            return
+        self._grow(all_reduce(self.log2_range, "max"))
+        self.counts = all_reduce(self.counts, "sum")
+
+    @property
+    def bin_width(self) -> torch.Tensor:
+        """Per row: the width of one bin, the bound on a quantile's error."""
+        return torch.ldexp(torch.ones(len(self.counts), dtype=torch.float64), (self.log2_range - self.log2_bins).cpu())
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """Per row: the q-quantile (position q * (n - 1) between order statistics, as torch.quantile),
+        each order statistic placed inside its bin by its rank among the bin's values."""
+        width = self.bin_width.to(self.counts.device)
+        counts = self.counts.double()
+        cum = counts.cumsum(1)
+        pos = q * (cum[:, -1] - 1).clamp(min=0)
+
+        def order_stat(j: torch.Tensor) -> torch.Tensor:
+            b = torch.searchsorted(cum, (j + 0.5).unsqueeze(1)).squeeze(1).clamp(max=self.bins - 1)
+            before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+            inside = counts.gather(1, b.unsqueeze(1)).squeeze(1).clamp(min=1)
+            return (b + (j - before + 0.5) / inside) * width
+
+        lo, hi = pos.floor(), pos.ceil()
+        a, b = order_stat(lo), order_stat(hi)
+        return (a + (pos - lo) * (b - a)).float()
