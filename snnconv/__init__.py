@@ -7,9 +7,10 @@ y = snn(x)                      # mean output over T steps, ANN-shaped
 from snnconv.checkpoint import load, save
 from snnconv.convert import convert
 from snnconv.errors import ConversionError
+from snnconv.evaluate import evaluate
 from snnconv.model import SpikingModel
 from snnconv.qcfs import QCFS
 from snnconv.report import inspect
 
-__all__ = ["QCFS", "ConversionError", "SpikingModel", "convert", "inspect", "load", "save"]
+__all__ = ["QCFS", "ConversionError", "SpikingModel", "convert", "evaluate", "inspect", "load", "save"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from snnconv import distributed
 from snnconv.errors import ConversionError
 
 
@@ -45,7 +46,9 @@ def _guard_output(out: str, *inputs: str | None) -> Path:
 
 def cmd_convert(a) -> int:
     import snnconv
-    from snnconv.io import load_data, load_model, parse_kwargs
+    from snnconv.io import load_model, parse_kwargs
+
+    distributed.init_from_env("cpu")  # calibration runs on the CPU: gloo
 
     _positive("T", a.T)
     unknown = set(a.skip_pass) - snnconv.passes.OPTIONAL
@@ -57,8 +60,9 @@ def cmd_convert(a) -> int:
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
     if a.calib:
-        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
-        calib = calib[: a.calib_limit]
+        from snnconv import datasets
+
+        calib = datasets.loader(datasets.open_dataset(a.calib, trust_pickle=a.trust_pickle), 128, limit=a.calib_limit)
     else:
         shape = _shape(a.input_shape)
         if shape is None:
@@ -86,12 +90,16 @@ def cmd_convert(a) -> int:
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
         passes=passes,
+        calib_batches=None,
     )
-    snnconv.save(snn, out, source=source, model_file=model_file)
-    print(
-        f"converted {type(model).__name__} in {time.perf_counter() - t0:.1f} s: {len(snn.neurons())} neuron "
-        f"layers, T={a.T}; wrote {out}"
-    )
+    if distributed.is_main():  # every rank holds the same conversion; one writes it
+        snnconv.save(snn, out, source=source, model_file=model_file)
+        ranks = f" on {distributed.world()} ranks" if distributed.active() else ""
+        print(
+            f"converted {type(model).__name__}{ranks} in {time.perf_counter() - t0:.1f} s: {len(snn.neurons())} "
+            f"neuron layers, T={a.T}; wrote {out}"
+        )
+    distributed.barrier()
     return 0
 
 
@@ -107,30 +115,55 @@ def _load(a):
     return snn
 
 
+def _steps(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        ts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConversionError(f"--T must be a number of steps or a list like 8,16,32, got {text!r}") from None
+    if any(t <= 0 for t in ts):
+        raise ConversionError(f"--T must be positive, got {text!r}")
+    return ts
+
+
 def cmd_run(a) -> int:
-    from snnconv.io import load_data
-    from snnconv.stats import evaluate, format_report
+    from snnconv import datasets
+    from snnconv.evaluate import evaluate
+    from snnconv.memory import peak_bytes, plan_chunk
+    from snnconv.stats import format_report
 
     _positive("batch", a.batch)
     _positive("limit", a.limit)
-    snn = _load(a)
-    x, y = load_data(a.data, a.labels)
-    if a.limit:
-        x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
-    if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
-        raise ConversionError(
-            f"data samples have shape {tuple(x.shape[1:])}, the model was converted for "
-            f"{tuple(snn.settings.input_shape)}"
-        )
+    Ts = _steps(a.T)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConversionError("--device cuda: no CUDA device is available here; use --device cpu")
-    r = evaluate(snn, x, y, batch=a.batch, progress=sys.stderr.isatty(), device=device)
-    print(format_report(r))
-    if a.plot:
-        if "accuracy_by_T" not in r:
-            raise ConversionError("--plot needs labels (--labels, or data that carries them)")
-        _plot(r, _guard_output(a.plot, a.checkpoint, a.data))
+    distributed.init_from_env(device)
+    device = distributed.local_device(device)
+    snn = _load(argparse.Namespace(checkpoint=a.checkpoint, model=a.model, kwargs=a.kwargs, T=None))
+    ds = datasets.open_dataset(a.data, a.labels)
+    shape = datasets.sample_shape(ds)
+    if shape != tuple(snn.settings.input_shape):
+        raise ConversionError(
+            f"data samples have shape {shape}, the model was converted for {tuple(snn.settings.input_shape)}"
+        )
+    plot = _guard_output(a.plot, a.checkpoint, a.data) if a.plot else None
+    if plot and not getattr(ds, "has_labels", False):
+        raise ConversionError("--plot needs labels (--labels, or data that carries them)")
+    loader = datasets.loader(ds, a.batch, a.workers, limit=a.limit, pin=device.startswith("cuda"))
+    T_max = max(Ts) if Ts else snn.T
+    plan = plan_chunk(snn.settings, T_max, a.batch, device)
+    r = evaluate(snn, loader, T=Ts, device=device, progress=sys.stderr.isatty())
+    peak = distributed.all_reduce(torch.tensor(float(peak_bytes(device))), "max").item()
+    if distributed.is_main():
+        print(format_report(r))
+        ranks = f", largest of {distributed.world()} ranks" if distributed.active() else ""
+        where = "GPU memory allocated" if device.startswith("cuda") else "resident memory"
+        print(f"\nplanned {plan}\npeak {where}: {peak / 2**20:.0f} MiB{ranks}")
+        if plot:
+            _plot(r, plot)
+    distributed.barrier()
     return 0
 
 
@@ -159,7 +192,9 @@ def cmd_inspect(a) -> int:
     import snnconv
 
     if a.target.endswith((".safetensors", ".snn")):
-        print(snnconv.inspect(_load(argparse.Namespace(checkpoint=a.target, model=None, kwargs=None))))
+        snn = _load(argparse.Namespace(checkpoint=a.target, model=None, kwargs=None))
+        print(snnconv.inspect(snn))
+        print(_memory_plan(snn, a.batch))
         return 0
     from snnconv.io import load_model, parse_kwargs
 
@@ -169,7 +204,17 @@ def cmd_inspect(a) -> int:
         raise ConversionError("inspecting a model needs --input-shape C,H,W (one sample's shape)")
     snn = snnconv.convert(model, T=a.T or 8, calib=torch.rand(16, *shape))
     print(snnconv.inspect(snn))
+    print(_memory_plan(snn, a.batch))
     return 0
+
+
+def _memory_plan(snn, batch: int) -> str:
+    from snnconv.memory import peak_bytes, plan_chunk
+
+    _positive("batch", batch)
+    return f"\nplanned {plan_chunk(snn.settings, snn.T, batch)} on the CPU\npeak resident memory so far: " + (
+        f"{peak_bytes() / 2**20:.0f} MiB"
+    )
 
 
 def cmd_export(a) -> int:
@@ -230,8 +275,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint")
     r.add_argument("--data", required=True, help="inputs: .npy/.npz/.pt, idx file, MNIST folder, image folder")
     r.add_argument("--labels", help="labels file (.npy or idx) when the data carries none")
-    r.add_argument("--T", type=int, help="time steps (default: the checkpoint's); accuracy shown for each T up to it")
+    r.add_argument(
+        "--T",
+        help="time steps, or a list like 8,16,32 (default: the checkpoint's); accuracy at each T up to the largest",
+    )
     r.add_argument("--batch", type=int, default=256)
+    r.add_argument("--workers", type=int, help="DataLoader worker processes (default: min(4, CPUs - 1))")
     r.add_argument("--limit", type=int, help="use the first N samples")
     r.add_argument("--model", help="package.module:factory, for checkpoints that do not record their source")
     r.add_argument("--kwargs")
@@ -248,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--kwargs")
     i.add_argument("--input-shape")
     i.add_argument("--T", type=int)
+    i.add_argument("--batch", type=int, default=256, help="batch size the time chunk is planned for")
     i.add_argument("--trust-pickle", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
@@ -267,7 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
-            return args.fn(args)
+            try:
+                return args.fn(args)
+            except Exception as exc:
+                if "DataLoader worker" not in str(exc) or args.debug:
+                    raise
+                from snnconv.datasets import reraise_worker_error
+
+                raise reraise_worker_error(exc) from exc
+            finally:
+                distributed.shutdown()
     except ConversionError as exc:
         if args.debug:
             raise

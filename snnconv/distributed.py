@@ -146,3 +146,9 @@ class Histogram:
         lo, hi = pos.floor(), pos.ceil()
         a, b = order_stat(lo), order_stat(hi)
         return (a + (pos - lo) * (b - a)).float()
+
+
+def shutdown() -> None:
+    """Leave the process group if one is initialised (end of a torchrun command)."""
+    if active():
+        dist.destroy_process_group()

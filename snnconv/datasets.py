@@ -1,0 +1,239 @@
+"""Data as a stream: what the CLI (or a user) points at becomes a torch Dataset read sample by sample, and
+a DataLoader with workers batches it, sharded over ranks by a DistributedSampler under torch.distributed.
+Nothing holds the whole data set: `.npy` files and `.pt` tensors are memory-mapped, images are decoded one
+at a time. Formats: `.npy`, `.npz` (x, y), `.pt` (tensor or {x, y}), an idx file, an MNIST folder, a folder
+of images (class subfolders give labels: the ImageFolder layout), or a folder of `.npy`/`.npz`/`.pt` shards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from snnconv import distributed
+from snnconv.data import load_idx
+from snnconv.errors import ConversionError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
+SHARD_EXTS = {".npy", ".npz", ".pt", ".pth"}
+
+
+def _as_float(x) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()  # 8-bit data are images
+
+
+class ArrayFile(Dataset):
+    """One file of samples [N, ...] (and labels), opened lazily in each worker; .npy memory-mapped."""
+
+    def __init__(self, path: Path, trust_pickle: bool = False):
+        self.path, self.trust_pickle = path, trust_pickle
+        self._x, self._y = None, None
+        x, y = self._open()
+        if x.ndim < 2 or len(x) == 0:
+            raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
+        if y is not None and len(y) != len(x):
+            raise ConversionError(f"{path}: {len(x)} inputs but {len(y)} labels")
+        self.n, self.has_labels = len(x), y is not None
+        self._x = self._y = None  # reopened where used: a worker maps the file itself
+
+    def _open(self):
+        if self._x is not None:
+            return self._x, self._y
+        p, y = self.path, None
+        if p.suffix == ".npy":
+            try:
+                x = np.load(p, mmap_mode="r", allow_pickle=False)
+            except ValueError as exc:
+                raise ConversionError(f"{p}: not a plain .npy array ({exc})") from exc
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z:
+                    raise ConversionError(f"{p}: expected arrays 'x' (and optionally 'y'), found {list(z)}")
+                x, y = z["x"], (z["y"] if "y" in z else None)
+        elif p.suffix in (".pt", ".pth"):
+            x, y = _torch_file(p, self.trust_pickle)
+        elif "idx" in p.name:
+            x = load_idx(p)
+            x = x[:, None] if x.ndim == 3 else x
+        else:
+            raise ConversionError(
+                f"{p}: unknown data format {p.suffix!r}; use .npy, .npz, .pt, an idx file or a folder of images"
+            )
+        self._x, self._y = x, y
+        return x, y
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        x, y = self._open()
+        xi = _as_float(np.array(x[i]) if isinstance(x, np.ndarray) else x[i].clone())
+        return (xi, int(y[i])) if y is not None else xi
+
+
+def _torch_file(p: Path, trust_pickle: bool):
+    from snnconv.io import _torch_load
+
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except Exception:
+        obj = _torch_load(p, trust_pickle)  # its one-line error (or a file torch cannot map: legacy format)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        obj = {"x": obj[0], "y": obj[1]}
+    if isinstance(obj, dict):
+        xk = next((k for k in ("x", "data", "images", "inputs") if k in obj), None)
+        yk = next((k for k in ("y", "labels", "targets") if k in obj), None)
+        if xk is None:
+            raise ConversionError(f"{p}: expected a tensor or a dict with 'x' (and 'y'), found keys {list(obj)[:8]}")
+        return obj[xk], (torch.as_tensor(obj[yk]) if yk else None)
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    raise ConversionError(f"{p}: expected a tensor, found {type(obj).__name__}")
+
+
+class Shards(Dataset):
+    """Several array files read as one data set, in name order."""
+
+    def __init__(self, files: list[ArrayFile]):
+        self.files = files
+        self.starts = np.cumsum([0] + [len(f) for f in files]).tolist()
+        self.has_labels = all(f.has_labels for f in files)
+        if any(f.has_labels for f in files) and not self.has_labels:
+            raise ConversionError(f"{files[0].path.parent}: some shards carry labels and some do not")
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.files[k][i - self.starts[k]]
+
+
+class ImageFiles(Dataset):
+    """Images decoded one at a time: [C, H, W] in [0, 1]; class subfolders (sorted) give labels."""
+
+    def __init__(self, root: Path, transform=None):
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError as exc:
+            raise ConversionError("reading a folder of images needs Pillow: pip install pillow") from exc
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if classes:
+            files = [(f, c) for c, d in enumerate(classes) for f in sorted((root / d).iterdir())]
+        else:
+            files = [(f, -1) for f in sorted(root.iterdir())]
+        self.files = [(f, c) for f, c in files if f.suffix.lower() in IMAGE_EXTS]
+        if not self.files:
+            raise ConversionError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
+        self.root, self.has_labels, self.transform = root, bool(classes), transform
+        self.shape = tuple(self._load(0).shape)
+
+    def _load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        f = self.files[i][0]
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im)
+        except Exception as exc:
+            raise ConversionError(f"{f}: not a readable image ({exc})") from exc
+        x = torch.from_numpy(a.copy()).float() / 255.0
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+        x = self.transform(x) if self.transform is not None else x
+        if i and tuple(x.shape) != self.shape:
+            raise ConversionError(f"{f}: image is {tuple(x.shape)}, the first is {self.shape}; resize to one shape")
+        return x
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        x = self._load(i)
+        return (x, self.files[i][1]) if self.has_labels else x
+
+
+class Labelled(Dataset):
+    """Inputs from one data set, labels from a separate array."""
+
+    def __init__(self, data: Dataset, labels: torch.Tensor):
+        if len(labels) != len(data):
+            raise ConversionError(f"{len(data)} inputs but {len(labels)} labels")
+        self.data, self.labels, self.has_labels = data, labels, True
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        item = self.data[i]
+        return (item[0] if isinstance(item, tuple) else item, int(self.labels[i]))
+
+
+def open_dataset(path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False) -> Dataset:
+    """A Dataset over what `path` names (see the module doc); `.has_labels` says whether items are (x, y)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if any(n.startswith(("t10k-images", "train-images")) for n in names):
+            from snnconv.data import load_mnist
+
+            x, y = load_mnist(path, "test" if any(n.startswith("t10k") for n in names) else "train")
+            ds: Dataset = torch.utils.data.TensorDataset(x, y)
+            ds.has_labels = True
+        elif any(p.is_file() and p.suffix in SHARD_EXTS for p in path.iterdir()):
+            ds = Shards([ArrayFile(p, trust_pickle) for p in sorted(path.iterdir()) if p.suffix in SHARD_EXTS])
+        else:
+            ds = ImageFiles(path)
+    else:
+        ds = ArrayFile(path, trust_pickle)
+    if labels is not None:
+        from snnconv.io import _need_file
+
+        lp = _need_file(labels)
+        y = torch.as_tensor(
+            load_idx(lp).astype(np.int64) if "idx" in lp.name else np.load(lp, allow_pickle=False)
+        ).long()
+        ds = Labelled(ds, y)
+    return ds
+
+
+def sample_shape(ds: Dataset) -> tuple[int, ...]:
+    item = ds[0]
+    return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
+
+
+def default_workers() -> int:
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def loader(ds: Dataset, batch: int, workers: int | None = None, limit: int | None = None, pin: bool = False):
+    """Batches of ds (its first `limit` samples), this rank's shard under torch.distributed."""
+    if limit is not None and limit < len(ds):
+        sub = torch.utils.data.Subset(ds, range(limit))
+        sub.has_labels = getattr(ds, "has_labels", False)
+        ds = sub
+    sampler = DistributedSampler(ds, shuffle=False) if distributed.active() else None
+    workers = default_workers() if workers is None else workers
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def reraise_worker_error(exc: Exception) -> ConversionError:
+    """A ConversionError raised in a DataLoader worker arrives wrapped with the worker's traceback: keep the
+    one line that names the file."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return ConversionError(lines[-1].removeprefix("snnconv.errors.ConversionError: ") if lines else str(exc))
