@@ -69,7 +69,7 @@ def batches(calib, limit: int | None) -> Iterator[torch.Tensor]:
     if isinstance(calib, torch.Tensor):
         source: Iterable = calib.split(128)
     elif isinstance(calib, Iterable):
-        source = calib
+        source = distributed.without_padding(calib)  # under torch.distributed: each sample counted once
     else:
         raise ConversionError(
             f"calib must be a tensor, an iterable of tensors or a DataLoader, got {type(calib).__name__}"

@@ -152,3 +152,25 @@ def shutdown() -> None:
     """Leave the process group if one is initialised (end of a torchrun command)."""
     if active():
         dist.destroy_process_group()
+
+
+def without_padding(loader):
+    """The items of a DataLoader, less the samples its DistributedSampler repeats to even out the shards
+    (that sampler hands rank r the positions r, r + world, ... of a list padded past the data set's end).
+    Any other iterable passes through unchanged."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = getattr(loader, "sampler", None) if isinstance(loader, DataLoader) else None
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        yield from loader
+        return
+    seen, size = 0, len(sampler.dataset)
+    for item in loader:
+        first = item[0] if isinstance(item, (tuple, list)) else item
+        n = len(first)
+        keep = sampler.rank + sampler.num_replicas * torch.arange(seen, seen + n) < size
+        seen += n
+        if keep.all():
+            yield item
+        elif keep.any():
+            yield type(item)(v[keep] for v in item) if isinstance(item, (tuple, list)) else item[keep]

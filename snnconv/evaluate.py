@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from snnconv import distributed
@@ -51,7 +51,7 @@ def _analog_fed(gm) -> set[nn.Module]:
 
 
 def _batches(data, y, batch: int, workers: int | None, pin: bool):
-    """(DataLoader or iterable, sampler whose padding to skip or None, number of batches or None)."""
+    """(DataLoader or iterable, number of batches or None)."""
     from snnconv import datasets
 
     if isinstance(data, torch.Tensor):
@@ -61,13 +61,11 @@ def _batches(data, y, batch: int, workers: int | None, pin: bool):
         raise ConversionError("labels y go with a tensor x; a Dataset or DataLoader yields (x, y) itself")
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         data = datasets.loader(data, batch, workers, pin=pin)
-    sampler = getattr(data, "sampler", None) if isinstance(data, DataLoader) else None
-    sampler = sampler if isinstance(sampler, DistributedSampler) and not sampler.drop_last else None
     try:
         size = len(data)
     except TypeError:
         size = None
-    return data, sampler, size
+    return data, size
 
 
 def evaluate(
@@ -90,7 +88,7 @@ def evaluate(
     T_max = Ts[-1]
     device = torch.device(device)
     snn.to(device)
-    loader, sampler, size = _batches(data, y, batch, workers, device.type == "cuda")
+    loader, size = _batches(data, y, batch, workers, device.type == "cuda")
     gm = snn.graph_module
     neurons = snn.neurons()
     analog = _analog_fed(gm)
@@ -116,22 +114,15 @@ def evaluate(
 
     hooks = [m.register_forward_hook(on_compute) for m in gm.modules() if isinstance(m, _COMPUTE)]
     hooks += [m.register_forward_hook(on_neuron) for m in neurons.values()]
-    old_T, seen = snn.T, 0
+    old_T = snn.T
     me = distributed.rank()
     bar = tqdm(total=size, desc=f"SNN T={T_max}", disable=not progress or me != 0, leave=False)
     try:
         snn.T = T_max
         with torch.no_grad():
-            for item in loader:
+            for item in distributed.without_padding(loader):
                 xb, yb = (item[0], item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else (item, None)
                 xb = xb[0] if isinstance(xb, (tuple, list)) else xb
-                if sampler is not None:  # positions past the data set are the sampler's repeated padding
-                    pos = sampler.rank + sampler.num_replicas * torch.arange(seen, seen + len(xb))
-                    keep = pos < len(sampler.dataset)
-                    seen += len(xb)
-                    xb, yb = xb[keep], (yb[keep] if yb is not None else None)
-                    if not len(xb):
-                        continue
                 xb = xb.to(device, non_blocking=True)
                 mode[0] = "ann"
                 ann_pred = gm(xb).argmax(-1)  # the prepared graph in ANN mode is the ANN
