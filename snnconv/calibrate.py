@@ -7,9 +7,11 @@ channel, capped by the activation's own clip (ReLU6 -> 6).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from snnconv import distributed
 from snnconv.errors import ConversionError
@@ -100,7 +102,8 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
     seen = 0
     try:
         with torch.no_grad():
-            for x in batches(calib, limit):
+            hide = not sys.stderr.isatty() or not distributed.is_main()  # a bar on rank 0's terminal only
+            for x in tqdm(batches(calib, limit), desc="calibration", unit="batch", disable=hide, leave=False):
                 try:
                     y = gm(x)
                 except Exception as exc:
