@@ -96,13 +96,24 @@ def cmd_convert(a) -> int:
 
 
 def _load(a):
+    """The checkpoint's SNN; the ANN from --model (the user's own factory; --kwargs, else the recorded
+    ones when the recorded factory is the same) or from the recorded source when the file may name it."""
     import snnconv
+    from snnconv.checkpoint import recorded_source
     from snnconv.io import load_factory, parse_kwargs
 
-    model = load_factory(a.model, parse_kwargs(a.kwargs)) if getattr(a, "model", None) else None
-    snn = snnconv.load(a.checkpoint, model=model)
+    _positive("T", getattr(a, "T", None))
+    model = None
+    if getattr(a, "model", None):
+        recorded = recorded_source(a.checkpoint)
+        if a.kwargs:
+            kwargs = parse_kwargs(a.kwargs)
+        else:
+            kwargs = recorded.get("kwargs") if recorded.get("factory") == a.model else None
+            kwargs = kwargs if isinstance(kwargs, dict) else {}
+        model = load_factory(a.model, kwargs)
+    snn = snnconv.load(a.checkpoint, model=model, trust_source=getattr(a, "trust_source", False))
     if getattr(a, "T", None):
-        _positive("T", a.T)
         snn.T = a.T
     return snn
 
@@ -159,7 +170,8 @@ def cmd_inspect(a) -> int:
     import snnconv
 
     if a.target.endswith((".safetensors", ".snn")):
-        print(snnconv.inspect(_load(argparse.Namespace(checkpoint=a.target, model=None, kwargs=None))))
+        a.checkpoint = a.target
+        print(snnconv.inspect(_load(a)))
         return 0
     from snnconv.io import load_model, parse_kwargs
 
@@ -240,6 +252,11 @@ def parser() -> argparse.ArgumentParser:
         "--device",
         help="cpu or cuda (default: cuda when available); on CUDA neurons run as CuPy kernels where CuPy works",
     )
+    r.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
+    )
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
@@ -249,6 +266,12 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape")
     i.add_argument("--T", type=int)
     i.add_argument("--trust-pickle", action="store_true")
+    i.add_argument("--model", help="package.module:factory building the ANN of a checkpoint (its own code)")
+    i.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
+    )
     i.set_defaults(fn=cmd_inspect)
 
     e = sub.add_parser("export", help="export the SNN to ONNX with T unrolled")
@@ -258,6 +281,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")
     e.add_argument("--model")
     e.add_argument("--kwargs")
+    e.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
+    )
     e.set_defaults(fn=cmd_export)
     return p
 

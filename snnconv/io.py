@@ -91,28 +91,86 @@ def load_state_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
     model.load_state_dict(sd, strict=True)
 
 
+# Model libraries whose factories a checkpoint may name without the user's say-so: their functions build
+# architectures from plain arguments. Anything else a file names is code the user did not choose.
+TRUSTED_FACTORIES = ("torchvision.models", "timm", "efficientnet_lite_pytorch")
+# arguments that make even those factories fetch or read files (the checkpoint carries the weights anyway)
+_FETCHING_KWARGS = {
+    "weights",
+    "pretrained",
+    "weights_backbone",
+    "checkpoint_path",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+}
+_ALLOW_HINT = (
+    "pass the model yourself (CLI: --model pkg.module:factory; API: model=), or --trust-source "
+    "(API: trust_source=True) if you trust the file's origin"
+)
+
+
+def check_recorded_factory(spec, kwargs, what: str) -> None:
+    """Refuse a factory spec read from a file unless it names an allow-listed model library (TRUSTED_FACTORIES)
+    with plain arguments: loading a file must never import or call code the user did not choose."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConversionError(f"{what}: source.factory must be a 'package.module:function' string, got {spec!r}")
+    mod_name, attr = spec.split(":")
+    allowed = any(mod_name == lib or mod_name.startswith(lib + ".") for lib in TRUSTED_FACTORIES)
+    if not allowed or not attr.isidentifier() or attr.startswith("_"):
+        raise ConversionError(
+            f"{what}: refusing to import and call {spec!r} named by the file (not one of the model libraries "
+            f"{', '.join(TRUSTED_FACTORIES)}); {_ALLOW_HINT}"
+        )
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ConversionError(f"{what}: source.kwargs must be a JSON object, got {type(kwargs).__name__}")
+    for k, v in kwargs.items():
+        plain = v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and not set(v) & set(":/\\"))
+        if (k in _FETCHING_KWARGS and v not in (None, False)) or not plain:
+            raise ConversionError(
+                f"{what}: refusing factory argument {k}={v!r} named by the file (it could fetch or read files); "
+                f"{_ALLOW_HINT}"
+            )
+
+
+def _why(exc: BaseException) -> str:
+    """One line about an exception: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def load_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """Build a model from 'package.module:callable' (e.g. torchvision.models:resnet18)."""
-    if ":" not in spec:
+    """Build a model from 'package.module:callable' (e.g. torchvision.models:resnet18). Whatever the module or
+    the factory raises (import errors, syntax errors, rejected arguments) becomes one ConversionError."""
+    if not isinstance(spec, str) or ":" not in spec:
         raise ConversionError(f"model factory {spec!r} must look like 'package.module:function'")
     mod_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise ConversionError(f"cannot import {mod_name!r} for factory {spec!r}: {exc}") from exc
+    except SyntaxError as exc:
+        raise ConversionError(
+            f"cannot import {mod_name!r} for factory {spec!r}: syntax error in {exc.filename}, line {exc.lineno}"
+        ) from exc
+    except Exception as exc:
+        raise ConversionError(f"importing {mod_name!r} for factory {spec!r} failed: {_why(exc)}") from exc
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ConversionError(f"{mod_name} has no callable {attr!r} (factory {spec!r})")
     try:
         model = fn(**(kwargs or {}))
     except TypeError as exc:
-        raise ConversionError(f"factory {spec!r} rejected kwargs {kwargs}: {exc}") from exc
+        raise ConversionError(f"factory {spec!r} rejected --kwargs {json.dumps(kwargs or {})}: {exc}") from exc
+    except Exception as exc:
+        raise ConversionError(f"factory {spec!r} failed with --kwargs {json.dumps(kwargs or {})}: {_why(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ConversionError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def load_onnx(source: str | Path | bytes) -> nn.Module:
+def load_onnx(source: str | Path | bytes, what: str = "ONNX bytes") -> nn.Module:
     """An ONNX CNN as a traceable torch GraphModule, through onnx2torch (extra: snnconv[onnx])."""
     try:
         import onnx
@@ -122,13 +180,18 @@ def load_onnx(source: str | Path | bytes) -> nn.Module:
     try:
         model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(_need_file(source)))
         onnx.checker.check_model(model)
+        external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     except ConversionError:
         raise
     except Exception as exc:
         raise ConversionError(
-            f"{source if not isinstance(source, bytes) else 'ONNX bytes'}: not a valid ONNX "
-            f"model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            f"{source if not isinstance(source, bytes) else what}: not a valid ONNX model ({_why(exc)})"
         ) from exc
+    if external:  # the graph would read other files named inside it
+        raise ConversionError(
+            f"{source if not isinstance(source, bytes) else what}: tensors stored in external files "
+            f"({external[0]}, ...); save the model with its weights inside (save_as_external_data=False)"
+        )
     _drop_identity_nodes(model)
     try:
         return onnx_to_torch(model)
@@ -191,7 +254,7 @@ def load_model(
     """(model, source record) from a factory spec (+ weights file), an .onnx file or a .pt2 program."""
     if source.endswith(".onnx"):
         data = _need_file(source).read_bytes()
-        return load_onnx(data), {"onnx": True}
+        return load_onnx(data, source), {"onnx": True}
     if source.endswith(".pt2"):
         return load_exported(_need_file(source).read_bytes(), source), {"export": True}
     model = load_factory(source, kwargs)
