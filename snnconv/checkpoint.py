@@ -14,6 +14,7 @@ import torch.nn as nn
 from snnconv.errors import ConversionError
 from snnconv.io import atomic_write
 from snnconv.model import SpikingModel
+from snnconv.settings import Settings, check_allocatable
 
 FORMAT = "snnconv-checkpoint/1"
 MODEL_KEY = "__snnconv__.model_file"
@@ -85,7 +86,7 @@ def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = 
     The file is data: a recorded factory is imported and called only if it names one of the model libraries
     in snnconv.io.TRUSTED_FACTORIES, and an embedded torch.export program (deserialised with pickle) is
     loaded only with trust_source=True. An embedded ONNX graph is data (onnx2torch maps each op)."""
-    from snnconv.convert import convert
+    from snnconv.convert import rebuild
     from snnconv.io import check_recorded_factory, load_exported, load_factory, load_onnx, load_state_strict
 
     tensors, meta = read(path)
@@ -117,26 +118,12 @@ def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = 
             )
     load_state_strict(model, tensors, f"checkpoint {path}")
     state = meta["conversion"]
-    s = state["settings"]
-    n = s["neuron"]
-    example = torch.rand(2, *s["input_shape"])
-    snn = convert(
-        model,
-        T=s["T"],
-        threshold=1.0,
-        example_input=example,
-        neuron=n["kind"],
-        reset=n["reset"],
-        v_reset=n["v_reset"],
-        v_init=n["v_init"],
-        tau=n["tau"],
-        max_spikes=n.get("max_spikes", 1),
-        passes=s["passes"],
-        chunk=s["chunk"],
-        backend=s["backend"],
-        memory_budget_mb=s.get("memory_budget_mb"),
-        readout_delay=s.get("readout_delay", 0),
-    )
-    snn.load_conversion_state(state)
+    where = f"{path}: metadata conversion."
+    if not isinstance(state, dict) or "settings" not in state:
+        raise ConversionError(f"{where}settings is missing (not a complete snnconv checkpoint)")
+    settings = Settings.from_dict(state["settings"], f"{where}settings.")
+    check_allocatable(settings.input_shape, 1, f"{path}: metadata conversion.settings.input_shape")
+    snn = rebuild(model, settings)  # the graph only: thresholds come from the file, not from calibration
+    snn.load_conversion_state(state, where)
     snn.source = source
     return snn
