@@ -4,8 +4,10 @@ unless the user passes trust_pickle."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +18,22 @@ import torch.nn as nn
 
 from snnconv.data import load_idx, load_mnist
 from snnconv.errors import ConversionError
+
+
+@contextlib.contextmanager
+def quiet_torch_logs(level: int = logging.ERROR):
+    """Raise torch's loggers to `level` for a while: torch logs whole tracebacks as warnings (e.g. when a
+    .pt2 file does not parse) above the one-line error snnconv gives for the same failure."""
+    names = ["torch", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
 
 
 def _need_file(path: str | Path) -> Path:
@@ -208,7 +226,8 @@ def load_exported(data: bytes, what: str = "torch.export program") -> nn.Module:
     import io as _io
 
     try:
-        program = torch.export.load(_io.BytesIO(data))
+        with quiet_torch_logs():
+            program = torch.export.load(_io.BytesIO(data))
     except Exception as exc:
         raise ConversionError(
             f"{what}: not a readable torch.export program ({type(exc).__name__}: "
@@ -263,11 +282,55 @@ def load_model(
     return model, {"factory": source, "kwargs": kwargs or {}}
 
 
-def _as_float(x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+def _as_float(x, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
+        raise ConversionError(f"{what}: holds {x.dtype} values, expected numbers")
+    try:
+        t = torch.as_tensor(x)
+    except Exception as exc:
+        raise ConversionError(f"{what}: expected a numeric array, found {type(x).__name__} ({_why(exc)})") from exc
+    if not (
+        t.is_floating_point() or t.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    ):
+        raise ConversionError(f"{what}: holds {t.dtype} values, expected real numbers")
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()  # 8-bit data are images
     if not torch.isfinite(t).all():
         raise ConversionError(f"{what}: contains NaN or Inf values")
+    return t
+
+
+def _np_load(path: Path, what: str):
+    """np.load without pickle; an object array or an unreadable file is one ConversionError."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ConversionError(
+                f"{what}: holds Python objects (an object array), which only unpickling could read; refusing: "
+                "save a numeric array"
+            ) from exc
+        raise ConversionError(f"{what}: not a readable {path.suffix} file ({_why(exc)})") from exc
+    except Exception as exc:
+        raise ConversionError(f"{what}: not a readable {path.suffix} file ({_why(exc)})") from exc
+
+
+def labels_tensor(y, what: str) -> torch.Tensor:
+    """Class labels: a 1-d array of non-negative integers (integral floats accepted)."""
+    if isinstance(y, np.ndarray) and y.dtype.kind not in "biuf":
+        raise ConversionError(f"{what}: labels hold {y.dtype} values, expected class indices")
+    try:
+        t = torch.as_tensor(y)
+    except Exception as exc:
+        raise ConversionError(f"{what}: labels must be an array of class indices ({_why(exc)})") from exc
+    if t.dim() != 1:
+        raise ConversionError(f"{what}: labels have shape {tuple(t.shape)}; expected one class index per sample [N]")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ConversionError(f"{what}: labels hold {t.dtype} values, expected class indices")
+    if t.is_floating_point() and not (torch.isfinite(t).all() and (t == t.round()).all()):
+        raise ConversionError(f"{what}: labels must be whole numbers (class indices)")
+    t = t.long()
+    if len(t) and t.min() < 0:
+        raise ConversionError(f"{what}: label {t.min().item()} is negative; labels are class indices 0..C-1")
     return t
 
 
@@ -287,15 +350,24 @@ def load_data(
     else:
         path = _need_file(path)
         if path.suffix == ".npy":
-            try:
-                x = _as_float(np.load(path, allow_pickle=False), str(path))
-            except ValueError as exc:
-                raise ConversionError(f"{path}: not a plain .npy array ({exc})") from exc
+            x = _as_float(_np_load(path, str(path)), str(path))
         elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
+            z = _np_load(path, str(path))
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ConversionError(f"{path}: not an .npz archive (it holds one array; name it .npy)")
+            with z:
                 if "x" not in z:
                     raise ConversionError(f"{path}: expected arrays 'x' (and optionally 'y'), found {list(z)}")
-                x, y = _as_float(z["x"], str(path)), torch.as_tensor(z["y"]).long() if "y" in z else None
+                try:
+                    xa, ya = z["x"], (z["y"] if "y" in z else None)
+                except ValueError as exc:
+                    raise ConversionError(
+                        f"{path}: holds Python objects (an object array) or a corrupt member; refusing: save "
+                        "numeric arrays"
+                    ) from exc
+                except Exception as exc:
+                    raise ConversionError(f"{path}: not a readable .npz file ({_why(exc)})") from exc
+            x, y = _as_float(xa, str(path)), (labels_tensor(ya, str(path)) if ya is not None else None)
         elif path.suffix in (".pt", ".pth"):
             obj = _torch_load(path, trust_pickle)
             if isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -307,7 +379,7 @@ def load_data(
                     raise ConversionError(
                         f"{path}: expected a tensor or a dict with 'x' (and 'y'), found keys {list(obj)[:8]}"
                     )
-                x, y = _as_float(obj[xk], str(path)), torch.as_tensor(obj[yk]).long() if yk else None
+                x, y = _as_float(obj[xk], str(path)), labels_tensor(obj[yk], str(path)) if yk else None
             elif isinstance(obj, torch.Tensor):
                 x = _as_float(obj, str(path))
             else:
@@ -321,17 +393,20 @@ def load_data(
             raise ConversionError(
                 f"{path}: unknown data format {path.suffix!r}; use .npy, .npz, .pt, an idx file or a folder of images"
             )
-    if labels is not None:
-        lp = _need_file(labels)
-        y = (
-            torch.as_tensor(load_idx(lp).astype(np.int64))
-            if "idx" in lp.name
-            else torch.as_tensor(np.load(lp, allow_pickle=False)).long()
-        )
     if x.dim() < 2 or len(x) == 0:
         raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
+    where = str(path)
+    if labels is not None:
+        lp = _need_file(labels)
+        if "idx" in lp.name:
+            raw = load_idx(lp)
+        elif lp.suffix == ".npy":
+            raw = _np_load(lp, str(lp))
+        else:
+            raise ConversionError(f"{lp}: unknown labels format {lp.suffix!r}; use .npy or an idx file")
+        y, where = labels_tensor(raw, str(lp)), str(lp)
     if y is not None and len(y) != len(x):
-        raise ConversionError(f"{path}: {len(x)} inputs but {len(y)} labels")
+        raise ConversionError(f"{where}: {len(y)} labels for {len(x)} inputs in {path}; give one label per input")
     return x, y
 
 
@@ -366,13 +441,15 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def atomic_write(path: Path, content) -> None:
     """Write `content` (bytes, or a function writing to a path) to a temporary file beside `path`, then
-    rename it over `path`: a failure never leaves a half-written file."""
+    rename it over `path`: a failure (an unwritable folder, a full disk, Ctrl-C) never leaves a half-written
+    or temporary file, and is one ConversionError naming the path."""
     path = Path(path)
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         if isinstance(content, bytes):
             Path(tmp).write_bytes(content)
         else:
@@ -381,8 +458,14 @@ def atomic_write(path: Path, content) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot write the output ({exc.strerror or _why(exc)})") from exc
+    except ConversionError:
+        raise
+    except Exception as exc:  # the writer's own errors (safetensors, matplotlib)
+        raise ConversionError(f"{path}: writing the output failed ({_why(exc)})") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

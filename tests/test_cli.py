@@ -266,7 +266,7 @@ def _bad_inputs(d):
             "object npy",
             lambda: np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
             [*conv, "w.pth", "--calib", "obj.npy", "-o", "out.safetensors"],
-            "not a plain .npy",
+            "holds Python objects",
         ),
         (
             "empty calibration",
@@ -339,13 +339,13 @@ RUN_CASES = [
         "data shape mismatch",
         lambda d: np.save(d / "wrong.npy", np.zeros((3, 1, 9, 9), np.float32)),
         ["run", "ok.safetensors", "--data", "wrong.npy", "--trust-source"],
-        "data samples have shape",
+        "samples have shape",
     ),
     (
         "label count mismatch",
         lambda d: np.save(d / "lab.npy", np.zeros(3, np.int64)),
         ["run", "ok.safetensors", "--data", "calib.npy", "--labels", "lab.npy", "--trust-source"],
-        "64 inputs but 3 labels",
+        "3 labels for 64 inputs",
     ),
     (
         "batch zero",
