@@ -43,9 +43,9 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a converted checkpoint, validated."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
+    from snnconv.io import need_file
+
+    path = need_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

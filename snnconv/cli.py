@@ -346,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
         help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
     )
     e.set_defaults(fn=cmd_export)
+    p.verbs = {"convert": c, "run": r, "inspect": i, "export": e}
     return p
 
 
@@ -365,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C is `snnconv VERB: interrupted` and exit code 130. Outputs are written atomically, so neither
     leaves a partial or temporary file."""
     try:
-        args = parser().parse_args(argv)
+        p = parser()
+        args, extra = p.parse_known_args(argv)
+        if extra:  # name the verb whose options these are not
+            p.verbs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
     verb = f"snnconv {args.cmd}"

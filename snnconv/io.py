@@ -36,7 +36,7 @@ def quiet_torch_logs(level: int = logging.ERROR):
             lg.setLevel(lvl)
 
 
-def _need_file(path: str | Path) -> Path:
+def need_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file")
@@ -67,7 +67,7 @@ def _torch_load(path: Path, trust_pickle: bool):
 def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A state_dict from .pth/.pt (also nested under 'state_dict'/'model', DDP 'module.' prefixes) or
     .safetensors."""
-    path = _need_file(path)
+    path = need_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -196,7 +196,7 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX bytes") -> nn.Module
     except ImportError as exc:
         raise ConversionError("ONNX import needs the extra: pip install 'snnconv[onnx]' (onnx, onnx2torch)") from exc
     try:
-        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(_need_file(source)))
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(need_file(source)))
         onnx.checker.check_model(model)
         external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     except ConversionError:
@@ -272,10 +272,10 @@ def load_model(
 ) -> tuple[nn.Module, dict]:
     """(model, source record) from a factory spec (+ weights file), an .onnx file or a .pt2 program."""
     if source.endswith(".onnx"):
-        data = _need_file(source).read_bytes()
+        data = need_file(source).read_bytes()
         return load_onnx(data, source), {"onnx": True}
     if source.endswith(".pt2"):
-        return load_exported(_need_file(source).read_bytes(), source), {"export": True}
+        return load_exported(need_file(source).read_bytes(), source), {"export": True}
     model = load_factory(source, kwargs)
     if weights is not None:
         load_state_strict(model, load_weights(weights, trust_pickle), f"weights file {weights}")
@@ -348,7 +348,7 @@ def load_data(
         else:
             x, y = _image_folder(path)
     else:
-        path = _need_file(path)
+        path = need_file(path)
         if path.suffix == ".npy":
             x = _as_float(_np_load(path, str(path)), str(path))
         elif path.suffix == ".npz":
@@ -397,7 +397,7 @@ def load_data(
         raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
     where = str(path)
     if labels is not None:
-        lp = _need_file(labels)
+        lp = need_file(labels)
         if "idx" in lp.name:
             raw = load_idx(lp)
         elif lp.suffix == ".npy":
@@ -444,6 +444,8 @@ def atomic_write(path: Path, content) -> None:
     rename it over `path`: a failure (an unwritable folder, a full disk, Ctrl-C) never leaves a half-written
     or temporary file, and is one ConversionError naming the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, expected a file path for the output")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: output folder does not exist")
     tmp = None
