@@ -174,10 +174,15 @@ def cmd_inspect(a) -> int:
 
 def cmd_export(a) -> int:
     from snnconv.export import export_onnx
+    from snnconv.nir_graph import write_nir
 
     _positive("batch", a.batch)
     out = _guard_output(a.output, a.checkpoint)
     snn = _load(a)
+    if a.format == "nir":
+        write_nir(snn, out)
+        print(f"wrote {out}: NIR graph, {len(snn.neurons())} IF layers (metadata 'snnconv': v_init, readout)")
+        return 0
     export_onnx(snn, out, batch=a.batch)
     print(f"wrote {out}: T={snn.T} unrolled, batch {a.batch}, checked with onnx.checker")
     return 0
@@ -251,8 +256,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--trust-pickle", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    e = sub.add_parser("export", help="export the SNN to ONNX with T unrolled")
+    e = sub.add_parser("export", help="export the SNN to ONNX (T unrolled) or NIR (neuromorphic hardware)")
     e.add_argument("checkpoint")
+    e.add_argument("--format", choices=["onnx", "nir"], default="onnx", help="onnx (default) or nir (HDF5)")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--T", type=int)
     e.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")
