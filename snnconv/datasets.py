@@ -23,6 +23,20 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
 SHARD_EXTS = {".npy", ".npz", ".pt", ".pth"}
 
 
+_NUMERIC = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_numeric(x, what: str) -> None:
+    """What io.load_data refuses, checked on the array's type without reading its values."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise ConversionError(f"{what}: holds {x.dtype} values, expected numbers")
+    elif not isinstance(x, torch.Tensor):
+        raise ConversionError(f"{what}: expected a numeric array, found {type(x).__name__}")
+    elif not (x.is_floating_point() or x.dtype in _NUMERIC):
+        raise ConversionError(f"{what}: holds {x.dtype} values, expected real numbers")
+
+
 def _as_float(x) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()  # 8-bit data are images
@@ -35,11 +49,13 @@ class ArrayFile(Dataset):
         self.path, self.trust_pickle = path, trust_pickle
         self._x, self._y = None, None
         x, y = self._open()
+        _check_numeric(x, str(path))
         if x.ndim < 2 or len(x) == 0:
             raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
         if y is not None and len(y) != len(x):
-            raise ConversionError(f"{path}: {len(x)} inputs but {len(y)} labels")
+            raise ConversionError(f"{path}: {len(y)} labels for {len(x)} inputs in {path}; give one label per input")
         self.n, self.has_labels = len(x), y is not None
+        self.labels = y
         self._x = self._y = None  # reopened where used: a worker maps the file itself
 
     def _open(self):
@@ -50,21 +66,20 @@ class ArrayFile(Dataset):
             try:
                 x = np.load(p, mmap_mode="r", allow_pickle=False)
             except ValueError as exc:
-                raise ConversionError(f"{p}: not a plain .npy array ({exc})") from exc
-        elif p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                if "x" not in z:
-                    raise ConversionError(f"{p}: expected arrays 'x' (and optionally 'y'), found {list(z)}")
-                x, y = z["x"], (z["y"] if "y" in z else None)
+                if "object" in str(exc).lower() or "pickle" in str(exc):
+                    raise ConversionError(
+                        f"{p}: holds Python objects (an object array), which only unpickling could read; "
+                        "refusing: save a numeric array"
+                    ) from exc
+                raise ConversionError(f"{p}: not a readable .npy file ({exc})") from exc
+            except Exception as exc:
+                raise ConversionError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
         elif p.suffix in (".pt", ".pth"):
             x, y = _torch_file(p, self.trust_pickle)
-        elif "idx" in p.name:
-            x = load_idx(p)
-            x = x[:, None] if x.ndim == 3 else x
-        else:
-            raise ConversionError(
-                f"{p}: unknown data format {p.suffix!r}; use .npy, .npz, .pt, an idx file or a folder of images"
-            )
+        else:  # .npz and idx files are read whole, with io.load_data's checks
+            from snnconv.io import load_data
+
+            x, y = load_data(p, trust_pickle=self.trust_pickle)
         self._x, self._y = x, y
         return x, y
 
@@ -74,11 +89,13 @@ class ArrayFile(Dataset):
     def __getitem__(self, i: int):
         x, y = self._open()
         xi = _as_float(np.array(x[i]) if isinstance(x, np.ndarray) else x[i].clone())
+        if not torch.isfinite(xi).all():  # checked as samples are read: the file is never scanned whole
+            raise ConversionError(f"{self.path}: sample {i} contains NaN or Inf values")
         return (xi, int(y[i])) if y is not None else xi
 
 
 def _torch_file(p: Path, trust_pickle: bool):
-    from snnconv.io import _torch_load
+    from snnconv.io import _torch_load, labels_tensor
 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=True)
@@ -91,7 +108,7 @@ def _torch_file(p: Path, trust_pickle: bool):
         yk = next((k for k in ("y", "labels", "targets") if k in obj), None)
         if xk is None:
             raise ConversionError(f"{p}: expected a tensor or a dict with 'x' (and 'y'), found keys {list(obj)[:8]}")
-        return obj[xk], (torch.as_tensor(obj[yk]) if yk else None)
+        return obj[xk], (labels_tensor(obj[yk], str(p)) if yk else None)
     if isinstance(obj, torch.Tensor):
         return obj, None
     raise ConversionError(f"{p}: expected a tensor, found {type(obj).__name__}")
@@ -159,12 +176,24 @@ class ImageFiles(Dataset):
 
 
 class Labelled(Dataset):
-    """Inputs from one data set, labels from a separate array."""
+    """Inputs from one data set, labels from a separate file (.npy or idx)."""
 
-    def __init__(self, data: Dataset, labels: torch.Tensor):
-        if len(labels) != len(data):
-            raise ConversionError(f"{len(data)} inputs but {len(labels)} labels")
-        self.data, self.labels, self.has_labels = data, labels, True
+    def __init__(self, data: Dataset, labels: Path, data_path: Path):
+        from snnconv.io import _np_load, labels_tensor, need_file
+
+        lp = need_file(labels)
+        if "idx" in lp.name:
+            raw = load_idx(lp)
+        elif lp.suffix == ".npy":
+            raw = _np_load(lp, str(lp))
+        else:
+            raise ConversionError(f"{lp}: unknown labels format {lp.suffix!r}; use .npy or an idx file")
+        self.labels = labels_tensor(raw, str(lp))
+        if len(self.labels) != len(data):
+            raise ConversionError(
+                f"{lp}: {len(self.labels)} labels for {len(data)} inputs in {data_path}; give one label per input"
+            )
+        self.data, self.has_labels = data, True
 
     def __len__(self) -> int:
         return len(self.data)
@@ -178,7 +207,7 @@ def open_dataset(path: str | Path, labels: str | Path | None = None, trust_pickl
     """A Dataset over what `path` names (see the module doc); `.has_labels` says whether items are (x, y)."""
     path = Path(path)
     if not path.exists():
-        raise ConversionError(f"{path}: no such file or folder")
+        raise ConversionError(f"{path}: no such file")
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if any(n.startswith(("t10k-images", "train-images")) for n in names):
@@ -194,14 +223,35 @@ def open_dataset(path: str | Path, labels: str | Path | None = None, trust_pickl
     else:
         ds = ArrayFile(path, trust_pickle)
     if labels is not None:
-        from snnconv.io import _need_file
-
-        lp = _need_file(labels)
-        y = torch.as_tensor(
-            load_idx(lp).astype(np.int64) if "idx" in lp.name else np.load(lp, allow_pickle=False)
-        ).long()
-        ds = Labelled(ds, y)
+        ds = Labelled(ds, Path(labels), path)
     return ds
+
+
+def _max_label(ds: Dataset) -> int | None:
+    if isinstance(ds, (ArrayFile, Labelled)):
+        y = ds.labels
+    elif isinstance(ds, Shards):
+        return max((_max_label(f) or 0) for f in ds.files)
+    elif isinstance(ds, ImageFiles):
+        return max(c for _, c in ds.files)
+    elif isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) > 1:
+        y = ds.tensors[1]
+    else:
+        return None
+    return int(torch.as_tensor(y).max()) if y is not None and len(y) else None
+
+
+def check_labels(ds: Dataset, snn, what) -> None:
+    """Labels must index the model's outputs (checked once, before the run)."""
+    top = _max_label(ds)
+    if top is None:
+        return
+    item = ds[0]
+    with torch.no_grad():
+        out = snn.graph_module((item[0] if isinstance(item, tuple) else item).unsqueeze(0))  # ANN mode
+    classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    if classes is not None and top >= classes:
+        raise ConversionError(f"{what}: label {top} is out of range for the model's {classes} outputs")
 
 
 def sample_shape(ds: Dataset) -> tuple[int, ...]:
