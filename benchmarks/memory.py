@@ -140,10 +140,11 @@ def folder(args) -> None:
     )
     print("# `snnconv run CKPT --data FOLDER --T 8 --batch 64 --limit N`: the peak it reports (ru_maxrss of the")
     print("# main process; DataLoader workers are separate processes) and wall time")
+    run_args = ["--T", "8", "--batch", "64", "--limit"]
     for n in (500, args.images):
         t0 = time.perf_counter()
         out = subprocess.run(
-            [*snn, "run", str(ckpt), "--data", str(root), "--T", "8", "--batch", "64", "--limit", str(n)],
+            [*snn, "run", str(ckpt), "--model", "benchmarks.memory:small_cnn", "--data", str(root), *run_args, str(n)],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -196,7 +196,7 @@ def test_cli_under_torchrun_env_writes_one_checkpoint(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "on 2 ranks" in outs[0][0] and outs[1][0] == ""  # rank 0 reports, rank 1 is silent
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.safetensors"]  # no temporaries left
-    loaded = snnconv.load(tmp_path / "out" / "m.safetensors")
+    loaded = snnconv.load(tmp_path / "out" / "m.safetensors", model=make_net())
     one = snnconv.convert(make_net(), T=8, calib=x, method="max")
     for k, th in one.thresholds().items():
         assert torch.equal(loaded.thresholds()[k], th), k

@@ -108,7 +108,8 @@ def test_cli_run_streams_a_shard_folder(files, capsys, tmp_path):
     sys.modules["streaming_net"].net = _net
     ckpt = tmp_path / "m.safetensors"
     assert main(["convert", "streaming_net:net", "--calib", str(root / "shards"), "-o", str(ckpt)]) == 0
-    assert main(["run", str(ckpt), "--data", str(root / "shards"), "--T", "2,4", "--batch", "5", "--workers", "0"]) == 0
+    run = ["run", str(ckpt), "--model", "streaming_net:net", "--data", str(root / "shards"), "--T", "2,4"]
+    assert main([*run, "--batch", "5", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "accuracy on 12 samples" in out and "T=4" in out
     assert "planned time chunk" in out and "peak resident memory" in out
