@@ -33,8 +33,8 @@ def worker(args) -> None:
     device = args.device
     distributed.init_from_env(device)
     device = distributed.local_device(device)
-    model = mnist_models.trained("vgg")
-    (xtr, _), (xte, yte) = mnist_models.dataset("mnist")
+    model = mnist_models.trained("vgg", data_dir=Path(args.mnist))
+    (xtr, _), (xte, yte) = mnist_models.dataset("mnist", Path(args.mnist))
     calib = TensorDataset(xtr[:512])
     test = TensorDataset(xte[: args.limit], yte[: args.limit])
     out = {}
@@ -62,7 +62,9 @@ def worker(args) -> None:
 def launch(nproc: int, device: str, args) -> dict:
     out = Path(f"/tmp/snnconv_dist_bench_{nproc}_{device}.json")
     cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",  # the torchrun command
         "--standalone",
         f"--nproc_per_node={nproc}",
         __file__,
@@ -75,6 +77,8 @@ def launch(nproc: int, device: str, args) -> dict:
         str(args.batch),
         "--out",
         str(out),
+        "--mnist",
+        args.mnist,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     t0 = time.perf_counter()
@@ -91,6 +95,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=10000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--out")
+    p.add_argument("--mnist", default="/work/shared/data/mnist", help="folder with MNIST's idx files")
     p.add_argument("--gpu", action="store_true", help="also 1 GPU (NCCL)")
     args = p.parse_args()
     if args.what == "worker":
