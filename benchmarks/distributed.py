@@ -33,7 +33,11 @@ def worker(args) -> None:
     device = args.device
     distributed.init_from_env(device)
     device = distributed.local_device(device)
-    model = mnist_models.trained("vgg", data_dir=Path(args.mnist))
+    if args.trained:
+        model = mnist_models.trained("vgg", data_dir=Path(args.mnist))
+    else:  # random weights: the equality checks and throughput do not need training (accuracy is then chance)
+        torch.manual_seed(0)
+        model = mnist_models.FACTORIES["vgg"](28).eval()
     (xtr, _), (xte, yte) = mnist_models.dataset("mnist", Path(args.mnist))
     calib = TensorDataset(xtr[:512])
     test = TensorDataset(xte[: args.limit], yte[: args.limit])
@@ -79,6 +83,7 @@ def launch(nproc: int, device: str, args) -> dict:
         str(out),
         "--mnist",
         args.mnist,
+        *(["--trained"] if args.trained else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     t0 = time.perf_counter()
@@ -97,14 +102,19 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--mnist", default="/work/shared/data/mnist", help="folder with MNIST's idx files")
     p.add_argument("--gpu", action="store_true", help="also 1 GPU (NCCL)")
+    p.add_argument("--trained", action="store_true", help="train the VGG first (one MNIST epoch, cached)")
     args = p.parse_args()
     if args.what == "worker":
         worker(args)
         return
     runs = [(1, "cpu"), (2, "cpu")] + ([(1, "cuda")] if args.gpu else [])
-    print(f"# python benchmarks/distributed.py --limit {args.limit} --batch {args.batch}{' --gpu' if args.gpu else ''}")
+    flags = (" --gpu" if args.gpu else "") + (" --trained" if args.trained else "")
+    print(f"# python benchmarks/distributed.py --limit {args.limit} --batch {args.batch}{flags}")
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs (shared with other jobs: throughput is indicative),")
-    print("# MNIST VGG, T=8, calibration on 512 training images, evaluation on the test set; torchrun --standalone")
+    print(
+        f"# MNIST VGG ({'trained' if args.trained else 'random weights'}), T=8, calibration on 512 training "
+        "images, evaluation on the test set; torchrun --standalone"
+    )
     results = {}
     for nproc, device in runs:
         results[(nproc, device)] = launch(nproc, device, args)

@@ -7,7 +7,8 @@ sampler's padding (it repeats samples so that shards are equal) is left out.
 Energy constants (Horowitz, ISSCC 2014, 45 nm, 32-bit float): 4.6 pJ per multiply-accumulate (MAC),
 0.9 pJ per accumulate (AC). A layer fed by spikes does one AC per input event and fan-out (MACs x
 fraction of non-zero inputs, per step); a layer fed by analog values (upstream of every neuron) does MACs,
-once per step it runs (once per time chunk where its input is hoisted out of the time loop).
+once per step it runs (once per forward where its input is hoisted out of the time loop), so no count
+depends on the time chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
 from snnconv.passes.fold_batchnorm import FoldedBN
 from snnconv.runtime.integer_spikes import SpikeLayer
-from snnconv.runtime.modules import Neuron
+from snnconv.runtime.modules import Neuron, TimeBroadcast
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
 _COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FoldedBN, SpikeLayer)
@@ -37,17 +38,25 @@ def _macs(module: nn.Module, out: torch.Tensor) -> float:
     return out.numel() * layer.weight[0].numel()  # in_channels / groups * kernel elements
 
 
-def _analog_fed(gm) -> set[nn.Module]:
-    """Compute modules whose input depends on no neuron: they see analog values (MACs), never spikes."""
-    downstream: set = set()
-    analog = set()
+def _analog_fed(gm) -> tuple[set[nn.Module], set[nn.Module]]:
+    """Compute modules whose input depends on no neuron (they see analog values: MACs, never spikes), and
+    among them those before any broadcast over time (hoisted: one step-invariant pass per forward)."""
+    spiking: set = set()
+    timed: set = set()
+    analog, static = set(), set()
     for node in gm.graph.nodes:
         m = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(m, Neuron) or any(a in downstream for a in node.all_input_nodes):
-            downstream.add(node)
-        elif isinstance(m, _COMPUTE):
+        ins = node.all_input_nodes
+        if isinstance(m, Neuron) or any(a in spiking for a in ins):
+            spiking.add(node)
+            continue
+        if isinstance(m, TimeBroadcast) or any(a in timed for a in ins):
+            timed.add(node)
+        if isinstance(m, _COMPUTE):
             analog.add(m)
-    return analog
+            if node not in timed:
+                static.add(m)
+    return analog, static
 
 
 def _batches(data, y, batch: int, workers: int | None, pin: bool):
@@ -91,7 +100,8 @@ def evaluate(
     loader, size = _batches(data, y, batch, workers, device.type == "cuda")
     gm = snn.graph_module
     neurons = snn.neurons()
-    analog = _analog_fed(gm)
+    analog, static = _analog_fed(gm)
+    counted: set[nn.Module] = set()  # hoisted layers already counted in this forward (one per time chunk runs)
     counts = torch.zeros(6, dtype=torch.float64, device=device)  # ann MACs, SNN ACs, SNN MACs, n, ann ok, labelled
     spikes = torch.zeros(2, len(neurons), dtype=torch.float64, device=device)  # spikes, neuron-steps
     correct = torch.zeros(T_max, dtype=torch.float64, device=device)
@@ -102,6 +112,10 @@ def evaluate(
         macs = _macs(m, o)
         if mode[0] == "ann":
             counts[0] += macs
+        elif m in static:
+            if m not in counted:  # once per forward, however many time chunks ran it
+                counted.add(m)
+                counts[2] += macs
         elif m in analog:
             counts[2] += macs
         else:
@@ -127,6 +141,7 @@ def evaluate(
                 mode[0] = "ann"
                 ann_pred = gm(xb).argmax(-1)  # the prepared graph in ANN mode is the ANN
                 mode[0] = "snn"
+                counted.clear()
                 pred = snn(xb, per_step=True).cumsum(0).argmax(-1)  # [T, N]: the running mean's class
                 counts[3] += len(xb)
                 if yb is not None:

@@ -128,3 +128,16 @@ def test_auto_chunk_follows_available_memory(monkeypatch):
     assert memory.plan_chunk(snn.settings, 16, len(x)).chunk == min(16, memory.CAP_BYTES // step)
     snn.settings.chunk = 4
     assert memory.plan_chunk(snn.settings, 16, len(x)).chunk == 4
+
+
+@pytest.mark.parametrize("passes", [None, []])  # hoisted input layer, and one that runs at every step
+def test_evaluation_counts_do_not_depend_on_the_time_chunk(files, passes):
+    _, x, y = files
+    snn = snnconv.convert(_net(), T=6, calib=x, passes=passes)
+    whole = snnconv.evaluate(snn, x, y, batch=5, progress=False)
+    snn.settings.chunk = 4  # chunks of 4 and 2 steps
+    chunked = snnconv.evaluate(snn, x, y, batch=5, progress=False)
+    assert chunked["accuracy_by_T"] == whole["accuracy_by_T"]
+    for k in ("ann_macs", "snn_acs", "snn_macs"):
+        assert chunked[k] == pytest.approx(whole[k], rel=1e-9), k
+    assert whole["snn_macs"] > 0
