@@ -827,3 +827,35 @@ def test_pt2_parse_error_in_a_process_is_one_line(work):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("snnconv convert: error: bad.pt2: not a readable"), proc.stderr
     assert not (d / "o.safetensors").exists()
+
+
+def test_load_rebuilds_without_calibrating(work, monkeypatch):
+    """load() takes thresholds from the file: no calibration runs (no random input decides anything), and
+    the rebuilt SNN computes exactly what the saved one did."""
+    d, model = work
+    snn = snnconv.convert(model, T=5, calib=torch.rand(32, 1, 8, 8), per_channel=False, readout_delay=1)
+    snnconv.save(snn, d / "a.safetensors", source={"factory": "badnets:tiny", "kwargs": {}})
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("load() calibrated")
+
+    monkeypatch.setattr(sys.modules["snnconv.convert"], "calibrate", no_calibration)
+    again = snnconv.load(d / "a.safetensors", model=model)
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.equal(again(x), snn(x))
+    assert again.T == 5 and again.settings.readout_delay == 1 and again.settings.per_channel is False
+
+
+def test_allow_listed_factory_loads_without_trust(work):
+    """A checkpoint naming a torchvision architecture with plain arguments loads as data, no flag needed."""
+    tv = pytest.importorskip("torchvision")
+    d, _ = work
+    torch.manual_seed(0)
+    net = tv.models.resnet18(num_classes=10).eval()
+    snn = snnconv.convert(net, T=2, calib=torch.rand(4, 3, 32, 32))
+    snnconv.save(
+        snn, d / "r.safetensors", source={"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}}
+    )
+    again = snnconv.load(d / "r.safetensors")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(again(x), snn(x))
