@@ -204,8 +204,8 @@ def convert(
         chunk=chunk,
         memory_budget_mb=memory_budget_mb,
         readout_delay=readout_delay,
+        backend=backend,
     )
-    settings.clock.backend = backend
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
     check = _output_check(ann, first)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from snnconv.runtime.modules import Clock, NeuronConfig
+from snnconv.runtime.modules import NeuronConfig
 
 
 @dataclass
@@ -22,22 +22,17 @@ class Settings:
     memory_budget_mb: float | None = None  # pick `chunk` so one chunk's activations fit this budget
     readout_delay: int = 0  # leading steps left out of the output mean (transient)
     step_bytes_per_sample: int = 0  # all activations of one step for one sample (measured at convert)
-    clock: Clock = field(default_factory=Clock, repr=False)
+    backend: str = "auto"  # neuron backend: 'auto', 'torch', 'cupy'
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("clock")
-        d["backend"] = self.clock.backend
         d["passes"] = list(self.passes) if self.passes is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Settings:
         d = dict(d)
-        backend = d.pop("backend", "auto")
         d["neuron"] = NeuronConfig(**d["neuron"])
         d["passes"] = tuple(d["passes"]) if d.get("passes") is not None else None
         d["input_shape"] = tuple(d.get("input_shape", ()))
-        s = cls(**d)
-        s.clock.backend = backend
-        return s
+        return cls(**d)
