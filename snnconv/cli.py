@@ -256,12 +256,17 @@ def cmd_inspect(a) -> int:
 
 def cmd_export(a) -> int:
     from snnconv.export import export_onnx
+    from snnconv.nir_graph import write_nir
     from snnconv.settings import check_allocatable
 
     snn = _load(a)
-    check_allocatable(snn.settings.input_shape, a.batch, f"--batch {a.batch}")
-    export_onnx(snn, Path(a.output), batch=a.batch)
     out = a.output
+    if a.format == "nir":
+        write_nir(snn, Path(out))
+        print(f"wrote {out}: NIR graph, {len(snn.neurons())} IF layers (metadata 'snnconv': v_init, readout)")
+        return 0
+    check_allocatable(snn.settings.input_shape, a.batch, f"--batch {a.batch}")
+    export_onnx(snn, Path(out), batch=a.batch)
     print(f"wrote {out}: T={snn.T} unrolled, batch {a.batch}, checked with onnx.checker")
     return 0
 
@@ -345,8 +350,9 @@ def parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(fn=cmd_inspect)
 
-    e = sub.add_parser("export", help="export the SNN to ONNX with T unrolled")
+    e = sub.add_parser("export", help="export the SNN to ONNX (T unrolled) or NIR (neuromorphic hardware)")
     e.add_argument("checkpoint")
+    e.add_argument("--format", choices=["onnx", "nir"], default="onnx", help="onnx (default) or nir (HDF5)")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--T", type=int)
     e.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")
