@@ -663,6 +663,20 @@ CASES = [
         "export",
         ["settings.chunk must be"],
     ),
+    (
+        "export format unknown",
+        None,
+        [*EXPORT, "-o", "m.x", "--format", "tflite"],
+        "export",
+        ["--format", "invalid choice"],
+    ),
+    (
+        "export nir read-only folder",
+        _read_only("ro"),
+        [*EXPORT, "-o", "ro/m.nir", "--format", "nir"],
+        "export",
+        ["ro/m.nir", "writ"],
+    ),
     # no verb
     ("no verb", None, [], None, ["required"]),
     ("unknown verb", None, ["frob"], None, ["invalid choice"]),
