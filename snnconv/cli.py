@@ -81,6 +81,8 @@ def _guard_output(flag: str, out: str, *inputs: str | None) -> Path:
             raise ConversionError(f"{flag} {out}: that file is also an input; choose another output path")
     if path.is_dir():
         raise ConversionError(f"{flag} {out}: is a directory, expected a file path")
+    if path.exists() and not path.is_file():  # a device or pipe: renaming over it would replace it
+        raise ConversionError(f"{flag} {out}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{flag} {out}: output folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):

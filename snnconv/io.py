@@ -470,6 +470,8 @@ def atomic_write(path: Path, content) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"{path}: is a directory, expected a file path for the output")
+    if path.exists() and not path.is_file():  # renaming over a device or pipe would replace it
+        raise ConversionError(f"{path}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: output folder does not exist")
     tmp = None

@@ -648,6 +648,13 @@ CASES = [
         ["t.safetensors", "settings.per_channel must be"],
     ),
     # export
+    (
+        "export over a pipe",
+        lambda d, mp: os.mkfifo(d / "pipe"),
+        [*EXPORT, "-o", "pipe"],
+        "export",
+        ["-o pipe", "not a regular file"],
+    ),
     ("export over the checkpoint", None, [*EXPORT, "-o", "ok.safetensors"], "export", ["also an input"]),
     ("export read-only folder", _read_only("ro"), [*EXPORT, "-o", "ro/m.onnx"], "export", ["ro/m.onnx", "writ"]),
     ("export folder missing", None, [*EXPORT, "-o", "no/m.onnx"], "export", ["does not exist"]),
@@ -714,10 +721,12 @@ def test_case_count():
 def _api_cases(d, model):
     snn = snnconv.load(d / "ok.safetensors", model=model)
     rewrite_meta(d / "ok.safetensors", d / "t.safetensors", _settings(input_shape=[1, -8, 8]))
+    os.mkfifo(d / "pipe")  # a pipe (never /dev/null: a regression would replace it)
     state = snn.conversion_state()
     return [
         ("save to a folder", lambda: snnconv.save(snn, d), "is a directory"),
         ("save to a missing folder", lambda: snnconv.save(snn, d / "no" / "x.safetensors"), "does not exist"),
+        ("save over a pipe", lambda: snnconv.save(snn, d / "pipe"), "not a regular file"),
         ("load a folder", lambda: snnconv.load(d), "is a directory"),
         ("load a missing file", lambda: snnconv.load(d / "nope.safetensors"), "no such file"),
         ("load with a non-module model", lambda: snnconv.load(d / "ok.safetensors", model="tiny"), "nn.Module"),
@@ -758,7 +767,7 @@ def _api_cases(d, model):
     ]
 
 
-@pytest.mark.parametrize("index", range(15))
+@pytest.mark.parametrize("index", range(16))
 def test_api_bad_input(work, index):
     d, model = work
     name, call, fragment = _api_cases(d, model)[index]
