@@ -783,7 +783,8 @@ def test_api_bad_input(work, index):
 # real processes: Ctrl-C during a run, and stderr free of torch's logged tracebacks
 
 DRIVER = """
-import pathlib, sys
+import pathlib, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if CI started us ignoring it
 import snnconv.stats as stats
 from snnconv.cli import main
 
@@ -820,13 +821,18 @@ def test_ctrl_c_exits_130_with_one_line(work):
         stderr=subprocess.PIPE,
         text=True,
     )
-    for _ in range(1200):  # up to 2 minutes on a loaded machine
-        if (d / "started").exists() or proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert (d / "started").exists(), proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        for _ in range(1200):  # up to 2 minutes on a loaded machine
+            if (d / "started").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (d / "started").exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["snnconv run: interrupted"], err
     (d / "started").unlink()
