@@ -63,6 +63,7 @@ class Neuron(nn.Module):
         self.observer = None
         self.v: torch.Tensor | None = None
         self._out, self._out_key = None, None
+        self.calls = {"kernel": 0, "torch": 0}  # SNN-mode calls served by the fused CUDA kernel / by torch
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -128,6 +129,7 @@ class Neuron(nn.Module):
             return out.reshape(steps * shape[0], *shape[1:])
         out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         if cfg.max_spikes > 1:  # burst neurons: torch backend only
+            self.calls["torch"] += 1
             torch_backend.multistep_burst(
                 x_in,
                 self.v,
@@ -151,6 +153,7 @@ class Neuron(nn.Module):
             v_reset=cfg.v_reset,
             decay=cfg.decay,
             out=out,
+            calls=self.calls,
         )
         return out.view(steps * shape[0], *shape[1:])
 
