@@ -289,3 +289,21 @@ def test_converted_net_runs_every_neuron_on_the_kernel(launcher, monkeypatch):
     snn.step_mode = "m"
     assert torch.equal(torch.stack(steps), want)
     assert all(n.calls["torch"] == 0 for n in snn.neurons().values())
+
+
+def test_run_report_and_inspect_give_the_kernel_share(launcher, monkeypatch):
+    """`snnconv run` (stats.evaluate) and `inspect` count each neuron's calls: kernel vs torch backend."""
+    from snnconv.runtime import modules
+    from snnconv.stats import evaluate, format_report
+
+    snn, x = _converted_net(seed=1)
+    y = torch.zeros(len(x), dtype=torch.long)
+    n = len(snn.neurons())
+    r = evaluate(snn, x, y, batch=8, progress=False, device="cpu")  # torch backend on the CPU
+    assert f"neuron calls on the fused CUDA kernel: 0 of {2 * n} (0%) on cpu" in format_report(r)
+    monkeypatch.setattr(modules, "get_backend", lambda name, device: launcher.multistep)
+    r = evaluate(snn, x, y, batch=8, progress=False, device="cpu")
+    assert f"neuron calls on the fused CUDA kernel: {2 * n} of {2 * n} (100%)" in format_report(r)
+    assert r["neuron_calls"] == {name: {"kernel": 2, "torch": 0} for name in snn.neurons()}
+    table = snnconv.inspect(snn).split("== final graph ==")[1]
+    assert sum(" 2/2 " in line for line in table.splitlines()) == n
