@@ -32,7 +32,7 @@ def build(net: str, method: str, T: int, batch: int):
     g = torch.Generator().manual_seed(1)
     calib, x = torch.rand(256, *shape, generator=g), torch.rand(batch, *shape, generator=g).cuda()
     if method == "snnconv_cupy_cpu_plan":  # the CPU's layout plan, then moved
-        snn = snnconv.convert(model, T=T, calib=calib, backend="cupy").cuda()
+        snn = snnconv.convert(model, T=T, calib=calib).cuda()  # backend "auto": the kernel column says which ran
         return (lambda: snn(x)), snn
     model, calib = model.cuda(), calib.cuda()
     if method == "ann":
