@@ -150,9 +150,9 @@ def test_cpu_conversion_moved_to_cuda_runs_every_neuron_on_the_kernel():
     y = snn(x.cuda(), per_step=True)
     calls = [n.calls for n in snn.neurons().values()]
     assert all(c["torch"] == 0 and c["kernel"] > 0 for c in calls), calls
-    snn.settings.clock.backend = "torch"
+    snn.settings.backend = "torch"
     assert torch.equal(snn(x.cuda(), per_step=True), y)
-    snn.settings.clock.backend = "auto"
+    snn.settings.backend = "auto"
     r = evaluate(snn, x, torch.zeros(32, dtype=torch.long), batch=16, progress=False, device="cuda")
     assert all(c["torch"] == 0 for c in r["neuron_calls"].values())
     assert "(100%)" in format_report(r)
@@ -171,7 +171,7 @@ def test_converted_cnn_same_on_both_backends():
     x = torch.rand(32, 3, 16, 16, device="cuda")
     snn = snnconv.convert(ann, T=16, calib=x, backend="torch")
     y_torch = snn(x, per_step=True)
-    snn.settings.clock.backend = "cupy"
+    snn.settings.backend = "cupy"
     y_cupy = snn(x, per_step=True)
     assert torch.equal(y_torch, y_cupy)
     assert torch.allclose(snn(x), ann(x), atol=0.3 * ann(x).abs().max().item())
