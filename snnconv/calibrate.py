@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from snnconv.errors import ConversionError
+from snnconv.runtime.context import current
 from snnconv.runtime.modules import Neuron
 
 _SAMPLE = 1 << 18  # values per batch and channel-set fed to quantile (torch.quantile caps input size)
@@ -145,7 +146,7 @@ def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET
         gap = (a / count - s / c).float() / k
         gap = gap if gap.numel() > 1 else gap.reshape(())
         n.bias = gap if n.bias is None else n.bias + gap
-        n.v = None  # rerun the layer from its initial membrane with the corrected current
+        current().state.pop(n, None)  # rerun the layer from its initial membrane with the corrected current
         return n.forward(inputs[0])
 
     chunk, settings.chunk = settings.chunk, snn.T  # one call covers all T steps (the hook needs them all)

@@ -103,6 +103,20 @@ def _plot_format(path: Path) -> str:
     return fmt
 
 
+def _prep(a):
+    from snnconv.io import ImagePrep
+
+    return ImagePrep.parse(a.resize, a.crop, a.mean, a.std)
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a folder of images (ImageNet style: --resize 256 --crop 224 --mean ... --std ...)")
+    g.add_argument("--resize", type=int, help="resize each image's shorter side to this many pixels")
+    g.add_argument("--crop", type=int, help="then crop the centre square of this size")
+    g.add_argument("--mean", help="subtract per channel from x / 255, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="then divide per channel, e.g. 0.229,0.224,0.225")
+
+
 def cmd_convert(a) -> int:
     import snnconv
     from snnconv.io import load_data, load_model, parse_kwargs
@@ -115,8 +129,9 @@ def cmd_convert(a) -> int:
     out = Path(a.output)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
+    prep = _prep(a)
     if a.calib:
-        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
+        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle, prep=prep)
         calib = calib[: a.calib_limit]
     else:
         shape = _shape(a.input_shape, 64)
@@ -181,8 +196,9 @@ def cmd_run(a) -> int:
     from snnconv.stats import evaluate, format_report
 
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prep = _prep(a)
     snn = _load(a)
-    x, y = load_data(a.data, a.labels)
+    x, y = load_data(a.data, a.labels, prep=prep)
     if a.limit:
         x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
     if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
@@ -300,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
         "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them",
     )
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
+    _image_options(c)
     c.set_defaults(fn=cmd_convert)
 
     r = sub.add_parser("run", help="pretrained-weight SNN inference: accuracy by T, firing rates, energy")
@@ -321,6 +338,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
     )
+    _image_options(r)
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
