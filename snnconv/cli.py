@@ -159,6 +159,7 @@ def cmd_convert(a) -> int:
         reset=a.reset,
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
+        memory_budget_mb=a.memory_budget_mb,
         passes=passes,
     )
     snnconv.save(snn, out, source=source, model_file=model_file)
@@ -198,6 +199,10 @@ def cmd_run(a) -> int:
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prep = _prep(a)
     snn = _load(a)
+    if a.memory_budget_mb is not None:
+        if not a.memory_budget_mb > 0:
+            raise ConversionError(f"--memory-budget-mb must be a positive number of MiB, got {a.memory_budget_mb}")
+        snn.settings.memory_budget_mb = a.memory_budget_mb
     x, y = load_data(a.data, a.labels, prep=prep)
     if a.limit:
         x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
@@ -316,6 +321,11 @@ def parser() -> argparse.ArgumentParser:
         "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them",
     )
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
+    c.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="run the SNN in time chunks whose activations fit this many MiB (recorded; `run` uses it)",
+    )
     _image_options(c)
     c.set_defaults(fn=cmd_convert)
 
@@ -338,6 +348,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
     )
+    r.add_argument("--memory-budget-mb", type=float, help="time chunks whose activations fit this many MiB")
     _image_options(r)
     r.set_defaults(fn=cmd_run)
 
