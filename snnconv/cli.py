@@ -105,6 +105,20 @@ def _plot_format(path: Path) -> str:
     return fmt
 
 
+def _prep(a):
+    from snnconv.io import ImagePrep
+
+    return ImagePrep.parse(a.resize, a.crop, a.mean, a.std)
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a folder of images (ImageNet style: --resize 256 --crop 224 --mean ... --std ...)")
+    g.add_argument("--resize", type=int, help="resize each image's shorter side to this many pixels")
+    g.add_argument("--crop", type=int, help="then crop the centre square of this size")
+    g.add_argument("--mean", help="subtract per channel from x / 255, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="then divide per channel, e.g. 0.229,0.224,0.225")
+
+
 def cmd_convert(a) -> int:
     import snnconv
     from snnconv.io import load_data, load_model, parse_kwargs
@@ -117,8 +131,9 @@ def cmd_convert(a) -> int:
     out = Path(a.output)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
+    prep = _prep(a)
     if a.calib:
-        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
+        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle, prep=prep)
         calib = calib[: a.calib_limit]
     else:
         shape = _shape(a.input_shape, 64)
@@ -146,6 +161,7 @@ def cmd_convert(a) -> int:
         reset=a.reset,
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
+        memory_budget_mb=a.memory_budget_mb,
         passes=passes,
     )
     snnconv.save(snn, out, source=source, model_file=model_file)
@@ -183,8 +199,13 @@ def cmd_run(a) -> int:
     from snnconv.stats import evaluate, format_report
 
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prep = _prep(a)
     snn = _load(a)
-    x, y = load_data(a.data, a.labels)
+    if a.memory_budget_mb is not None:
+        if not a.memory_budget_mb > 0:
+            raise ConversionError(f"--memory-budget-mb must be a positive number of MiB, got {a.memory_budget_mb}")
+        snn.settings.memory_budget_mb = a.memory_budget_mb
+    x, y = load_data(a.data, a.labels, prep=prep)
     if a.limit:
         x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
     if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
@@ -314,6 +335,12 @@ def parser() -> argparse.ArgumentParser:
         "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them",
     )
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
+    c.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="run the SNN in time chunks whose activations fit this many MiB (recorded; `run` uses it)",
+    )
+    _image_options(c)
     c.set_defaults(fn=cmd_convert)
 
     r = sub.add_parser("run", help="pretrained-weight SNN inference: accuracy by T, firing rates, energy")
@@ -335,6 +362,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
     )
+    r.add_argument("--memory-budget-mb", type=float, help="time chunks whose activations fit this many MiB")
+    _image_options(r)
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
