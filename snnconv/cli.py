@@ -73,14 +73,16 @@ def _device(text: str) -> torch.device:
 
 
 def _guard_output(flag: str, out: str, *inputs: str | None) -> Path:
-    """An output path is never an input (compared after resolving links), a folder, or in a missing or
-    read-only folder."""
+    """An output path is never an input (the same file, also through a symbolic or hard link), a folder, or
+    in a missing or read-only folder."""
     path = Path(out)
     for i in inputs:
-        if i and Path(i).exists() and path.resolve() == Path(i).resolve():
+        if i and Path(i).exists() and path.exists() and os.path.samefile(path, i):  # links too
             raise ConversionError(f"{flag} {out}: that file is also an input; choose another output path")
     if path.is_dir():
         raise ConversionError(f"{flag} {out}: is a directory, expected a file path")
+    if path.exists() and not path.is_file():  # a device or pipe: renaming over it would replace it
+        raise ConversionError(f"{flag} {out}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{flag} {out}: output folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
@@ -221,11 +223,23 @@ def cmd_run(a) -> int:
             raise ConversionError(
                 f"{a.labels or a.data}: label {y.max().item()} is out of range for the model's {classes} outputs"
             )
+    _check_run_memory(snn, len(x), a.batch)
     r = evaluate(snn, x, y, batch=a.batch, progress=sys.stderr.isatty(), device=device)
     print(format_report(r))
     if a.plot:
         _plot(r, Path(a.plot))
     return 0
+
+
+def _check_run_memory(snn, n: int, batch: int) -> None:
+    """Say before allocating when T steps of a batch (without chunking) and the per-step predictions of all
+    n samples would not fit in memory."""
+    from snnconv.settings import check_memory
+
+    s, b = snn.settings, min(batch, n)
+    steps = min(s.chunk or snn.T, snn.T) if not s.memory_budget_mb else 1
+    need = steps * b * max(s.step_bytes_per_sample, 4) + snn.T * n * 8
+    check_memory(need, f"--T {snn.T} with --batch {batch} (lower them)")
 
 
 def _plot(r: dict, path: Path) -> None:
@@ -425,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if detail:
             print("\n".join(detail), file=sys.stderr)
         return 2
-    except MemoryError as exc:
+    except (MemoryError, torch.OutOfMemoryError) as exc:
         if args.debug:
             raise
         print(f"{verb}: error: out of memory ({_first_line(exc)}); try a smaller --batch or --T", file=sys.stderr)

@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -302,8 +303,31 @@ def _as_float(x, what: str) -> torch.Tensor:
     return t
 
 
+def _npy_header_check(path: Path, what: str) -> None:
+    """Compare a .npy header's declared size with the file before numpy allocates it (a crafted header
+    can declare terabytes)."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            have = os.fstat(f.fileno()).st_size - f.tell()
+    except Exception:
+        return  # np.load gives the precise error
+    if dtype.hasobject:
+        return
+    need = math.prod(shape) * dtype.itemsize
+    if need > have:
+        raise ConversionError(
+            f"{what}: header declares shape {shape} ({need / 2**20:.4g} MiB) but the file holds {have} bytes "
+            "(truncated or corrupt)"
+        )
+
+
 def _np_load(path: Path, what: str):
     """np.load without pickle; an object array or an unreadable file is one ConversionError."""
+    if path.suffix == ".npy":
+        _npy_header_check(path, what)
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -528,6 +552,8 @@ def atomic_write(path: Path, content) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"{path}: is a directory, expected a file path for the output")
+    if path.exists() and not path.is_file():  # renaming over a device or pipe would replace it
+        raise ConversionError(f"{path}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: output folder does not exist")
     tmp = None
