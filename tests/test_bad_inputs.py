@@ -133,10 +133,12 @@ def hostile_sources(d):
         ("pretrained download", {"factory": "torchvision.models:resnet18", "kwargs": {"weights": "DEFAULT"}}),
         ("hub model name", {"factory": "timm:create_model", "kwargs": {"model_name": "hf-hub:evil/net"}}),
         ("checkpoint path", {"factory": "timm:create_model", "kwargs": {"checkpoint_path": "/etc/passwd"}}),
+        ("download method", {"factory": "efficientnet_lite_pytorch:EfficientNet.from_pretrained", "kwargs": {}}),
+        ("dunder chain", {"factory": "torchvision.models:resnet18.__globals__", "kwargs": {}}),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_hostile_factory_never_runs(work, capsys, index):
     d, _ = work
     name, source = hostile_sources(d)[index]
