@@ -70,15 +70,16 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
                 continue
             layer_node, layer, via = reader
             name = f"_snn.int8_{layer_node.name}"
-            gm.add_submodule(name, int8.SpikeLayer(layer, neuron, (layer_node.target, node.target), mode))
+            flatten = via is not node  # it reads the neuron's map itself, in the map's layout: no copy
+            gm.add_submodule(name, int8.SpikeLayer(layer, neuron, (layer_node.target, node.target), mode, flatten))
             with gm.graph.inserting_before(layer_node):
-                new = gm.graph.call_module(name, (via,))
+                new = gm.graph.call_module(name, (node,))
             new.meta.update(layer_node.meta)
             new.stack_trace = layer_node.stack_trace
             copy = layer_node.args[0]
             layer_node.replace_all_uses_with(new)
             gm.graph.erase_node(layer_node)
-            if copy is not via:  # the NCHW copy channels_last put before a convolution
+            if copy is not node and not copy.users:  # the NCHW copy before a convolution, or the flatten
                 gm.graph.erase_node(copy)
             if isinstance(layer, FoldedBN):
                 gm.delete_submodule(layer_node.target)

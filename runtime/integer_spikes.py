@@ -275,12 +275,15 @@ class SpikeLayer(nn.Module):
     spiking mode on CPU it runs as int8 ops in `mode` (see the module doc); otherwise (ANN mode, CUDA,
     graph capture) it is `layer`. Holds both by reference, unregistered: no state_dict keys."""
 
-    def __init__(self, layer: nn.Module, neuron: nn.Module, names: tuple[str, str], mode: str = "vnni"):
+    def __init__(
+        self, layer: nn.Module, neuron: nn.Module, names: tuple[str, str], mode: str = "vnni", flatten: bool = False
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {MODES}")
         self.__dict__["_layer"], self.__dict__["_neuron"] = layer, neuron
         self.names, self.mode, self._key, self._weights, self._packed = names, mode, None, None, {}
+        self.flatten = flatten  # a Linear reading flatten(x, 1) of [N, C, H, W] spikes: it takes x itself
 
     def __getstate__(self) -> dict:
         """Copies leave the packed weights behind (oneDNN's opaque tensors have no storage to copy); the
@@ -297,15 +300,19 @@ class SpikeLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.names[0]} as int8 ({self.mode}) on the spikes of {self.names[1]}"
 
-    def _derive(self, theta: torch.Tensor):
+    def _derive(self, theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
         """(int8 weights, scales, bias) for this mode, re-derived when the weights, bias or threshold change:
-        'vnni' [hi, lo] along the inputs with scales s; 'binary' (hi, lo) with scales (255 s, s)."""
+        'vnni' [hi, lo] along the inputs with scales s; 'binary' (hi, lo) with scales (255 s, s).
+        hwc = (C, H, W): a Linear reading a channels-last map in its memory order, H, W, C."""
         inner = self.inner
         w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta))
+        key = (*((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta)), hwc)
         if key != self._key:
             with torch.no_grad():
-                q, s = split_weight(fold_input_scale(w.double(), theta.detach().double().cpu()))
+                w = fold_input_scale(w.double(), theta.detach().double().cpu())
+                if hwc is not None:
+                    w = w.view(w.shape[0], *hwc).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+                q, s = split_weight(w)
                 bias = b.detach().float().contiguous() if b is not None else None
                 if self.mode.startswith("binary"):
                     c = q.shape[1] // 2
@@ -316,9 +323,9 @@ class SpikeLayer(nn.Module):
             self._key, self._weights, self._packed = key, (q, s, bias), {}
         return self._weights
 
-    def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor):
+    def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
         """(packed weights for inputs of x_shape, scales, bias), packed once per input shape."""
-        q, s, bias = self._derive(theta)
+        q, s, bias = self._derive(theta, hwc)
         if x_shape not in self._packed:
             if len(self._packed) >= 8:  # many batch sizes: keep the recent ones only
                 self._packed.clear()
@@ -339,16 +346,22 @@ class SpikeLayer(nn.Module):
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
         ):
-            return self._layer.forward(x)  # forward(): hooks count this module once, not the layer again
+            # forward(): hooks count this module once, not the layer again
+            return self._layer.forward(x.flatten(1) if self.flatten else x)
         return self.run(x, self._neuron.threshold)
 
     def run(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """The int8 layer on spikes x (each 0 or its channel's theta), float32 out."""
         inner, vnni = self.inner, self.mode.startswith("vnni")
         if isinstance(inner, nn.Linear):
+            hwc = None
+            if self.flatten:  # read a channels-last map in its own order (weights permuted), not a copy
+                if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                    hwc, x = tuple(x.shape[1:]), x.permute(0, 2, 3, 1)
+                x = x.reshape(x.shape[0], -1)
             lead, k = x.shape[:-1], x.shape[-1]
             m = lead.numel()
-            packed, s, bias = self._packed_for((m, 2 * k) if vnni else (m, k), theta)
+            packed, s, bias = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
             if vnni:
                 buf = _input_buffer((m, 2, k))  # [255 * spikes, spikes] along the features
                 torch.ne(x.reshape(-1, k), 0, out=buf[:, 1].view(torch.bool))

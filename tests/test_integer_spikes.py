@@ -308,6 +308,26 @@ def test_integer_spikes_step_modes_and_chunks_agree(mode):
         for n, spikes in runs["m"][1].items():
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
         assert torch.equal(runs[tag][0], runs["m"][0])
+    # the head reads the 8x8 channels-last map in its own order (weights permuted), not a flattened copy
+    snn = snnconv.convert(ann, T=6, calib=x)
+    head = [m for m in snn.modules() if isinstance(m, int8.SpikeLayer) and m.flatten]
+    assert len(head) == 1 and "flatten" not in snn.graph_module.code
+
+
+def test_flattening_linear_reads_either_layout(mode):
+    """A linear layer on flatten(spikes [N, C, H, W], 1): the same result from an NCHW and a channels-last
+    map (read in its memory order against permuted weights), within the weights' rounding bound."""
+    torch.manual_seed(0)
+    lin, theta = nn.Linear(8 * 6 * 5, 10), torch.rand(8) + 0.2
+    x = (torch.rand(12, 8, 6, 5) < 0.3).float() * theta.view(1, -1, 1, 1)
+    ref = F.linear(x.double().flatten(1), lin.weight.double(), lin.bias.double())
+    _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
+    bound = (x != 0).double().flatten(1).sum(1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
+    layer = int8.SpikeLayer(lin, _spike_layer(lin, theta)._neuron, ("lin", "neuron"), mode, flatten=True)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = layer(xin)
+        assert out.shape == ref.shape and torch.all((out.double() - ref).abs() <= bound)
+    assert layer._key[-1] == (8, 6, 5)  # the last call read H, W, C order
 
 
 def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels(mode):
@@ -345,3 +365,15 @@ def test_integer_spikes_skips_what_it_cannot_run(mode):
         snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3),
     ):  # burst spikes are not binary
         assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
+
+
+def test_one_channel_stem_feeds_the_neurons_channels_last():
+    """With one input channel NCHW and NHWC strides coincide and oneDNN returns NCHW: channels_last
+    converts the stem's [N, ...] output once, so no layer converts the [T * N, ...] spikes again."""
+    ann = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    x = torch.rand(4, 1, 12, 12)
+    for passes_ in (None, FLOAT32_PASSES):
+        snn = snnconv.convert(ann, T=3, calib=x, passes=passes_)
+        _, spikes = record_spikes(snn, lambda snn=snn: snn(x))
+        first = spikes[next(iter(snn.neurons()))]
+        assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
