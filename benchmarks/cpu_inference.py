@@ -29,8 +29,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETS = ("vgg_mnist", "resnet18_cifar", "torchvision_resnet18")
 # snnconv_<mode>: every pass, the int8 layers forced to that mode ($SNNCONV_INT8); run where exact here
-METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_vnni", "snnconv_binary", "spikingjelly")
-EXTRA = ("snnconv_passes_off", "snnconv_chunk1")
+METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_binary", "spikingjelly")
+EXTRA = ("snnconv_vnni", "snnconv_passes_off", "snnconv_chunk1")
 FLAGS = {
     "AVX2": "avx2",
     "AVX-512F": "avx512f",
