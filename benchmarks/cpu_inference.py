@@ -211,9 +211,10 @@ def interleaved_times(net: str, methods, T: int, batch: int, reps: int) -> tuple
         for m in methods:
             try:
                 fns[m], snn = build(net, m, T, batch)
-                fns[m]()  # warm-up
-                if snn is not None:
+                if snn is not None:  # the warm-up run, counting what ran
                     info[m] = fast_paths(snn, fns[m])
+                else:
+                    fns[m]()  # warm-up
                 times[m] = []
             except Exception as exc:  # a peer that cannot convert this net is reported, not fatal
                 print(f"  {net} {m}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
@@ -251,35 +252,32 @@ def main(argv=None):
         f"{os.cpu_count()} threads, torch {torch.__version__}, T={args.T}, batch {args.batch}, "
         f"median of {args.reps} interleaved runs"
     )
+    print(
+        f"\n{'network':<22}{'batch':>6}  {'method':<17}{'time ms':>9}{'/ (T x ANN)':>12}{'SJ / this':>11}  "
+        "fast paths that ran (calls in one run); firing rates (spikes per neuron per step)"
+    )
     rows = []
     for batch in args.batch:
         for net in args.nets:
             times, info = interleaved_times(net, methods, args.T, batch, args.reps)
-            for method, t in times.items():
-                peak = float("nan")
-                if not args.no_peak:
-                    cmd = [sys.executable, __file__, "--worker", net, method, "--T", str(args.T)]
-                    proc = subprocess.run([*cmd, "--batch", str(batch)], capture_output=True, text=True)
-                    if proc.returncode == 0:
-                        peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+            for method, t in times.items():  # printed as measured: a long run shows what it has so far
+                label = "ANN x T" if method == "ann" else method
                 sj = times.get("spikingjelly", float("nan")) / t
-                rows.append((net, batch, method, t, peak, t / times["ann"], sj, info.get(method)))
-    print(
-        f"\n{'network':<22}{'batch':>6}  {'method':<17}{'time ms':>9}{'peak RSS MB':>13}"
-        f"{'/ (T x ANN)':>12}{'SJ / this':>11}"
-    )
-    for net, batch, method, t, peak, vs_ann, vs_sj, _ in rows:
-        label = "ANN x T" if method == "ann" else method
-        print(f"{net:<22}{batch:>6}  {label:<17}{t * 1e3:9.1f}{peak:13.0f}{vs_ann:12.2f}{vs_sj:11.2f}")
-    print("\nfast paths that ran (calls in one run) and firing rates (spikes per neuron per step):")
-    for net, batch, method, *_, extra in rows:
-        if extra:
-            paths, rates = extra
-            r = list(rates.values())
-            print(
-                f"  {net} batch {batch} {method}: {paths}; rates mean {sum(r) / len(r):.3f}, "
-                f"min {min(r):.3f}, max {max(r):.3f} over {len(r)} neuron layers"
-            )
+                line = f"{net:<22}{batch:>6}  {label:<17}{t * 1e3:9.1f}{t / times['ann']:12.2f}{sj:11.2f}"
+                if method in info:
+                    paths, rates = info[method]
+                    r = list(rates.values())
+                    line += f"  {paths}; rates mean {sum(r) / len(r):.3f} ({min(r):.3f}-{max(r):.3f}, {len(r)} layers)"
+                print(line, flush=True)
+                rows.append((net, batch, method))
+    if args.no_peak:
+        return
+    print("\npeak resident memory, MB (each in a fresh process: build, warm up, one run)")
+    for net, batch, method in rows:
+        cmd = [sys.executable, __file__, "--worker", net, method, "--T", str(args.T), "--batch", str(batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"] if proc.returncode == 0 else float("nan")
+        print(f"{net:<22}{batch:>6}  {'ANN' if method == 'ann' else method:<17}{peak:9.0f}", flush=True)
 
 
 if __name__ == "__main__":
