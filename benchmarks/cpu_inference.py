@@ -27,6 +27,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# all cores by default; on a machine shared with other jobs, 1: two OpenMP threads with one descheduled
+# spin at every barrier (measured: the ANN 100x slower under a load of 30, ratios meaningless)
+THREADS = [os.cpu_count() or 1]
 NETS = ("vgg_mnist", "resnet18_cifar", "torchvision_resnet18")
 # snnconv_<mode>: every pass, the int8 layers forced to that mode ($SNNCONV_INT8); run where exact here
 METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_binary", "spikingjelly")
@@ -196,7 +199,7 @@ def fast_paths(snn, fn) -> tuple[str, dict]:
 
 def peak_worker(net: str, method: str, T: int, batch: int) -> dict:
     """In a fresh process: build, warm up, then one run while sampling peak RSS."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(THREADS[0])
     with torch.no_grad():
         _, peak = _measure(build(net, method, T, batch)[0], 1)
     return {"peak_mb": peak}
@@ -205,7 +208,7 @@ def peak_worker(net: str, method: str, T: int, batch: int) -> dict:
 def interleaved_times(net: str, methods, T: int, batch: int, reps: int) -> tuple[dict, dict]:
     """Median time of each method, runs interleaved round-robin so machine noise hits all alike; and
     for each snnconv method, the fast paths it ran and its firing rates."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(THREADS[0])
     fns, times, info = {}, {}, {}
     with torch.no_grad():
         for m in methods:
@@ -234,8 +237,13 @@ def main(argv=None):
     ap.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     ap.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores; 1 on a loaded machine)"
+    )
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        THREADS[0] = args.threads
     if args.worker:
         print(json.dumps(peak_worker(*args.worker, args.T, args.batch[0])))
         return
@@ -249,7 +257,7 @@ def main(argv=None):
         f"(${int8.ENV}={os.environ.get(int8.ENV, 'auto')})"
     )
     print(
-        f"{os.cpu_count()} threads, torch {torch.__version__}, T={args.T}, batch {args.batch}, "
+        f"{THREADS[0]} of {os.cpu_count()} threads, torch {torch.__version__}, T={args.T}, batch {args.batch}, "
         f"median of {args.reps} interleaved runs"
     )
     print(
@@ -275,6 +283,7 @@ def main(argv=None):
     print("\npeak resident memory, MB (each in a fresh process: build, warm up, one run)")
     for net, batch, method in rows:
         cmd = [sys.executable, __file__, "--worker", net, method, "--T", str(args.T), "--batch", str(batch)]
+        cmd += ["--threads", str(THREADS[0])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"] if proc.returncode == 0 else float("nan")
         print(f"{net:<22}{batch:>6}  {'ANN' if method == 'ann' else method:<17}{peak:9.0f}", flush=True)
