@@ -1,7 +1,7 @@
 """Does skipping zeros pay on CPU? Dense int8 spike layers (runtime/integer_spikes.py, this CPU's mode)
 against event-driven ones that touch only the spikes, at firing rates 1-30%, same layer, same spikes.
 
-    python benchmarks/sparsity.py [--batch 512] [--reps 7]
+    python benchmarks/sparsity.py [--batch 512] [--reps 7] [--threads N]
 
 Event-driven here: the spikes as a CSR matrix times the float32 weights (torch.sparse.mm, MKL): a
 gather-add of one weight row per spike. A linear layer reads the spikes as they are; a convolution
@@ -67,12 +67,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=512, help="T x N rows (T=8, batch 64)")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
     mode = int8.mode() or "binary-emulated"
-    print(f"{os.cpu_count()} threads, torch {torch.__version__}, dense int8 mode {mode}, median of {args.reps}")
+    print(f"{args.threads} threads, torch {torch.__version__}, dense int8 mode {mode}, median of {args.reps}")
     print(f"{'layer':<24}{'rate':>6}{'dense int8 ms':>15}{'event ms':>10}{'event/dense':>13}")
     with torch.no_grad():
         for name, layer, shape in layers(args.batch):
