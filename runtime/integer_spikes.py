@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from snnconv.errors import ConversionError
+from snnconv.runtime.context import current
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _QMAX = 127 * _HI + 127
@@ -282,14 +283,15 @@ class SpikeLayer(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {MODES}")
         self.__dict__["_layer"], self.__dict__["_neuron"] = layer, neuron
-        self.names, self.mode, self._key, self._weights, self._packed = names, mode, None, None, {}
+        self.names, self.mode = names, mode
         self.flatten = flatten  # a Linear reading flatten(x, 1) of [N, C, H, W] spikes: it takes x itself
+        self._cache = (None, None, {})  # (key of weights and threshold, derived weights, packed by input shape)
 
     def __getstate__(self) -> dict:
         """Copies leave the packed weights behind (oneDNN's opaque tensors have no storage to copy); the
         copy derives them again at its first call."""
         state = dict(super().__getstate__())
-        state["_key"], state["_weights"], state["_packed"] = None, None, {}
+        state["_cache"] = (None, None, {})
         return state
 
     @property
@@ -300,14 +302,17 @@ class SpikeLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.names[0]} as int8 ({self.mode}) on the spikes of {self.names[1]}"
 
-    def _derive(self, theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
-        """(int8 weights, scales, bias) for this mode, re-derived when the weights, bias or threshold change:
-        'vnni' [hi, lo] along the inputs with scales s; 'binary' (hi, lo) with scales (255 s, s).
-        hwc = (C, H, W): a Linear reading a channels-last map in its memory order, H, W, C."""
+    def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
+        """(packed weights for inputs of x_shape, scales, bias) for this mode: 'vnni' [hi, lo] along the
+        inputs with scales s; 'binary' (hi, lo) with scales (255 s, s). hwc = (C, H, W): a Linear reading a
+        channels-last map in its memory order, H, W, C. Re-derived when the weights, bias or threshold
+        change, packed once per input shape. Concurrent calls may both derive or pack: the cache is one
+        tuple, replaced whole, never changed under a reader."""
         inner = self.inner
         w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
         key = (*((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta)), hwc)
-        if key != self._key:
+        cached_key, weights, packed_by_shape = self._cache
+        if key != cached_key:
             with torch.no_grad():
                 w = fold_input_scale(w.double(), theta.detach().double().cpu())
                 if hwc is not None:
@@ -320,27 +325,26 @@ class SpikeLayer(nn.Module):
                     s = ((s * _HI).float(), s.float())
                 else:
                     s = s.float()
-            self._key, self._weights, self._packed = key, (q, s, bias), {}
-        return self._weights
-
-    def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
-        """(packed weights for inputs of x_shape, scales, bias), packed once per input shape."""
-        q, s, bias = self._derive(theta, hwc)
-        if x_shape not in self._packed:
-            if len(self._packed) >= 8:  # many batch sizes: keep the recent ones only
-                self._packed.clear()
-            emulated, inner = self.mode.endswith("-emulated"), self.inner
+            weights, packed_by_shape = (q, s, bias), {}
+            self._cache = (key, weights, packed_by_shape)
+        packed = packed_by_shape.get(x_shape)
+        q, s, bias = weights
+        if packed is None:
+            emulated = self.mode.endswith("-emulated")
             if isinstance(inner, nn.Linear):
                 pack = lambda q, s: _pack_linear(q, emulated, x_shape)  # noqa: E731
             else:
                 pack = lambda q, s: _pack_conv(q, s, inner.stride, inner.padding, inner.dilation, emulated, x_shape)  # noqa: E731
-            self._packed[x_shape] = tuple(map(pack, q, s)) if isinstance(q, tuple) else pack(q, s)
-        return self._packed[x_shape], s, bias
+            packed = tuple(map(pack, q, s)) if isinstance(q, tuple) else pack(q, s)
+            # many batch sizes: keep the recent ones only
+            kept = dict(list(packed_by_shape.items())[-7:]) if len(packed_by_shape) >= 8 else dict(packed_by_shape)
+            kept[x_shape] = packed
+            self._cache = (key, weights, kept)
+        return packed, s, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        clock = self._neuron.clock
         if (
-            clock.mode == "ann"
+            current() is None  # the ANN (calibration)
             or x.device.type != "cpu"
             or x.dtype != torch.float32
             or torch.jit.is_tracing()

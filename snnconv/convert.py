@@ -133,8 +133,8 @@ def convert(
         chunk=chunk,
         memory_budget_mb=memory_budget_mb,
         readout_delay=readout_delay,
+        backend=backend,
     )
-    settings.clock.backend = backend
     settings.validate(labels=API_NAMES)
     if calib is None:
         if threshold is None:

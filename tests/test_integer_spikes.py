@@ -21,7 +21,8 @@ from nets import ResCatNet, randomize_bn, record_spikes
 import snnconv
 from snnconv import passes
 from snnconv.runtime import integer_spikes as int8
-from snnconv.runtime.modules import Clock, Neuron, NeuronConfig
+from snnconv.runtime.context import Call, running
+from snnconv.runtime.modules import Neuron, NeuronConfig
 
 # each layout through oneDNN where exact here, else emulated: never a skip
 MODES = [m if int8.exact(m) else f"{m}-emulated" for m in ("vnni", "binary")]
@@ -76,9 +77,15 @@ def test_supports_linear_and_plain_wide_kernels():
 
 
 def _spike_layer(conv: nn.Module, theta: torch.Tensor, mode: str = MODES[0]) -> int8.SpikeLayer:
-    neuron = Neuron(Clock(mode="snn"), NeuronConfig())
+    neuron = Neuron(NeuronConfig())
     neuron.threshold = theta
     return int8.SpikeLayer(conv, neuron, ("conv", "neuron"), mode)
+
+
+def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer as it runs inside a spiking call (outside one it is the ANN's layer)."""
+    with running(Call()):
+        return layer(x)
 
 
 @pytest.fixture(params=MODES)
@@ -105,7 +112,7 @@ def test_spike_conv_within_its_error_bound(geometry, mode):
     theta = torch.rand(24) + 0.2
     x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = _spike_layer(conv, theta, mode)(x)
+    out = _spiking(_spike_layer(conv, theta, mode), x)
     ref = F.conv2d(
         x.double(),
         conv.weight.double(),
@@ -135,7 +142,7 @@ def test_spike_linear_within_its_error_bound(lead, mode):
     lin = nn.Linear(40, 12)
     theta = torch.rand(40) + 0.2
     x = (torch.rand(*lead, 40) < 0.3).float() * theta
-    out = _spike_layer(lin, theta, mode)(x)
+    out = _spiking(_spike_layer(lin, theta, mode), x)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
     bound = (x != 0).double().sum(-1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
@@ -153,7 +160,7 @@ def test_spike_conv_follows_new_weights_and_thresholds(mode):
         th = sc._neuron.threshold
         spikes = x * th.view(1, -1, 1, 1)
         ref = conv(spikes)
-        assert torch.allclose(sc(spikes), ref, atol=1e-4 * ref.abs().max().item()), step
+        assert torch.allclose(_spiking(sc, spikes), ref, atol=1e-4 * ref.abs().max().item()), step
         if step == 0:
             conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.randn(8)})
         else:
@@ -164,11 +171,10 @@ def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
     conv = nn.Conv2d(3, 5, 3)
     sc = _spike_layer(conv, torch.ones(3))
     x = (torch.rand(2, 3, 6, 6) < 0.5).float()
-    sc._neuron.clock.mode = "ann"  # calibration: activations, not spikes
-    assert torch.equal(sc(x), conv(x))
-    sc._neuron.clock.mode = "snn"
+    assert torch.equal(sc(x), conv(x))  # no spiking call open: the ANN (calibration)
     conv.double()  # float64 runs as float64
-    assert torch.equal(sc(x.double()), conv(x.double()))
+    with running(Call()):
+        assert torch.equal(sc(x.double()), conv(x.double()))
     assert list(sc.state_dict()) == []
 
 
@@ -193,7 +199,7 @@ def test_onednn_ops_match_their_emulation(geometry):
     assert modes or not _x86(), "u8 x s8 on 0/1 inputs is exact on every x86 CPU with oneDNN (AVX2's int16 sums)"
     for mode in modes:
         fast, emulated, x = _layer_pair(mode, geometry)
-        a, b = fast(x), emulated(x)
+        a, b = _spiking(fast, x), _spiking(emulated, x)
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item()), mode
 
 
@@ -211,7 +217,7 @@ out = {"vnni": int8.exact("vnni"), "binary": int8.exact("binary"), "diff": []}
 if out["binary"]:
     for geometry in (dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None):
         fast, emulated, x = t._layer_pair("binary", geometry)
-        a, b = fast(x), emulated(x)
+        a, b = t._spiking(fast, x), t._spiking(emulated, x)
         out["diff"].append(((a - b).abs().max() / b.abs().max()).item())
 try:
     import os
@@ -325,9 +331,9 @@ def test_flattening_linear_reads_either_layout(mode):
     bound = (x != 0).double().flatten(1).sum(1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
     layer = int8.SpikeLayer(lin, _spike_layer(lin, theta)._neuron, ("lin", "neuron"), mode, flatten=True)
     for xin in (x, x.contiguous(memory_format=torch.channels_last)):
-        out = layer(xin)
+        out = _spiking(layer, xin)
         assert out.shape == ref.shape and torch.all((out.double() - ref).abs() <= bound)
-    assert layer._key[-1] == (8, 6, 5)  # the last call read H, W, C order
+    assert layer._cache[0][-1] == (8, 6, 5)  # the last call read H, W, C order
 
 
 def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels(mode):
