@@ -530,6 +530,14 @@ CASES = [
         "run",
         ["--T 1000000000", "GiB"],
     ),
+    (
+        "memory budget nan",
+        None,
+        [*RUN, "--data", "test.pt", "--memory-budget-mb", "nan"],
+        "run",
+        ["--memory-budget-mb must be"],
+    ),
+    ("resize zero", None, [*RUN, "--data", "test.pt", "--resize", "0"], "run", ["--resize"]),
     ("batch zero", None, [*RUN, "--data", "test.pt", "--batch", "0"], "run", ["--batch must be"]),
     ("limit zero", None, [*RUN, "--data", "test.pt", "--limit", "0"], "run", ["--limit must be"]),
     (
