@@ -209,7 +209,7 @@ def convert(
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
     check = _output_check(ann, first)
-    gm = annotate(trace(ann))
+    gm = annotate(trace(ann, first), first)
     _adopt(gm, ann)
     log = [("trace", gm.code)]
     gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
