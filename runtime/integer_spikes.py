@@ -20,6 +20,8 @@ import threading
 import torch
 import torch.nn as nn
 
+from snnconv.runtime.context import current
+
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _QMAX = 127 * _HI + 127
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
@@ -156,13 +158,14 @@ class SpikeLayer(nn.Module):
     def __init__(self, layer: nn.Module, neuron: nn.Module, names: tuple[str, str]):
         super().__init__()
         self.__dict__["_layer"], self.__dict__["_neuron"] = layer, neuron
-        self.names, self._key, self._weights, self._packed = names, None, None, {}
+        self.names = names
+        self._cache = (None, None, {})  # (key of weights and threshold, derived weights, packed by input shape)
 
     def __getstate__(self) -> dict:
         """Copies leave the packed weights behind (oneDNN's opaque tensors have no storage to copy); the
         copy derives them again at its first call."""
         state = dict(super().__getstate__())
-        state["_key"], state["_weights"], state["_packed"] = None, None, {}
+        state["_cache"] = (None, None, {})
         return state
 
     @property
@@ -175,30 +178,35 @@ class SpikeLayer(nn.Module):
 
     def _packed_for(self, x_shape: tuple[int, ...]):
         """(packed weights for inputs of x_shape, scales, bias); re-derived when the weights, bias or
-        threshold change, packed once per input shape."""
+        threshold change, packed once per input shape. Concurrent calls may both derive or pack: the cache
+        is one tuple, replaced whole, never changed under a reader."""
         inner = self.inner
         w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
         theta = self._neuron.threshold
         key = tuple((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta))
-        if key != self._key:
+        cached_key, weights, packed_by_shape = self._cache
+        if key != cached_key:
             with torch.no_grad():
                 q, s = split_weight(fold_input_scale(w.double(), theta.double().cpu()))
                 bias = b.detach().float().contiguous() if b is not None else None
-            self._key, self._weights, self._packed = key, (q, s.float(), bias), {}
-        if x_shape not in self._packed:
-            q, s, bias = self._weights
-            if len(self._packed) >= 8:  # many batch sizes: keep the recent ones only
-                self._packed.clear()
+            weights, packed_by_shape = (q, s.float(), bias), {}
+            self._cache = (key, weights, packed_by_shape)
+        packed = packed_by_shape.get(x_shape)
+        if packed is None:
+            q, s, bias = weights
             if isinstance(inner, nn.Linear):
-                self._packed[x_shape] = _pack_linear(q, x_shape)
+                packed = _pack_linear(q, x_shape)
             else:
-                self._packed[x_shape] = _pack_conv(q, s, inner.stride, inner.padding, inner.dilation, 1, x_shape)
-        return self._packed[x_shape], *self._weights[1:]
+                packed = _pack_conv(q, s, inner.stride, inner.padding, inner.dilation, 1, x_shape)
+            # many batch sizes: keep the recent ones only
+            kept = dict(list(packed_by_shape.items())[-7:]) if len(packed_by_shape) >= 8 else dict(packed_by_shape)
+            kept[x_shape] = packed
+            self._cache = (key, weights, kept)
+        return packed, *weights[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        clock = self._neuron.clock
         if (
-            clock.mode == "ann"
+            current() is None  # the ANN (calibration)
             or x.device.type != "cpu"
             or x.dtype != torch.float32
             or torch.jit.is_tracing()

@@ -73,7 +73,7 @@ def test_converted_cnn_same_on_both_backends():
     x = torch.rand(32, 3, 16, 16, device="cuda")
     snn = snnconv.convert(ann, T=16, calib=x, backend="torch")
     y_torch = snn(x, per_step=True)
-    snn.settings.clock.backend = "cupy"
+    snn.settings.backend = "cupy"
     y_cupy = snn(x, per_step=True)
     assert torch.equal(y_torch, y_cupy)
     assert torch.allclose(snn(x), ann(x), atol=0.3 * ann(x).abs().max().item())

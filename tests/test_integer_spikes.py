@@ -14,7 +14,8 @@ from nets import ResCatNet, randomize_bn, record_spikes
 import snnconv
 from snnconv import passes
 from snnconv.runtime import integer_spikes as int8
-from snnconv.runtime.modules import Clock, Neuron, NeuronConfig
+from snnconv.runtime.context import Call, running
+from snnconv.runtime.modules import Neuron, NeuronConfig
 
 needs_int8 = pytest.mark.skipif(
     not int8.available(), reason="oneDNN int8 convolution missing or inexact here (no VNNI)"
@@ -70,9 +71,15 @@ def test_supports_linear_and_plain_wide_kernels():
 
 
 def _spike_layer(conv: nn.Module, theta: torch.Tensor) -> int8.SpikeLayer:
-    neuron = Neuron(Clock(mode="snn"), NeuronConfig())
+    neuron = Neuron(NeuronConfig())
     neuron.threshold = theta
     return int8.SpikeLayer(conv, neuron, ("conv", "neuron"))
+
+
+def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer as it runs inside a spiking call (outside one it is the ANN's layer)."""
+    with running(Call()):
+        return layer(x)
 
 
 @needs_int8
@@ -93,7 +100,7 @@ def test_spike_conv_within_its_error_bound(geometry):
     theta = torch.rand(24) + 0.2
     x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = _spike_layer(conv, theta)(x)
+    out = _spiking(_spike_layer(conv, theta), x)
     ref = F.conv2d(
         x.double(),
         conv.weight.double(),
@@ -124,7 +131,7 @@ def test_spike_linear_within_its_error_bound(lead):
     lin = nn.Linear(40, 12)
     theta = torch.rand(40) + 0.2
     x = (torch.rand(*lead, 40) < 0.3).float() * theta
-    out = _spike_layer(lin, theta)(x)
+    out = _spiking(_spike_layer(lin, theta), x)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
     bound = (x != 0).double().sum(-1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
@@ -143,7 +150,7 @@ def test_spike_conv_follows_new_weights_and_thresholds():
         th = sc._neuron.threshold
         spikes = x * th.view(1, -1, 1, 1)
         ref = conv(spikes)
-        assert torch.allclose(sc(spikes), ref, atol=1e-4 * ref.abs().max().item()), step
+        assert torch.allclose(_spiking(sc, spikes), ref, atol=1e-4 * ref.abs().max().item()), step
         if step == 0:
             conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.randn(8)})
         else:
@@ -154,11 +161,10 @@ def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
     conv = nn.Conv2d(3, 5, 3)
     sc = _spike_layer(conv, torch.ones(3))
     x = (torch.rand(2, 3, 6, 6) < 0.5).float()
-    sc._neuron.clock.mode = "ann"  # calibration: activations, not spikes
-    assert torch.equal(sc(x), conv(x))
-    sc._neuron.clock.mode = "snn"
+    assert torch.equal(sc(x), conv(x))  # no spiking call open: the ANN (calibration)
     conv.double()  # float64 runs as float64
-    assert torch.equal(sc(x.double()), conv(x.double()))
+    with running(Call()):
+        assert torch.equal(sc(x.double()), conv(x.double()))
     assert list(sc.state_dict()) == []
 
 
