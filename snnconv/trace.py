@@ -134,6 +134,17 @@ class Op:
     batch: Callable | None = None  # node -> reason it mixes the batch, or None
 
 
+def expect_shape(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """x itself, if its sample shape is `shape` (the graph was traced with that shape's concrete sizes)."""
+    if tuple(x.shape[1:]) != shape:
+        raise ConversionError(
+            f"this model was traced with concrete sizes (its forward() does Python arithmetic on x.size()), "
+            f"so it takes inputs [N, {', '.join(map(str, shape))}] as calibrated; got {tuple(x.shape)}: resize the "
+            "input or convert again with calibration data of this shape"
+        )
+    return x
+
+
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 OPS: dict[str, Op] = {
     # ReLU-like activations (activation_clip gives the clip; hardtanh/clamp need min 0)
@@ -202,7 +213,7 @@ OPS: dict[str, Op] = {
     ),
     "identity": Op(
         "linear",
-        (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
+        (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, expect_shape),
         ("contiguous", "clone", "detach", "float", "type_as", "to"),
         (_aten.dropout.default, _aten.clone.default, _aten.contiguous.default, _aten.alias.default),
         (nn.Identity, *_DROPOUTS),
@@ -498,6 +509,11 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModu
             raise _trace_error(model, exc) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["snn_concrete_shapes"] = isinstance(tracer, _ShapeTracer)
+    if isinstance(tracer, _ShapeTracer):  # sizes other than the batch are baked in: check the input's
+        x = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(x):
+            guard = graph.call_function(expect_shape, (x, tuple(example.shape[1:])))
+        x.replace_all_uses_with(guard, delete_user_cb=lambda u: u is not guard)
     _drop_checks(gm)
     return gm
 

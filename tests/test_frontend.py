@@ -201,7 +201,9 @@ def test_tf_same_padding_falls_back_to_concrete_shapes():
         trace(TFSameNet())
     gm = trace(TFSameNet(), torch.rand(2, 3, 19, 19))
     assert gm.meta["snn_concrete_shapes"]
-    converts_and_agrees(TFSameNet(), shape=(3, 19, 19))
+    snn = converts_and_agrees(TFSameNet(), shape=(3, 19, 19))
+    with pytest.raises(ConversionError, match=r"traced with concrete sizes .* \[N, 3, 19, 19\]"):
+        snn(torch.rand(2, 3, 21, 21))  # the padding was computed for 19 x 19
 
 
 class ScaledStdConv(nn.Conv2d):
