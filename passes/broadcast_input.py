@@ -10,7 +10,7 @@ def insert_broadcast(gm: fx.GraphModule, settings, node: fx.Node, users: list[fx
     """Insert TimeBroadcast(node) and point `users` (default: all users of node) at it."""
     users = list(node.users) if users is None else users
     name = f"_snn.time_{node.name}"
-    gm.add_submodule(name, TimeBroadcast(settings.clock))
+    gm.add_submodule(name, TimeBroadcast())
     with gm.graph.inserting_after(node):
         b = gm.graph.call_module(name, (node,))
     b.meta["snn_kind"] = "broadcast"

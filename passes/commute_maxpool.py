@@ -41,7 +41,7 @@ def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
             continue
         kwargs, dims = _pool_spec(node, gm)
         name = f"_snn.{node.name}"
-        gm.add_submodule(name, SpikeMaxPool(settings.clock, kwargs, dims))
+        gm.add_submodule(name, SpikeMaxPool(kwargs, dims))
         src = node.args[0]
         neuron, neuron_node = None, None
         if src.op == "call_module" and isinstance(gm.get_submodule(src.target), Neuron):

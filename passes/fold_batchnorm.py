@@ -18,7 +18,7 @@ class FoldedBN(nn.Module):
     def __init__(self, layer: nn.Module, bn: nn.Module, names: tuple[str, str]):
         super().__init__()
         self.__dict__["_layer"], self.__dict__["_bn"] = layer, bn
-        self.names, self._key, self._wb = names, None, None
+        self.names, self._cache = names, (None, None)  # (key of the tensors folded, (weight, bias)): one tuple
 
     def extra_repr(self) -> str:
         return f"{self.names[0]} + {self.names[1]}"
@@ -27,7 +27,8 @@ class FoldedBN(nn.Module):
         layer, bn = self._layer, self._bn
         tensors = [layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         key = tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
-        if key != self._key:
+        cached_key, wb = self._cache  # read once: concurrent calls may both refold, never mix two folds
+        if key != cached_key:
             with torch.no_grad():
                 var, mean = bn.running_var.double(), bn.running_mean.double()
                 scale = torch.rsqrt(var + bn.eps)
@@ -45,9 +46,9 @@ class FoldedBN(nn.Module):
                     and layer.weight.is_contiguous(memory_format=torch.channels_last)
                     else torch.contiguous_format
                 )
-                self._wb = (w.to(layer.weight.dtype).contiguous(memory_format=fmt), bias.to(layer.weight.dtype))
-            self._key = key
-        return self._wb
+                wb = (w.to(layer.weight.dtype).contiguous(memory_format=fmt), bias.to(layer.weight.dtype))
+            self._cache = (key, wb)
+        return wb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.folded()

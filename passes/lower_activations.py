@@ -18,7 +18,7 @@ def add_neuron(gm: fx.GraphModule, settings, anchor: fx.Node, source: fx.Node, c
             name += "_"
         except AttributeError:
             break
-    gm.add_submodule(name, Neuron(settings.clock, settings.neuron, clip))
+    gm.add_submodule(name, Neuron(settings.neuron, clip))
     with gm.graph.inserting_after(anchor):
         new = gm.graph.call_module(name, (source,))
     origin = anchor.meta.get("snn_origin", anchor.target if anchor.op == "call_module" else None)

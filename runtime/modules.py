@@ -1,7 +1,7 @@
-"""The modules a converted graph calls. None holds a persistent tensor, so none adds a state_dict key.
-
-Every module shares one `Clock`: the SpikingModel sets it before running the graph, so one graph serves
-the ANN (calibration), layer-by-layer runs over any number of steps, and step-by-step streaming.
+"""The modules a converted graph calls. None holds a persistent tensor, so none adds a state_dict key,
+and none holds the state of a call: membranes and pooling sums live in the current `Call`
+(runtime/context.py), so one graph serves the ANN (no call open: calibration), layer-by-layer runs over
+any number of steps and step-by-step streaming, from any number of threads at once.
 Inside the graph, tensors after the first neuron carry time folded into the batch: [steps * N, ...].
 """
 
@@ -14,14 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from snnconv.runtime import get_backend, torch_backend
-
-
-@dataclass
-class Clock:
-    mode: str = "ann"  # 'ann': behave as the ANN (calibration); 'snn': spiking dynamics
-    steps: int = 1  # time steps this graph call covers
-    input_static: bool = True  # the input is one [N, ...] tensor fed at every step (direct encoding)
-    backend: str = "auto"
+from snnconv.runtime.context import current, reused
 
 
 @dataclass
@@ -52,17 +45,16 @@ class Neuron(nn.Module):
     SNN mode: integrate-and-fire (or LIF) with threshold `threshold`, spikes valued `threshold`.
     """
 
-    def __init__(self, clock: Clock, config: NeuronConfig, clip: float | None = None):
+    def __init__(self, config: NeuronConfig, clip: float | None = None):
         super().__init__()
-        self.clock, self.config, self.clip = clock, config, clip
+        self.config, self.clip = config, clip
         self.register_buffer("threshold", torch.tensor(1.0), persistent=False)
         self.bias: torch.Tensor | None = None  # per-channel current added every step (bias calibration)
         self.levels: int | None = None  # QCFS quantisation levels of the ANN activation (snnconv.qcfs)
         self.fixed = False  # threshold given by the model (QCFS), not by calibration
         self.static_input = False  # set by the hoisting pass: input is the same at every step
         self.observer = None
-        self.v: torch.Tensor | None = None
-        self._out, self._out_key = None, None
+        self.calls = {"kernel": 0, "torch": 0}  # SNN-mode calls served by the fused CUDA kernel / by torch
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -70,25 +62,9 @@ class Neuron(nn.Module):
         bias = "" if self.bias is None else ", calibrated bias"
         return f"{self.config.kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}{bias}"
 
-    def reset(self) -> None:
-        self.v = None
-
-    def __getstate__(self) -> dict:
-        """Copies leave the reused output buffer behind: it is scratch, refilled by the next call."""
-        state = dict(super().__getstate__())
-        state["_out"] = state["_out_key"] = None
-        return state
-
-    def _buffer(self, shape, dtype, device, fmt) -> torch.Tensor:
-        """The output buffer, reused across calls: fresh large allocations cost page faults on every call.
-        Valid until this neuron runs again; SpikingModel copies anything it hands out."""
-        key = (shape, dtype, device, fmt)
-        if self._out_key != key:
-            self._out, self._out_key = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt), key
-        return self._out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clock.mode == "ann":
+        call = current()
+        if call is None:  # the ANN
             if self.levels is not None:
                 y = torch.clamp(torch.floor(x * (self.levels / self.clip) + 0.5) / self.levels, 0, 1) * self.clip
             else:
@@ -96,8 +72,8 @@ class Neuron(nn.Module):
             if self.observer is not None:
                 self.observer(y)
             return y
-        steps = self.clock.steps
-        static = self.static_input and self.clock.input_static
+        steps = call.steps
+        static = self.static_input and call.input_static
         if self.bias is not None:  # calibrated correction of the input current (bias calibration)
             b = self.bias.to(x.device, x.dtype)
             x = x + (b.view(-1, *([1] * (x.dim() - 2))) if b.dim() > 0 else b)
@@ -109,14 +85,16 @@ class Neuron(nn.Module):
         if theta.dim() > 0:  # per-channel: [C] -> broadcast over the channel dim (dim 1 of [N, C, ...])
             theta = theta.view(-1, *([1] * (len(shape) - 2)))
         fmt = _memory_format(x)
-        if self.v is None or self.v.shape != shape:
+        v = call.state.get(self)  # the membrane, carried over from the call's previous chunk or step
+        if v is None or v.shape != shape:
             state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            self.v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous(memory_format=fmt)
+            v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous(memory_format=fmt)
+        call.state[self] = v
         cfg = self.config
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
-            out, self.v = torch_backend.multistep_functional(
+            out, call.state[self] = torch_backend.multistep_functional(
                 x_in,
-                self.v,
+                v,
                 theta,
                 steps=steps,
                 static=static,
@@ -126,11 +104,13 @@ class Neuron(nn.Module):
                 max_spikes=cfg.max_spikes,
             )
             return out.reshape(steps * shape[0], *shape[1:])
-        out = self._buffer((steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
+        # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
+        out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         if cfg.max_spikes > 1:  # burst neurons: torch backend only
+            self.calls["torch"] += 1
             torch_backend.multistep_burst(
                 x_in,
-                self.v,
+                v,
                 theta,
                 steps=steps,
                 static=static,
@@ -141,9 +121,9 @@ class Neuron(nn.Module):
                 out=out,
             )
             return out.view(steps * shape[0], *shape[1:])
-        get_backend(self.clock.backend, x.device)(
+        get_backend(call.backend, x.device)(
             x_in,
-            self.v,
+            v,
             theta,
             steps=steps,
             static=static,
@@ -151,6 +131,7 @@ class Neuron(nn.Module):
             v_reset=cfg.v_reset,
             decay=cfg.decay,
             out=out,
+            calls=self.calls,
         )
         return out.view(steps * shape[0], *shape[1:])
 
@@ -164,51 +145,42 @@ class SpikeMaxPool(nn.Module):
     then sum to exactly the max pool of the inputs' sum, the ANN's max of the average input.
     """
 
-    def __init__(self, clock: Clock, pool_kwargs: dict, dims: int):
+    def __init__(self, pool_kwargs: dict, dims: int):
         super().__init__()
-        self.clock, self.pool_kwargs, self.dims = clock, pool_kwargs, dims
+        self.pool_kwargs, self.dims = pool_kwargs, dims
         self.static_input = False
-        self.acc: torch.Tensor | None = None  # running sum of the input
-        self.prev: torch.Tensor | None = None  # max pool of that running sum
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.pool_kwargs.items())
-
-    def reset(self) -> None:
-        self.acc = self.prev = None
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
         return fn(x, **self.pool_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clock.mode == "ann" or (self.static_input and self.clock.input_static):
+        call = current()
+        if call is None or (self.static_input and call.input_static):
             return self._pool(x)
-        steps = self.clock.steps
+        steps = call.steps
         xs = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc = torch.cumsum(xs.to(dtype), 0, out=torch.empty_like(xs, dtype=dtype))  # all running sums, one op
-        if self.acc is not None:  # continuing a previous call ('s' mode, time chunks)
-            acc += self.acc
+        # (running sum, its max pool) up to the call's previous chunk or step
+        last_acc, last_pooled = call.state.get(self, (None, None))
+        if last_acc is not None:
+            acc += last_acc
         pooled = self._pool(acc.flatten(0, 1)).unflatten(0, (steps, xs.shape[1]))
-        prev = self.prev if self.prev is not None else torch.zeros_like(pooled[0])
+        prev = last_pooled if last_pooled is not None else torch.zeros_like(pooled[0])
         out = torch.diff(pooled, dim=0, prepend=prev.unsqueeze(0))
-        self.acc, self.prev = acc[-1], pooled[-1]
+        call.state[self] = (acc[-1], pooled[-1])
         return out.flatten(0, 1).to(x.dtype)
 
 
 class TimeBroadcast(nn.Module):
     """Turns a step-invariant [N, ...] tensor into [steps * N, ...] where it meets time-varying ones."""
 
-    def __init__(self, clock: Clock):
-        super().__init__()
-        self.clock = clock
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clock.mode == "ann" or not self.clock.input_static or self.clock.steps == 1:
+        call = current()
+        if call is None or not call.input_static or call.steps == 1:
             return x
-        return x.unsqueeze(0).expand(self.clock.steps, *x.shape).reshape(-1, *x.shape[1:])
-
-
-def stateful_modules(root: nn.Module):
-    return [m for m in root.modules() if isinstance(m, (Neuron, SpikeMaxPool))]
+        return x.unsqueeze(0).expand(call.steps, *x.shape).reshape(-1, *x.shape[1:])

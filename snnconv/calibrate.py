@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from snnconv import distributed
 from snnconv.errors import ConversionError
+from snnconv.runtime.context import current
 from snnconv.runtime.modules import Neuron
 
+BIAS_BUDGET_MB = 2048  # bias calibration: activations of one sub-batch over T steps, when no memory_budget_mb
 _SAMPLE = 1 << 18  # values per batch and channel-set fed to quantile (torch.quantile caps input size)
 
 
@@ -143,49 +145,64 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
 
 
-class ChannelMean:
-    """Per-channel mean as sum and count: exact over any batching, time chunking or split over ranks."""
-
-    def __init__(self):
-        self.sum, self.count = 0.0, 0
-
-    def __call__(self, t: torch.Tensor) -> None:
-        rows = by_channel(t.detach().double())
-        self.sum, self.count = self.sum + rows.sum(1), self.count + rows.shape[1]
-
-    def value(self) -> torch.Tensor:
-        total = distributed.all_reduce(torch.cat([self.sum.cpu(), torch.tensor([float(self.count)])]))
-        return total[:-1] / total[-1]
+def _channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-channel (dim 1) sums in float64, summed without a float64 copy of t, and the count per channel."""
+    if t.dim() < 2:
+        return t.sum(dtype=torch.float64).reshape(1), t.numel()
+    dims = [d for d in range(t.dim()) if d != 1]
+    return t.sum(dim=dims, dtype=torch.float64), t.numel() // t.shape[1]
 
 
-def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
+def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET_MB) -> None:
     """Bias calibration (after Li et al., ICML 2021): layer by layer, in graph order, shift each neuron's
     input current by the per-channel gap between the ANN's mean activation and the SNN's mean output, so
-    errors do not pile up with depth. The shift lives in the neuron (outside the state_dict)."""
-    gm = snn.graph_module
+    errors do not pile up with depth. The shift lives in the neuron (outside the state_dict).
+
+    One SNN pass per calibration sub-batch does every layer: the graph runs layer by layer over all T
+    steps, so when a neuron layer runs, every layer before it already has its correction; a hook measures
+    the gap, corrects the bias and reruns that layer before anything downstream reads it. Memory: the
+    batches stream, split into sub-batches whose T steps of activations fit `budget_mb` (or the model's
+    memory_budget_mb); the estimate from sub-batch k moves the bias by 1/k of its gap (a running mean).
+    Under torch.distributed every rank runs all ranks' bias batches (gathered, rank by rank in turn), so
+    every rank computes the same biases, those of one process given the batches in that order."""
+    gm, settings = snn.graph_module, snn.settings
     order = [
         gm.get_submodule(n.target)
         for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Neuron)
     ]
-    xs = list(batches(calib, limit))
+    budget = (settings.memory_budget_mb or budget_mb) * 2**20
+    per_sample = max(1, settings.step_bytes_per_sample * snn.T)
+    sub = max(1, int(budget // per_sample))
+    ann: dict[Neuron, tuple[torch.Tensor, int]] = {}
+    k = 0
 
-    with torch.no_grad():
-        ann_means = {n: ChannelMean() for n in order}
-        for n in order:  # the ANN's mean activation of each neuron layer, per channel
-            n.observer = ann_means[n]
-        for x in xs:
-            gm(x)
-        for n in order:
-            n.observer = None
-        ann_means = {n: v.value() for n, v in ann_means.items()}
-        for _ in range(iterations):
-            for n in order:
-                seen = ChannelMean()
-                hook = n.register_forward_hook(lambda m, i, o, seen=seen: seen(o))
-                for x in xs:
-                    snn(x)
-                hook.remove()
-                gap = (ann_means[n] - seen.value()).float()
-                gap = gap if gap.numel() > 1 else gap.reshape(())
-                n.bias = gap if n.bias is None else n.bias + gap
+    def correct(n: Neuron, inputs, out):
+        (a, count), (s, c) = ann[n], _channel_sums(out)
+        gap = (a / count - s / c).float() / k
+        gap = gap if gap.numel() > 1 else gap.reshape(())
+        n.bias = gap if n.bias is None else n.bias + gap
+        current().state.pop(n, None)  # rerun the layer from its initial membrane with the corrected current
+        return n.forward(inputs[0])
+
+    chunk, settings.chunk = settings.chunk, snn.T  # one call covers all T steps (the hook needs them all)
+    try:
+        with torch.no_grad():
+            for x in distributed.everyones(batches(calib, limit)):  # every rank: all ranks' batches
+                for xs in x.split(sub):
+                    for n in order:  # this sub-batch's ANN activations, per channel
+                        n.observer = lambda y, n=n: ann.__setitem__(n, _channel_sums(y))
+                    try:
+                        gm(xs)
+                    finally:
+                        for n in order:
+                            n.observer = None
+                    k += 1
+                    hooks = [n.register_forward_hook(correct) for n in order]
+                    try:
+                        snn(xs)
+                    finally:
+                        for h in hooks:
+                            h.remove()
+    finally:
+        settings.chunk = chunk

@@ -135,7 +135,7 @@ class Shards(Dataset):
 class ImageFiles(Dataset):
     """Images decoded one at a time: [C, H, W] in [0, 1]; class subfolders (sorted) give labels."""
 
-    def __init__(self, root: Path, transform=None):
+    def __init__(self, root: Path, prep=None):
         try:
             import PIL.Image  # noqa: F401
         except ImportError as exc:
@@ -148,7 +148,7 @@ class ImageFiles(Dataset):
         self.files = [(f, c) for f, c in files if f.suffix.lower() in IMAGE_EXTS]
         if not self.files:
             raise ConversionError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
-        self.root, self.has_labels, self.transform = root, bool(classes), transform
+        self.root, self.has_labels, self.prep = root, bool(classes), prep
         self.shape = tuple(self._load(0).shape)
 
     def _load(self, i: int) -> torch.Tensor:
@@ -157,14 +157,21 @@ class ImageFiles(Dataset):
         f = self.files[i][0]
         try:
             with Image.open(f) as im:
-                a = np.asarray(im)
+                im.load()
+                prepped = self.prep is not None and self.prep.active()
+                a = self.prep(im, f) if prepped else np.asarray(im)  # prep: resize, crop, (x / 255 - mean) / std
+        except ConversionError:
+            raise
         except Exception as exc:
             raise ConversionError(f"{f}: not a readable image ({exc})") from exc
-        x = torch.from_numpy(a.copy()).float() / 255.0
+        x = torch.from_numpy(np.array(a, dtype=np.float32))
+        x = x if prepped else x / 255.0
         x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        x = self.transform(x) if self.transform is not None else x
         if i and tuple(x.shape) != self.shape:
-            raise ConversionError(f"{f}: image is {tuple(x.shape)}, the first is {self.shape}; resize to one shape")
+            raise ConversionError(
+                f"{f}: images differ in size ({tuple(x.shape)}, the first {self.shape}); resize them to one shape "
+                "(--resize, --crop)"
+            )
         return x
 
     def __len__(self) -> int:
@@ -203,11 +210,14 @@ class Labelled(Dataset):
         return (item[0] if isinstance(item, tuple) else item, int(self.labels[i]))
 
 
-def open_dataset(path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False) -> Dataset:
-    """A Dataset over what `path` names (see the module doc); `.has_labels` says whether items are (x, y)."""
+def open_dataset(path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False, prep=None) -> Dataset:
+    """A Dataset over what `path` names (see the module doc); `.has_labels` says whether items are (x, y).
+    prep (snnconv.io.ImagePrep): how each image of a folder is resized, cropped and normalised."""
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file")
+    if prep is not None and prep.active() and not (path.is_dir() and not _mnist(path)):
+        raise ConversionError(f"{path}: --resize/--crop/--mean/--std apply to a folder of images; this is not one")
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if any(n.startswith(("t10k-images", "train-images")) for n in names):
@@ -219,7 +229,7 @@ def open_dataset(path: str | Path, labels: str | Path | None = None, trust_pickl
         elif any(p.is_file() and p.suffix in SHARD_EXTS for p in path.iterdir()):
             ds = Shards([ArrayFile(p, trust_pickle) for p in sorted(path.iterdir()) if p.suffix in SHARD_EXTS])
         else:
-            ds = ImageFiles(path)
+            ds = ImageFiles(path, prep)
     else:
         ds = ArrayFile(path, trust_pickle)
     if labels is not None:
@@ -252,6 +262,10 @@ def check_labels(ds: Dataset, snn, what) -> None:
     classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else None
     if classes is not None and top >= classes:
         raise ConversionError(f"{what}: label {top} is out of range for the model's {classes} outputs")
+
+
+def _mnist(path: Path) -> bool:
+    return any(p.name.startswith(("t10k-images", "train-images")) for p in path.iterdir())
 
 
 def sample_shape(ds: Dataset) -> tuple[int, ...]:

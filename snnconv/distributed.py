@@ -174,3 +174,20 @@ def without_padding(loader):
             yield item
         elif keep.any():
             yield type(item)(v[keep] for v in item) if isinstance(item, (tuple, list)) else item[keep]
+
+
+def everyones(items):
+    """Under torch.distributed: every rank's items (tensors), gathered to every rank, in turn rank by rank
+    (rank 0's first, rank 1's first, ..., rank 0's second, ...); otherwise the items themselves. For the
+    few bias-calibration batches, whose iterative correction must see the same batches in the same order
+    on every rank."""
+    if not active():
+        yield from items
+        return
+    mine = [t.cpu() for t in items]
+    lists = [None] * world()
+    dist.all_gather_object(lists, mine)
+    for i in range(max(len(x) for x in lists)):
+        for x in lists:
+            if i < len(x):
+                yield x[i]

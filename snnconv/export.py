@@ -29,8 +29,8 @@ def export_onnx(snn: SpikingModel, path: str | Path, batch: int = 1, opset: int 
     except ImportError as exc:
         raise ConversionError("ONNX export needs onnx: pip install 'snnconv[onnx]'") from exc
     example = torch.rand(batch, *snn.settings.input_shape)
-    backend, chunk = snn.settings.clock.backend, snn.settings.chunk
-    snn.settings.clock.backend, snn.settings.chunk = "torch", None
+    backend, chunk = snn.settings.backend, snn.settings.chunk
+    snn.settings.backend, snn.settings.chunk = "torch", None
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -47,7 +47,7 @@ def export_onnx(snn: SpikingModel, path: str | Path, batch: int = 1, opset: int 
     except Exception as exc:
         raise ConversionError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     finally:
-        snn.settings.clock.backend, snn.settings.chunk = backend, chunk
+        snn.settings.backend, snn.settings.chunk = backend, chunk
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model)
     from snnconv.io import atomic_write

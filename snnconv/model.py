@@ -11,11 +11,12 @@ import torch.nn as nn
 
 from snnconv.errors import ConversionError
 from snnconv.memory import plan_chunk
-from snnconv.runtime.modules import Neuron, stateful_modules
+from snnconv.runtime.context import Call, running
+from snnconv.runtime.modules import Neuron
 from snnconv.settings import Settings
 
 # settings that shaped the graph or its buffers at conversion; a loaded state does not change them
-_BUILT_IN = {"neuron", "clock", "passes", "input_ndim", "input_shape", "step_bytes_per_sample"}
+_BUILT_IN = {"neuron", "passes", "input_ndim", "input_shape", "step_bytes_per_sample"}
 
 
 def _map(fn, y):
@@ -34,7 +35,13 @@ class SpikingModel(nn.Module):
 
     - `snn(x, time_major=True)`: x is [T, N, ...], a different input at each step.
     - `snn(x, per_step=True)`: return the per-step outputs [T, N, ...] instead of their mean.
-    - `snn.step_mode = 's'`: each call is one step (streaming); call `snn.reset()` between samples.
+    - `state = snn.init_state(N)`; `y, state = snn.step(x, state)`: one step at a time (streaming), the
+      state (membranes, pooling sums) owned by the caller.
+    - `snn.step_mode = 's'`: each call is one step, the state kept on the model (one stream at a time,
+      not thread-safe); call `snn.reset()` between samples.
+
+    Calls in multi-step mode (the default) and `step()` keep their state in the call, never on the
+    modules: one model serves any number of threads at once.
     """
 
     def __init__(self, gm: fx.GraphModule, settings: Settings):
@@ -44,6 +51,7 @@ class SpikingModel(nn.Module):
         self.__dict__["graph_module"] = gm  # not a child: its modules are ours already
         self.settings = settings
         self.step_mode = "m"
+        self._stream: StepState | None = None  # step mode 's': the state of the one stream on the model
         self.pass_log: list[tuple[str, str]] = []
         self.source: dict | None = None  # how to rebuild the ANN (factory spec, ONNX): see snnconv.save
 
@@ -58,9 +66,35 @@ class SpikingModel(nn.Module):
         self.settings.T = value
 
     def reset(self) -> None:
-        """Clear every neuron's membrane (and pooling state) before a new sample in step mode 's'."""
-        for m in stateful_modules(self):
-            m.reset()
+        """Start a new sample in step mode 's' (clears the state kept on the model)."""
+        self._stream = None
+
+    def init_state(self, batch: int) -> StepState:
+        """The state of a new stream of `batch` samples for `step()`: every membrane at its start value."""
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
+            raise ConversionError(f"init_state takes the batch size, a positive integer, got {batch!r}")
+        return StepState(batch)
+
+    def step(self, x: torch.Tensor, state: StepState) -> tuple:
+        """One time step: x is this step's input [N, ...]; returns (this step's output, the new state).
+        The state passed in is left as it was, so it can be stepped again (e.g. two continuations)."""
+        if not isinstance(state, StepState):
+            raise ConversionError(f"step() takes the state from snn.init_state(batch), got {type(state).__name__}")
+        self._check_input(x, False)
+        if x.shape[0] != state.batch:
+            raise ConversionError(
+                f"input batch {x.shape[0]} does not match the state's batch {state.batch}; "
+                f"start a new stream with snn.init_state({x.shape[0]})"
+            )
+        return self._step(x, StepState(state.batch, _map(torch.clone, state.modules), state.t))
+
+    def _step(self, x: torch.Tensor, state: StepState) -> tuple:
+        """One step that updates `state`'s membranes in place. Each step's input may differ (input_static
+        False): max pooling then pools running sums, as a time-major multi-step call does."""
+        call = Call(1, False, self.settings.backend, state.modules)
+        with torch.no_grad(), running(call):
+            y = _map(torch.clone, self.graph_module(x))  # neuron outputs live in reused buffers
+        return y, StepState(state.batch, call.state, state.t + 1)
 
     def neurons(self) -> dict[str, Neuron]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Neuron)}
@@ -83,14 +117,6 @@ class SpikingModel(nn.Module):
         if not torch.isfinite(x).all():
             raise ConversionError("input contains NaN or Inf")
 
-    def _run(self, x: torch.Tensor, steps: int, input_static: bool):
-        clock = self.settings.clock
-        clock.mode, clock.steps, clock.input_static = "snn", steps, input_static
-        try:
-            return self.graph_module(x)
-        finally:
-            clock.mode = "ann"
-
     def forward(self, x: torch.Tensor, *, time_major: bool = False, per_step: bool = False):
         if self.step_mode not in ("m", "s"):
             raise ConversionError(f"step_mode must be 'm' or 's', got {self.step_mode!r}")
@@ -99,11 +125,15 @@ class SpikingModel(nn.Module):
                 "time_major and per_step apply to step_mode 'm'; in step mode 's' each call "
                 "takes one step's input [N, ...] and returns that step's output"
             )
+        if self.step_mode == "s":
+            self._check_input(x, False)
+            if self._stream is None or self._stream.batch != x.shape[0]:
+                self._stream = self.init_state(x.shape[0])
+            y, self._stream = self._step(x, self._stream)  # the model's own state: no copy
+            return y
         self._check_input(x, time_major)
-        with torch.no_grad():
-            if self.step_mode == "s":  # neuron outputs live in reused buffers: hand out copies
-                return _map(torch.clone, self._run(x, 1, True))
-            self.reset()
+        call = Call(backend=self.settings.backend)  # this call's state: membranes carry across time chunks
+        with torch.no_grad(), running(call):
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
             chunk = self._chunk(T, n, x.device)
@@ -112,14 +142,14 @@ class SpikingModel(nn.Module):
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
                 xin = x[t0 : t0 + steps].flatten(0, 1) if time_major else x
-                y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self._run(xin, steps, not time_major))
+                call.steps, call.input_static = steps, not time_major
+                y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self.graph_module(xin))
                 if per_step:
                     outs.append(_map(torch.clone, y))
                 elif t0 + steps > delay:
                     skip = max(0, delay - t0)
                     s = _map(lambda a, k=skip: a[k:].sum(0), y)
                     total = s if total is None else _map_pair(total, s)
-            self.reset()
             if per_step:
                 return outs[0] if len(outs) == 1 else _cat(outs)
             return _map(lambda a: a / (T - delay), total)
@@ -170,7 +200,6 @@ class SpikingModel(nn.Module):
             if f.name not in _BUILT_IN:
                 setattr(self.settings, f.name, getattr(s, f.name))
         self.settings.neuron.__dict__.update(s.neuron.__dict__)
-        self.settings.clock.backend = s.clock.backend
         for name, n in neurons.items():
             n.threshold = values["thresholds", name].to(n.threshold.device)
             n.bias = values.get(("biases", name))
@@ -208,6 +237,17 @@ def _values(value, what: str, positive: bool) -> torch.Tensor:
             f"{what} must be {'a positive' if positive else 'a finite'} number or a list of them, got {value!r:.80}"
         )
     return t.float().reshape(()) if not isinstance(value, list) else t.float()
+
+
+class StepState:
+    """The state of one stream in step-by-step mode, owned by the caller: `snn.init_state(batch)`, then
+    `y, state = snn.step(x, state)`. Opaque: membranes and pooling sums by module, and the steps taken."""
+
+    def __init__(self, batch: int, modules: dict | None = None, t: int = 0):
+        self.batch, self.modules, self.t = batch, modules if modules is not None else {}, t
+
+    def __repr__(self) -> str:
+        return f"StepState(batch={self.batch}, t={self.t})"
 
 
 def _map_pair(a, b):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from snnconv.errors import ConversionError
 from snnconv.runtime import BACKENDS
-from snnconv.runtime.modules import Clock, NeuronConfig
+from snnconv.runtime.modules import NeuronConfig
 
 
 def _int(v) -> bool:
@@ -73,18 +73,19 @@ def check(name: str, value, label: str | None = None) -> None:
         raise ConversionError(f"{label or name} must be {want}, got {value!r}")
 
 
-def check_allocatable(shape, n: int, what: str) -> None:
-    """Refuse, before allocating, n float32 samples of `shape` that would not fit in this machine's memory."""
-    need = n * math.prod(shape) * 4
+def check_memory(need: int, what: str) -> None:
+    """Refuse, before allocating, `need` bytes that would not fit in this machine's memory."""
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        have = 1 << 40
+        return
     if need > have:
-        raise ConversionError(
-            f"{what}: input shape {tuple(shape)} needs {need / 2**30:.3g} GiB for {n} sample(s), more than "
-            f"this machine's {have / 2**30:.3g} GiB of memory"
-        )
+        raise ConversionError(f"{what} needs {need / 2**30:.3g} GiB, more than this machine's {have / 2**30:.3g} GiB")
+
+
+def check_allocatable(shape, n: int, what: str) -> None:
+    """Refuse, before allocating, n float32 samples of `shape` that would not fit in memory."""
+    check_memory(n * math.prod(shape) * 4, f"{what}: input shape {tuple(shape)} for {n} sample(s)")
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Settings:
     memory_budget_mb: float | None = None  # pick `chunk` so one chunk's activations fit this budget
     readout_delay: int = 0  # leading steps left out of the output mean (transient)
     step_bytes_per_sample: int = 0  # all activations of one step for one sample (measured at convert)
-    clock: Clock = field(default_factory=Clock, repr=False)
+    backend: str = "auto"  # neuron backend: 'auto', 'torch', 'cupy'
 
     def validate(self, where: str = "", labels: dict[str, str] | None = None) -> Settings:
         """Check every field against RULES; errors say `{where}{field}`, or labels[field] where the caller
@@ -122,8 +123,6 @@ class Settings:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("clock")
-        d["backend"] = self.clock.backend
         d["passes"] = list(self.passes) if self.passes is not None else None
         d["input_shape"] = list(self.input_shape)
         return d
@@ -133,7 +132,7 @@ class Settings:
         """Settings from JSON (a checkpoint's metadata), validated field by field; `where` prefixes errors."""
         if not isinstance(d, dict):
             raise ConversionError(f"{where.rstrip(': ')} must be a JSON object, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)} - {"clock"}
+        names = {f.name for f in fields(cls)}
         required = {"T", "neuron", "input_ndim", "input_shape"}
         for name in sorted(required - set(d)):
             raise ConversionError(f"{where}{name} is missing")
@@ -148,7 +147,6 @@ class Settings:
         s.neuron = NeuronConfig(**neuron)
         s.passes = tuple(s.passes) if s.passes is not None else None
         s.input_shape = tuple(s.input_shape)
-        s.clock.backend = d.get("backend", "auto")
         s.validate(where)
         if s.input_ndim < 1:
             raise ConversionError(f"{where}input_ndim must be at least 1 (the batch dimension), got {s.input_ndim}")

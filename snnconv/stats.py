@@ -17,6 +17,13 @@ def format_report(r: dict) -> str:
             "  " + "".join(f"{r['accuracy_by_T'][t - 1]:9.2f}" for t in ts),
             "",
         ]
+    calls = r.get("neuron_calls", {})
+    kernel, total = sum(c["kernel"] for c in calls.values()), sum(c["kernel"] + c["torch"] for c in calls.values())
+    if total:
+        share = f"neuron calls on the fused CUDA kernel: {kernel} of {total} ({100 * kernel / total:.0f}%)"
+        slow = [k for k, c in calls.items() if c["torch"]]
+        where = f" on {r['device']}" + (f"; torch backend for {', '.join(slow)}" if kernel and slow else "")
+        lines += [share + where, ""]
     lines.append(f"firing rates (spikes per neuron per step, T={r['T']}):")
     for name, rate in r["firing_rates"].items():
         lines.append(f"  {name:<32}{rate:8.4f}")
