@@ -62,8 +62,8 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     try:
         meta = {**meta, "conversion": json.loads(meta["conversion"]), "source": json.loads(meta["source"])}
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:  # ValueError: JSONDecodeError, NaN forms
+        raise ConversionError(f"{path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc})"[:400]) from exc
     return tensors, meta
 
 

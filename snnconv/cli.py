@@ -32,7 +32,12 @@ def _shape(text: str | None, n: int) -> tuple[int, ...] | None:
 
 
 # arguments validated by the options object's own rules (snnconv.settings.RULES), before anything runs
-_SETTINGS_ARGS = {"T": "T", "percentile": "percentile", "v_init": "neuron.v_init"}
+_SETTINGS_ARGS = {
+    "T": "T",
+    "percentile": "percentile",
+    "v_init": "neuron.v_init",
+    "memory_budget_mb": "memory_budget_mb",
+}
 _COUNT_ARGS = ("batch", "limit", "calib_limit")
 
 
@@ -73,14 +78,16 @@ def _device(text: str) -> torch.device:
 
 
 def _guard_output(flag: str, out: str, *inputs: str | None) -> Path:
-    """An output path is never an input (compared after resolving links), a folder, or in a missing or
-    read-only folder."""
+    """An output path is never an input (the same file, also through a symbolic or hard link), a folder, or
+    in a missing or read-only folder."""
     path = Path(out)
     for i in inputs:
-        if i and Path(i).exists() and path.resolve() == Path(i).resolve():
+        if i and Path(i).exists() and path.exists() and os.path.samefile(path, i):  # links too
             raise ConversionError(f"{flag} {out}: that file is also an input; choose another output path")
     if path.is_dir():
         raise ConversionError(f"{flag} {out}: is a directory, expected a file path")
+    if path.exists() and not path.is_file():  # a device or pipe: renaming over it would replace it
+        raise ConversionError(f"{flag} {out}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{flag} {out}: output folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
@@ -103,6 +110,20 @@ def _plot_format(path: Path) -> str:
     return fmt
 
 
+def _prep(a):
+    from snnconv.io import ImagePrep
+
+    return ImagePrep.parse(a.resize, a.crop, a.mean, a.std)
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a folder of images (ImageNet style: --resize 256 --crop 224 --mean ... --std ...)")
+    g.add_argument("--resize", type=int, help="resize each image's shorter side to this many pixels")
+    g.add_argument("--crop", type=int, help="then crop the centre square of this size")
+    g.add_argument("--mean", help="subtract per channel from x / 255, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="then divide per channel, e.g. 0.229,0.224,0.225")
+
+
 def cmd_convert(a) -> int:
     import snnconv
     from snnconv.io import load_data, load_model, parse_kwargs
@@ -115,8 +136,9 @@ def cmd_convert(a) -> int:
     out = Path(a.output)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
+    prep = _prep(a)
     if a.calib:
-        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
+        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle, prep=prep)
         calib = calib[: a.calib_limit]
     else:
         shape = _shape(a.input_shape, 64)
@@ -144,6 +166,7 @@ def cmd_convert(a) -> int:
         reset=a.reset,
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
+        memory_budget_mb=a.memory_budget_mb,
         passes=passes,
     )
     snnconv.save(snn, out, source=source, model_file=model_file)
@@ -181,8 +204,11 @@ def cmd_run(a) -> int:
     from snnconv.stats import evaluate, format_report
 
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prep = _prep(a)
     snn = _load(a)
-    x, y = load_data(a.data, a.labels)
+    if a.memory_budget_mb is not None:  # checked by the options' rules in _check_args
+        snn.settings.memory_budget_mb = a.memory_budget_mb
+    x, y = load_data(a.data, a.labels, prep=prep)
     if a.limit:
         x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
     if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
@@ -200,11 +226,23 @@ def cmd_run(a) -> int:
             raise ConversionError(
                 f"{a.labels or a.data}: label {y.max().item()} is out of range for the model's {classes} outputs"
             )
+    _check_run_memory(snn, len(x), a.batch)
     r = evaluate(snn, x, y, batch=a.batch, progress=sys.stderr.isatty(), device=device)
     print(format_report(r))
     if a.plot:
         _plot(r, Path(a.plot))
     return 0
+
+
+def _check_run_memory(snn, n: int, batch: int) -> None:
+    """Say before allocating when T steps of a batch (without chunking) and the per-step predictions of all
+    n samples would not fit in memory."""
+    from snnconv.settings import check_memory
+
+    s, b = snn.settings, min(batch, n)
+    steps = min(s.chunk or snn.T, snn.T) if not s.memory_budget_mb else 1
+    need = steps * b * max(s.step_bytes_per_sample, 4) + snn.T * n * 8
+    check_memory(need, f"--T {snn.T} with --batch {batch} (lower them)")
 
 
 def _plot(r: dict, path: Path) -> None:
@@ -300,6 +338,12 @@ def parser() -> argparse.ArgumentParser:
         "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them",
     )
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
+    c.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="run the SNN in time chunks whose activations fit this many MiB (recorded; `run` uses it)",
+    )
+    _image_options(c)
     c.set_defaults(fn=cmd_convert)
 
     r = sub.add_parser("run", help="pretrained-weight SNN inference: accuracy by T, firing rates, energy")
@@ -321,6 +365,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
     )
+    r.add_argument("--memory-budget-mb", type=float, help="time chunks whose activations fit this many MiB")
+    _image_options(r)
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
@@ -396,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if detail:
             print("\n".join(detail), file=sys.stderr)
         return 2
-    except MemoryError as exc:
+    except (MemoryError, torch.OutOfMemoryError) as exc:
         if args.debug:
             raise
         print(f"{verb}: error: out of memory ({_first_line(exc)}); try a smaller --batch or --T", file=sys.stderr)

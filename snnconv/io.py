@@ -8,8 +8,10 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +136,9 @@ def check_recorded_factory(spec, kwargs, what: str) -> None:
         raise ConversionError(f"{what}: source.factory must be a 'package.module:function' string, got {spec!r}")
     mod_name, attr = spec.split(":")
     allowed = any(mod_name == lib or mod_name.startswith(lib + ".") for lib in TRUSTED_FACTORIES)
-    if not allowed or not attr.isidentifier() or attr.startswith("_"):
+    parts = attr.split(".")  # a function, or a class's constructor method (EfficientNet.from_name)
+    plain = all(p.isidentifier() and not p.startswith("_") and "pretrained" not in p.lower() for p in parts)
+    if not allowed or not plain or len(parts) > 2:
         raise ConversionError(
             f"{what}: refusing to import and call {spec!r} named by the file (not one of the model libraries "
             f"{', '.join(TRUSTED_FACTORIES)}); {_ALLOW_HINT}"
@@ -174,7 +178,9 @@ def load_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
         ) from exc
     except Exception as exc:
         raise ConversionError(f"importing {mod_name!r} for factory {spec!r} failed: {_why(exc)}") from exc
-    fn = getattr(module, attr, None)
+    fn = module
+    for part in attr.split("."):  # a class method too: package.module:Class.from_name
+        fn = getattr(fn, part, None)
     if fn is None or not callable(fn):
         raise ConversionError(f"{mod_name} has no callable {attr!r} (factory {spec!r})")
     try:
@@ -299,8 +305,31 @@ def _as_float(x, what: str) -> torch.Tensor:
     return t
 
 
+def _npy_header_check(path: Path, what: str) -> None:
+    """Compare a .npy header's declared size with the file before numpy allocates it (a crafted header
+    can declare terabytes)."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            have = os.fstat(f.fileno()).st_size - f.tell()
+    except Exception:
+        return  # np.load gives the precise error
+    if dtype.hasobject:
+        return
+    need = math.prod(shape) * dtype.itemsize
+    if need > have:
+        raise ConversionError(
+            f"{what}: header declares shape {shape} ({need / 2**20:.4g} MiB) but the file holds {have} bytes "
+            "(truncated or corrupt)"
+        )
+
+
 def _np_load(path: Path, what: str):
     """np.load without pickle; an object array or an unreadable file is one ConversionError."""
+    if path.suffix == ".npy":
+        _npy_header_check(path, what)
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -334,19 +363,86 @@ def labels_tensor(y, what: str) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class ImagePrep:
+    """How a folder of images becomes one tensor (ImageNet style): resize the short side, crop the centre,
+    then (x / 255 - mean) / std per channel. None: leave that step out."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, resize=None, crop=None, mean: str | None = None, std: str | None = None) -> ImagePrep:
+        """From the CLI's --resize/--crop/--mean/--std; every bad value is a one-line ConversionError."""
+        for name, v in (("resize", resize), ("crop", crop)):
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ConversionError(f"--{name} must be a positive number of pixels, got {v!r}")
+
+        def floats(name: str, text: str | None) -> tuple[float, ...] | None:
+            if text is None:
+                return None
+            try:
+                vals = tuple(float(t) for t in text.split(","))
+            except ValueError:
+                raise ConversionError(f"--{name} must be 1 or 3 numbers like 0.485,0.456,0.406, got {text!r}") from None
+            if len(vals) not in (1, 3) or not all(np.isfinite(vals)):
+                raise ConversionError(f"--{name} must be 1 or 3 finite numbers like 0.485,0.456,0.406, got {text!r}")
+            return vals
+
+        m, sd = floats("mean", mean), floats("std", std)
+        if sd is not None and min(sd) <= 0:
+            raise ConversionError(f"--std must be positive, got {std!r}")
+        return cls(resize, crop, m, sd)
+
+    def active(self) -> bool:
+        return any(v is not None for v in (self.resize, self.crop, self.mean, self.std))
+
+    def __call__(self, im, name: Path) -> np.ndarray:
+        from PIL import Image
+
+        if im.mode != "RGB" and any(v is not None and len(v) == 3 for v in (self.mean, self.std)):
+            im = im.convert("RGB")  # a grey photo among colour ones
+        if self.resize is not None:
+            w, h = im.size
+            s = self.resize / min(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+        if self.crop is not None:
+            w, h = im.size
+            if self.crop > min(w, h):
+                raise ConversionError(
+                    f"{name}: --crop {self.crop} is larger than the image ({w}x{h}); pass --resize {self.crop} or more"
+                )
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            im = im.crop((left, top, left + self.crop, top + self.crop))
+        a = np.asarray(im, dtype=np.float32) / 255.0
+        a = a[..., None] if a.ndim == 2 else a
+        for what, v in (("mean", self.mean), ("std", self.std)):
+            if v is not None and len(v) not in (1, a.shape[-1]):
+                raise ConversionError(f"{name}: --{what} has {len(v)} values, the image has {a.shape[-1]} channels")
+        if self.mean is not None:
+            a = a - np.asarray(self.mean, dtype=np.float32)
+        if self.std is not None:
+            a = a / np.asarray(self.std, dtype=np.float32)
+        return a
+
+
 def load_data(
-    path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False
+    path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False, prep: ImagePrep | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inputs (and labels where the data has them) from .npy/.npz/.pt, an idx file, an MNIST folder or a
-    folder of images (class subfolders give labels)."""
+    folder of images (class subfolders give labels; `prep` resizes, crops and normalises them)."""
     path = Path(path)
     y = None
+    if prep is not None and prep.active() and not (path.is_dir() and not _is_mnist(path)):
+        raise ConversionError(f"{path}: --resize/--crop/--mean/--std apply to a folder of images; this is not one")
     if path.is_dir():
-        names = {p.name for p in path.iterdir()}
-        if any(n.startswith(("t10k-images", "train-images")) for n in names):
+        if _is_mnist(path):
+            names = {p.name for p in path.iterdir()}
             x, y = load_mnist(path, "test" if any(n.startswith("t10k") for n in names) else "train")
         else:
-            x, y = _image_folder(path)
+            x, y = _image_folder(path, prep or ImagePrep())
     else:
         path = need_file(path)
         if path.suffix == ".npy":
@@ -410,7 +506,11 @@ def load_data(
     return x, y
 
 
-def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _is_mnist(path: Path) -> bool:
+    return path.is_dir() and any(p.name.startswith(("t10k-images", "train-images")) for p in path.iterdir())
+
+
+def _image_folder(path: Path, prep: ImagePrep) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         from PIL import Image
     except ImportError as exc:
@@ -418,7 +518,7 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     files = (
-        [(f, classes.index(d.name)) for d in path.iterdir() if d.is_dir() for f in sorted(d.iterdir())]
+        [(f, classes.index(d.name)) for d in sorted(path.iterdir()) if d.is_dir() for f in sorted(d.iterdir())]
         if classes
         else [(f, None) for f in sorted(path.iterdir())]
     )
@@ -428,13 +528,21 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     arrays = []
     for f, _ in files:
         try:
-            arrays.append(np.asarray(Image.open(f)))
+            im = Image.open(f)
+            im.load()
         except Exception as exc:
             raise ConversionError(f"{f}: not a readable image ({exc})") from exc
+        if prep.active():
+            arrays.append(prep(im if im.mode in ("L", "RGB") else im.convert("RGB"), f))
+        else:
+            arrays.append(np.asarray(im))
     if len({a.shape for a in arrays}) != 1:
-        raise ConversionError(f"{path}: images differ in size; resize them to one shape first")
-    x = torch.as_tensor(np.stack(arrays)).float() / 255.0
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        raise ConversionError(
+            f"{path}: images differ in size or channels; pass --resize and --crop (e.g. --resize 256 --crop 224)"
+        )
+    x = torch.as_tensor(np.stack(arrays)).float()
+    x = x if prep.active() else x / 255.0
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([c for _, c in files]) if classes else None
     return x, y
 
@@ -446,6 +554,8 @@ def atomic_write(path: Path, content) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"{path}: is a directory, expected a file path for the output")
+    if path.exists() and not path.is_file():  # renaming over a device or pipe would replace it
+        raise ConversionError(f"{path}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: output folder does not exist")
     tmp = None

@@ -73,18 +73,19 @@ def check(name: str, value, label: str | None = None) -> None:
         raise ConversionError(f"{label or name} must be {want}, got {value!r}")
 
 
-def check_allocatable(shape, n: int, what: str) -> None:
-    """Refuse, before allocating, n float32 samples of `shape` that would not fit in this machine's memory."""
-    need = n * math.prod(shape) * 4
+def check_memory(need: int, what: str) -> None:
+    """Refuse, before allocating, `need` bytes that would not fit in this machine's memory."""
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        have = 1 << 40
+        return
     if need > have:
-        raise ConversionError(
-            f"{what}: input shape {tuple(shape)} needs {need / 2**30:.3g} GiB for {n} sample(s), more than "
-            f"this machine's {have / 2**30:.3g} GiB of memory"
-        )
+        raise ConversionError(f"{what} needs {need / 2**30:.3g} GiB, more than this machine's {have / 2**30:.3g} GiB")
+
+
+def check_allocatable(shape, n: int, what: str) -> None:
+    """Refuse, before allocating, n float32 samples of `shape` that would not fit in memory."""
+    check_memory(n * math.prod(shape) * 4, f"{what}: input shape {tuple(shape)} for {n} sample(s)")
 
 
 @dataclass

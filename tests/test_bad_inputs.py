@@ -133,10 +133,12 @@ def hostile_sources(d):
         ("pretrained download", {"factory": "torchvision.models:resnet18", "kwargs": {"weights": "DEFAULT"}}),
         ("hub model name", {"factory": "timm:create_model", "kwargs": {"model_name": "hf-hub:evil/net"}}),
         ("checkpoint path", {"factory": "timm:create_model", "kwargs": {"checkpoint_path": "/etc/passwd"}}),
+        ("download method", {"factory": "efficientnet_lite_pytorch:EfficientNet.from_pretrained", "kwargs": {}}),
+        ("dunder chain", {"factory": "torchvision.models:resnet18.__globals__", "kwargs": {}}),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_hostile_factory_never_runs(work, capsys, index):
     d, _ = work
     name, source = hostile_sources(d)[index]
@@ -258,6 +260,13 @@ def _pt2(d, mp):
     (d / "m.pt2").unlink()
 
 
+def _huge_npy(d, mp):
+    """A .npy whose header declares 238 GiB of float32 over a 64-byte payload."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 1, 8, 8), }"
+    header += " " * (63 - len(header) % 64) + "\n"
+    (d / "huge.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64))
+
+
 CONV = ["convert", "badnets:tiny", "--weights", "w.pth"]
 OUT = ["-o", "out.safetensors"]
 GOOD = ["--calib", "calib.npy", *OUT]
@@ -308,6 +317,27 @@ CASES = [
         ["-o calib.npy", "also an input"],
     ),
     ("output is the weights", None, [*CONV, "--calib", "calib.npy", "-o", "./w.pth"], "convert", ["also an input"]),
+    (
+        "output hard-linked to an input",
+        lambda d, mp: os.link(d / "calib.npy", d / "hard.npy"),
+        [*CONV, "--calib", "calib.npy", "-o", "hard.npy"],
+        "convert",
+        ["-o hard.npy", "also an input"],
+    ),
+    (
+        "output symlinked to an input",
+        lambda d, mp: os.symlink("w.pth", d / "link.pth"),
+        [*CONV, "--calib", "calib.npy", "-o", "link.pth"],
+        "convert",
+        ["-o link.pth", "also an input"],
+    ),
+    (
+        "npy header larger than the file",
+        _huge_npy,
+        [*CONV, "--calib", "huge.npy", *OUT],
+        "convert",
+        ["huge.npy", "header declares", "truncated or corrupt"],
+    ),
     (
         "output folder missing",
         None,
@@ -493,6 +523,21 @@ CASES = [
     ),
     ("T zero on run", None, [*RUN, "--data", "test.pt", "--T", "0"], "run", ["--T must be a positive integer"]),
     ("T negative on run", None, [*RUN, "--data", "test.pt", "--T", "-2"], "run", ["--T must be a positive integer"]),
+    (
+        "T too large for memory",
+        None,
+        [*RUN, "--data", "test.pt", "--T", "1000000000"],
+        "run",
+        ["--T 1000000000", "GiB"],
+    ),
+    (
+        "memory budget nan",
+        None,
+        [*RUN, "--data", "test.pt", "--memory-budget-mb", "nan"],
+        "run",
+        ["--memory-budget-mb must be"],
+    ),
+    ("resize zero", None, [*RUN, "--data", "test.pt", "--resize", "0"], "run", ["--resize"]),
     ("batch zero", None, [*RUN, "--data", "test.pt", "--batch", "0"], "run", ["--batch must be"]),
     ("limit zero", None, [*RUN, "--data", "test.pt", "--limit", "0"], "run", ["--limit must be"]),
     (
@@ -599,6 +644,13 @@ CASES = [
         "run",
         ["t.safetensors", "corrupt checkpoint metadata"],
     ),
+    (
+        "metadata nested too deep",
+        _tamper(lambda m: m.update(conversion="[" * 100000 + "]" * 100000)),
+        TRUN,
+        "run",
+        ["t.safetensors", "corrupt checkpoint metadata"],
+    ),
     ("source not an object", _tamper(lambda m: m.update(source=[1])), TRUN, "run", ["'source' must be a JSON object"]),
     ("weights missing from the file", _drop_tensor, TRUN, "run", ["t.safetensors", "missing keys: conv.weight"]),
     (
@@ -648,6 +700,13 @@ CASES = [
         ["t.safetensors", "settings.per_channel must be"],
     ),
     # export
+    (
+        "export over a pipe",
+        lambda d, mp: os.mkfifo(d / "pipe"),
+        [*EXPORT, "-o", "pipe"],
+        "export",
+        ["-o pipe", "not a regular file"],
+    ),
     ("export over the checkpoint", None, [*EXPORT, "-o", "ok.safetensors"], "export", ["also an input"]),
     ("export read-only folder", _read_only("ro"), [*EXPORT, "-o", "ro/m.onnx"], "export", ["ro/m.onnx", "writ"]),
     ("export folder missing", None, [*EXPORT, "-o", "no/m.onnx"], "export", ["does not exist"]),
@@ -662,6 +721,20 @@ CASES = [
         ["export", "t.safetensors", "--trust-source", "-o", "m.onnx"],
         "export",
         ["settings.chunk must be"],
+    ),
+    (
+        "export format unknown",
+        None,
+        [*EXPORT, "-o", "m.x", "--format", "tflite"],
+        "export",
+        ["--format", "invalid choice"],
+    ),
+    (
+        "export nir read-only folder",
+        _read_only("ro"),
+        [*EXPORT, "-o", "ro/m.nir", "--format", "nir"],
+        "export",
+        ["ro/m.nir", "writ"],
     ),
     # no verb
     ("no verb", None, [], None, ["required"]),
@@ -689,5 +762,177 @@ def test_bad_input(work, capfd, monkeypatch, case):
     assert not list(d.rglob("*.tmp")), name
 
 
-def test_case_count():
-    assert len(CASES) >= 60
+# ---------------------------------------------------------------------------------------------------------
+# the Python API: the same refusals as snnconv.ConversionError (a ValueError)
+
+
+def _api_cases(d, model):
+    snn = snnconv.load(d / "ok.safetensors", model=model)
+    rewrite_meta(d / "ok.safetensors", d / "t.safetensors", _settings(input_shape=[1, -8, 8]))
+    os.mkfifo(d / "pipe")  # a pipe (never /dev/null: a regression would replace it)
+    state = snn.conversion_state()
+    return [
+        ("save to a folder", lambda: snnconv.save(snn, d), "is a directory"),
+        ("save to a missing folder", lambda: snnconv.save(snn, d / "no" / "x.safetensors"), "does not exist"),
+        ("save over a pipe", lambda: snnconv.save(snn, d / "pipe"), "not a regular file"),
+        ("load a folder", lambda: snnconv.load(d), "is a directory"),
+        ("load a missing file", lambda: snnconv.load(d / "nope.safetensors"), "no such file"),
+        ("load with a non-module model", lambda: snnconv.load(d / "ok.safetensors", model="tiny"), "nn.Module"),
+        ("load tampered", lambda: snnconv.load(d / "t.safetensors", model=model), "settings.input_shape must be"),
+        ("convert T zero", lambda: snnconv.convert(model, T=0, calib=torch.rand(4, 1, 8, 8)), "T must be"),
+        ("convert T a string", lambda: snnconv.convert(model, T="8", calib=torch.rand(4, 1, 8, 8)), "T must be"),
+        (
+            "convert per_channel not bool",
+            lambda: snnconv.convert(model, calib=torch.rand(4, 1, 8, 8), per_channel="no"),
+            "per_channel must be",
+        ),
+        (
+            "convert tau",
+            lambda: snnconv.convert(model, calib=torch.rand(4, 1, 8, 8), neuron="lif", tau=1),
+            "tau must be",
+        ),
+        (
+            "convert calib_batches",
+            lambda: snnconv.convert(model, calib=torch.rand(4, 1, 8, 8), calib_batches=0),
+            "calib_batches must be",
+        ),
+        ("T set to zero", lambda: setattr(snn, "T", 0), "T must be"),
+        (
+            "state without thresholds",
+            lambda: snn.load_conversion_state({"settings": state["settings"]}),
+            "thresholds is missing",
+        ),
+        (
+            "state with a bad setting",
+            lambda: snn.load_conversion_state({**state, "settings": {**state["settings"], "readout_delay": -1}}),
+            "settings.readout_delay must be",
+        ),
+        (
+            "state with NaN threshold",
+            lambda: snn.load_conversion_state({**state, "thresholds": {"_snn.relu": float("nan")}}),
+            "thresholds._snn.relu must be",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", range(16))
+def test_api_bad_input(work, index):
+    d, model = work
+    name, call, fragment = _api_cases(d, model)[index]
+    before = snapshot(d)
+    with pytest.raises(snnconv.ConversionError) as info:
+        call()
+    assert isinstance(info.value, ValueError)
+    assert fragment in str(info.value) and "\n" not in str(info.value), (name, str(info.value))
+    assert snapshot(d) == before, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real processes: Ctrl-C during a run, and stderr free of torch's logged tracebacks
+
+DRIVER = """
+import pathlib, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if CI started us ignoring it
+import snnconv.stats as stats
+from snnconv.cli import main
+
+real = stats.evaluate
+
+def evaluate(*args, **kwargs):  # say when evaluation started, then keep evaluating until interrupted
+    pathlib.Path("started").write_text("")
+    while True:
+        real(*args, **kwargs)
+
+stats.evaluate = evaluate
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env(d):
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_ctrl_c_exits_130_with_one_line(work):
+    import signal
+    import subprocess
+    import time
+
+    d, _ = work
+    (d / "driver.py").write_text(DRIVER)
+    before = snapshot(d)
+    argv = [*RUN, "--data", "test.pt", "--T", "64", "--plot", "acc.png"]
+    proc = subprocess.Popen(
+        [sys.executable, "driver.py", *argv],
+        cwd=d,
+        env=_env(d),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(1200):  # up to 2 minutes on a loaded machine
+            if (d / "started").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (d / "started").exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["snnconv run: interrupted"], err
+    (d / "started").unlink()
+    assert snapshot(d) == before  # no plot, no temporary file
+
+
+def test_pt2_parse_error_in_a_process_is_one_line(work):
+    import subprocess
+
+    d, _ = work
+    (d / "bad.pt2").write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snnconv.cli", "convert", "bad.pt2", "--calib", "calib.npy", "-o", "o.safetensors"],
+        cwd=d,
+        env=_env(d),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snnconv convert: error: bad.pt2: not a readable"), proc.stderr
+    assert not (d / "o.safetensors").exists()
+
+
+def test_load_rebuilds_without_calibrating(work, monkeypatch):
+    """load() takes thresholds from the file: no calibration runs (no random input decides anything), and
+    the rebuilt SNN computes exactly what the saved one did."""
+    d, model = work
+    snn = snnconv.convert(model, T=5, calib=torch.rand(32, 1, 8, 8), per_channel=False, readout_delay=1)
+    snnconv.save(snn, d / "a.safetensors", source={"factory": "badnets:tiny", "kwargs": {}})
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("load() calibrated")
+
+    monkeypatch.setattr(sys.modules["snnconv.convert"], "calibrate", no_calibration)
+    again = snnconv.load(d / "a.safetensors", model=model)
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.equal(again(x), snn(x))
+    assert again.T == 5 and again.settings.readout_delay == 1 and again.settings.per_channel is False
+
+
+def test_allow_listed_factory_loads_without_trust(work):
+    """A checkpoint naming a torchvision architecture with plain arguments loads as data, no flag needed."""
+    tv = pytest.importorskip("torchvision")
+    d, _ = work
+    torch.manual_seed(0)
+    net = tv.models.resnet18(num_classes=10).eval()
+    snn = snnconv.convert(net, T=2, calib=torch.rand(4, 3, 32, 32))
+    snnconv.save(
+        snn, d / "r.safetensors", source={"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}}
+    )
+    again = snnconv.load(d / "r.safetensors")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(again(x), snn(x))
