@@ -97,7 +97,7 @@ def timm_candidates(refresh: bool = False) -> list[tuple[str, int]]:
     return out
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: no `except Exception` inside torch or snnconv may swallow it
     pass
 
 
@@ -169,7 +169,8 @@ def timm_sweep(args) -> None:
         for ln in out.read_text().splitlines():
             if ln.startswith("| "):
                 status, rest = ln[2:].split(" | ", 1)
-                done[rest.split()[0]] = (status, rest)
+                if status in ("converted", "refused", "timeout"):  # failures run again
+                    done[rest.split()[0]] = (status, rest)
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:])
     head = [
         cmd,
@@ -204,7 +205,7 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
     ap.add_argument("--cap", type=int, default=120, help="seconds per timm model")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
-    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
     ap.add_argument("--refresh", action="store_true", help="rebuild the cached timm candidate list")
     args = ap.parse_args(argv)
     if args.timm:
