@@ -22,7 +22,7 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
             static.add(node)
         elif (neuron := module_of(gm, node, Neuron)) is not None:
             neuron.static_input = ins[0] in static
-        elif node.meta.get("snn_kind") == "value" or node.op == "output":
+        elif node.meta.get("snn_kind") in ("value", "constant") or node.op == "output":
             continue
         elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
@@ -30,7 +30,11 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
                 pool.static_input = True
     dynamic_seen: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if node in static or module_of(gm, node, Neuron) is not None or node.meta.get("snn_kind") == "value":
+        if (
+            node in static
+            or module_of(gm, node, Neuron) is not None
+            or node.meta.get("snn_kind") in ("value", "constant")
+        ):
             continue
         for a in node.all_input_nodes:
             if a in static and a not in dynamic_seen:
@@ -46,5 +50,5 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
 
 
 def _batch_carrying(node: fx.Node) -> bool:
-    """Does this input carry the batch? Constants (get_attr) and shape values do not."""
-    return node.op != "get_attr" and node.meta.get("snn_kind") != "value"
+    """Does this input carry the batch? Constants (get_attr, parameter-only subgraphs) and sizes do not."""
+    return node.op != "get_attr" and node.meta.get("snn_kind") not in ("value", "constant")
