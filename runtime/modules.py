@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from snnconv.runtime import get_backend, torch_backend
 from snnconv.runtime.context import current, reused
@@ -136,6 +137,35 @@ class Neuron(nn.Module):
         return out.view(steps * shape[0], *shape[1:])
 
 
+class _Scratch:
+    """A key for one more reused buffer of a module (context.reused keys buffers by owner)."""
+
+
+def _storage_steps(x: torch.Tensor, steps: int, channels_last: bool) -> torch.Tensor:
+    """[steps * N, C, ...] as [steps, N * C * ...] in the layout's memory order: a view where x has that
+    layout (channels-last [T * N, C, H, W] is [T, N, H, W, C] in memory), else a copy with the same values."""
+    return (x.permute(0, 2, 3, 1) if channels_last else x).reshape(steps, -1)
+
+
+def _pool_by_maximum(acc: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k: tuple[int, int]) -> None:
+    """Non-overlapping 2-D max pooling of channels-last `acc` into channels-last `out` by elementwise maxima
+    of strided views (rows first, into `rows`, then columns): same values as max_pool2d (NaN included),
+    about 3x faster on CPU than its channels-last kernel, which also writes indices."""
+    a, o = acc.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # [TN, H, W, C], C contiguous
+    (kh, kw), (ho, wo) = k, o.shape[1:3]
+    _max_of([a[:, i : ho * kh : kh] for i in range(kh)], rows)
+    _max_of([rows[:, :, j : wo * kw : kw] for j in range(kw)], o)
+
+
+def _max_of(views: list[torch.Tensor], out: torch.Tensor) -> None:
+    if len(views) == 1:
+        out.copy_(views[0])
+        return
+    torch.maximum(views[0], views[1], out=out)
+    for v in views[2:]:
+        torch.maximum(out, v, out=out)
+
+
 class SpikeMaxPool(nn.Module):
     """Max pooling placed on the analog input of a neuron (the prepare pass moves it there).
 
@@ -149,6 +179,7 @@ class SpikeMaxPool(nn.Module):
         super().__init__()
         self.pool_kwargs, self.dims = pool_kwargs, dims
         self.static_input = False
+        self._acc_key, self._rows_key = _Scratch(), _Scratch()  # keys of its other reused buffers
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.pool_kwargs.items())
@@ -157,23 +188,67 @@ class SpikeMaxPool(nn.Module):
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.dims - 1]
         return fn(x, **self.pool_kwargs)
 
+    def _fast_kernel(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """The window of a non-overlapping, unpadded 2-D pool on a channels-last input, else None."""
+        kw = self.pool_kwargs
+        if (
+            self.dims != 2
+            or kw.get("return_indices")
+            or kw.get("ceil_mode")
+            or _memory_format(x) != torch.channels_last
+        ):
+            return None
+        k = _pair(kw["kernel_size"])
+        s = _pair(kw.get("stride") or k)
+        if len(k) != 2 or s != k or _pair(kw.get("padding", 0)) != (0, 0) or _pair(kw.get("dilation", 1)) != (1, 1):
+            return None
+        return k if x.shape[2] >= k[0] and x.shape[3] >= k[1] else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = current()
         if call is None or (self.static_input and call.input_static):
             return self._pool(x)
-        steps = call.steps
-        xs = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
+        steps, n = call.steps, x.shape[0] // call.steps
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        acc = torch.cumsum(xs.to(dtype), 0, out=torch.empty_like(xs, dtype=dtype))  # all running sums, one op
-        # (running sum, its max pool) up to the call's previous chunk or step
+        fmt = _memory_format(x)
+        cl = fmt == torch.channels_last
+        capture = torch.jit.is_tracing() or torch.compiler.is_compiling()  # graph capture: no reused buffers
+        # all running sums, step by step in memory order (contiguous adds; cumsum over a strided
+        # channels-last dim is ~8x slower), continuing the call's previous chunk or step
+        if capture:
+            acc = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+        else:
+            acc = reused(self._acc_key, x.shape, dtype, x.device, fmt)
+        xf, af = _storage_steps(x, steps, cl), _storage_steps(acc, steps, cl)
         last_acc, last_pooled = call.state.get(self, (None, None))
-        if last_acc is not None:
-            acc += last_acc
-        pooled = self._pool(acc.flatten(0, 1)).unflatten(0, (steps, xs.shape[1]))
-        prev = last_pooled if last_pooled is not None else torch.zeros_like(pooled[0])
-        out = torch.diff(pooled, dim=0, prepend=prev.unsqueeze(0))
-        call.state[self] = (acc[-1], pooled[-1])
-        return out.flatten(0, 1).to(x.dtype)
+        if last_acc is None:
+            af[0].copy_(xf[0])
+        else:
+            torch.add(_storage_steps(last_acc, 1, cl)[0], xf[0], out=af[0])
+        for t in range(1, steps):
+            torch.add(af[t - 1], xf[t], out=af[t])
+        k = self._fast_kernel(acc)
+        if k is None:
+            pooled = self._pool(acc)
+        else:
+            h, w = x.shape[2] // k[0], x.shape[3] // k[1]
+            shape, rows_shape = (x.shape[0], x.shape[1], h, w), (x.shape[0], h, x.shape[3], x.shape[1])
+            if capture:
+                pooled = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+                rows = torch.empty(rows_shape, dtype=dtype, device=x.device)
+            else:
+                pooled = reused(self, shape, dtype, x.device, fmt)
+                rows = reused(self._rows_key, rows_shape, dtype, x.device)
+            _pool_by_maximum(acc, pooled, rows, k)
+        pooled_steps = pooled.unflatten(0, (steps, n))
+        # (running sum, its max pool) at the last step, for the call's next chunk or step
+        call.state[self] = (acc[-n:].clone(), pooled_steps[-1].clone())
+        # out[t] = pooled[t] - pooled[t - 1], in place from the last step back
+        for t in range(steps - 1, 0, -1):
+            pooled_steps[t].sub_(pooled_steps[t - 1])
+        if last_pooled is not None:
+            pooled_steps[0].sub_(last_pooled)
+        return pooled.to(x.dtype)
 
 
 class TimeBroadcast(nn.Module):

@@ -239,6 +239,29 @@ def test_spike_maxpool_running_sum_is_exact():
     assert F.max_pool2d(alt.flatten(0, 1), (1, 2)).sum().item() == 10.0
 
 
+@pytest.mark.parametrize("kernel", [2, (2, 3), 3])
+def test_spike_maxpool_channels_last_chunks(kernel):
+    """The channels-last fast path (running sums in memory order, pooling by strided maxima) against a
+    float64 cumsum + max_pool2d reference, whole and in chunks carried over by the call's state."""
+    kw = {"kernel_size": kernel, "stride": kernel, "padding": 0, "dilation": 1, "ceil_mode": False}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 2, 5, 8, 7, generator=g, dtype=torch.float64)  # steps, N, C, H, W (H, W not multiples)
+    ref = F.max_pool2d(x.cumsum(0).flatten(0, 1), **kw).unflatten(0, (7, 2))
+    ref = torch.diff(ref, dim=0, prepend=torch.zeros_like(ref[:1]))
+    flat = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    pool = SpikeMaxPool(kw, 2)
+    with running(Call(steps=7, input_static=False)):
+        whole = pool(flat).clone()
+    assert whole.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(whole.unflatten(0, (7, 2)), ref, atol=1e-12)
+    call, parts = Call(steps=3, input_static=False), []
+    for start, steps in ((0, 3), (3, 1), (4, 3)):
+        call.steps = steps
+        with running(call):
+            parts.append(pool(flat[2 * start : 2 * (start + steps)]).clone())
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_conversion_state_roundtrip():
     ann = randomize_bn(ResCatNet())
     x = torch.rand(16, 3, 16, 16)
