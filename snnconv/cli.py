@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 distributed.shutdown()
     except KeyboardInterrupt:
+        # objects torn down half-built by the interrupt (a DataLoader's worker iterator) would print
+        # "Exception ignored" tracebacks from __del__ after our line: the one line is the whole story
+        sys.unraisablehook = lambda _: None
         print(f"{verb}: interrupted", file=sys.stderr)
         return 130
     except ConversionError as exc:
