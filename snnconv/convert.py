@@ -210,6 +210,7 @@ def convert(
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
     check = _output_check(ann, first)
     gm = annotate(trace(ann))
+    pipeline.mark(gm, "ops_classified")  # the front end's fact: every node has its snn_kind
     _adopt(gm, ann)
     log = [("trace", gm.code)]
     gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
