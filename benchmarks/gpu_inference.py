@@ -3,6 +3,12 @@ its CuPy kernels, and SpikingJelly 2.0.0 (multi-step, where it imports), on the 
 
     python benchmarks/gpu_inference.py [--T 8] [--batch 256]
 
+snnconv rows (all with the default per-channel thresholds unless named):
+- snnconv_torch / snnconv_cupy: converted on the GPU (the passes keep NCHW there), torch backend / kernels;
+- snnconv_cupy_cpu_plan: the default passes run on the CPU (channels-last convolutions where they choose
+  it), then `.to('cuda')`: what `snnconv run --device cuda` does with a checkpoint converted on a CPU;
+- snnconv_cupy_per_layer: one threshold per layer (scalar), converted on the GPU.
+Column `kernel`: the share of neuron calls the fused kernel served (the rest ran on the torch backend).
 Median of CUDA-event timings after warm-up, methods interleaved; peak memory from
 torch.cuda.max_memory_allocated during one run of each.
 """
@@ -17,18 +23,33 @@ from cpu_inference import NETS, _net, spikingjelly_runner
 
 import snnconv
 
+METHODS = ("ann", "snnconv_torch", "snnconv_cupy", "snnconv_cupy_cpu_plan", "snnconv_cupy_per_layer", "spikingjelly")
+
 
 def build(net: str, method: str, T: int, batch: int):
+    """(a function running one batch, the converted SNN or None)."""
     model, shape = _net(net)
-    model = model.cuda()
     g = torch.Generator().manual_seed(1)
-    calib, x = torch.rand(256, *shape, generator=g).cuda(), torch.rand(batch, *shape, generator=g).cuda()
+    calib, x = torch.rand(256, *shape, generator=g), torch.rand(batch, *shape, generator=g).cuda()
+    if method == "snnconv_cupy_cpu_plan":  # the CPU's layout plan, then moved
+        snn = snnconv.convert(model, T=T, calib=calib).cuda()  # backend "auto": the kernel column says which ran
+        return (lambda: snn(x)), snn
+    model, calib = model.cuda(), calib.cuda()
     if method == "ann":
-        return lambda: model(x)
+        return (lambda: model(x)), None
     if method.startswith("snnconv"):
-        snn = snnconv.convert(model, T=T, calib=calib, backend=method.split("_")[1])
-        return lambda: snn(x)
-    return spikingjelly_runner(model, calib, x, T)
+        kw = {"per_channel": False} if method.endswith("per_layer") else {}
+        snn = snnconv.convert(model, T=T, calib=calib, backend=method.split("_")[1], **kw)
+        return (lambda: snn(x)), snn
+    return spikingjelly_runner(model, calib, x, T), None
+
+
+def kernel_share(snn) -> str:
+    if snn is None:
+        return "-"
+    calls = [n.calls for n in snn.neurons().values()]
+    k, total = sum(c["kernel"] for c in calls), sum(c["kernel"] + c["torch"] for c in calls)
+    return f"{100 * k / max(total, 1):.0f}%"
 
 
 def main(argv=None):
@@ -37,15 +58,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
-    methods = ("ann", "snnconv_torch", "snnconv_cupy", "spikingjelly")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.T}, batch={args.batch}")
-    print(f"{'network':<16}{'method':<16}{'time ms':>9}{'peak MB':>9}{'/ (T x ANN)':>12}{'SJ / this':>11}")
+    print(f"{'network':<16}{'method':<24}{'time ms':>9}{'peak MB':>9}{'/ (T x ANN)':>12}{'SJ / this':>11}{'kernel':>8}")
     for net in NETS:
-        fns, times, peaks = {}, {}, {}
+        fns, snns, times, peaks = {}, {}, {}, {}
         with torch.no_grad():
-            for m in methods:
+            for m in METHODS:
                 try:
-                    fns[m] = build(net, m, args.T, args.batch)
+                    fns[m], snns[m] = build(net, m, args.T, args.batch)
                     for _ in range(3):
                         fns[m]()
                     torch.cuda.synchronize()
@@ -68,8 +88,8 @@ def main(argv=None):
         for m, t in med.items():
             label = "ANN x T" if m == "ann" else m
             print(
-                f"{net:<16}{label:<16}{t:9.2f}{peaks[m]:9.0f}{t / med['ann']:12.2f}"
-                f"{med.get('spikingjelly', float('nan')) / t:11.2f}"
+                f"{net:<16}{label:<24}{t:9.2f}{peaks[m]:9.0f}{t / med['ann']:12.2f}"
+                f"{med.get('spikingjelly', float('nan')) / t:11.2f}{kernel_share(snns[m]):>8}"
             )
 
 

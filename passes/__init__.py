@@ -30,7 +30,7 @@ PREPARE: list[Pass] = [remove_identity, lower_activations, commute_maxpool]
 LOWER: list[Pass] = [fold_batchnorm, broadcast_input, hoist_static_input, channels_last, integer_spikes, inplace_add]
 OPTIONAL = {"fold_batchnorm", "hoist_static_input", "channels_last", "integer_spikes", "inplace_add"}
 check_order(PREPARE + LOWER)  # the pipeline as built: every fact provided before it is needed
-__all__ = ["FACTS", "LOWER", "OPTIONAL", "PREPARE", "describe", "enabled", "mark", "run"]
+__all__ = ["FACTS", "LOWER", "OPTIONAL", "PREPARE", "describe", "enabled", "facts", "mark", "run"]
 
 
 def enabled(p: Pass, settings) -> bool:

@@ -1,5 +1,6 @@
 """CuPy backend: the fused CUDA neuron kernel (kernels/neuron.cu), compiled by NVRTC at first use and
-cached per variant. Torch tensors are passed by data pointer, zero-copy, on torch's current stream."""
+cached per variant. Torch tensors are passed by data pointer, zero-copy where their layouts agree, on
+torch's current stream (the caller's: no synchronisation anywhere)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,31 @@ def _external_stream(ts: torch.cuda.Stream):
         return cp.cuda.ExternalStream(ts.cuda_stream)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Its elements fill their memory span exactly, in some dim order (NCHW, channels-last, ...): then
+    element i of memory is one neuron, whatever the order."""
+    expect = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _strided(t: torch.Tensor, size: tuple, stride: tuple) -> torch.Tensor:
+    """t itself when it has this layout, else a copy of it in that layout."""
+    if all(a == b for a, b, n in zip(t.stride(), stride, size) if n > 1):
+        return t
+    return torch.empty_strided(size, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _channel_dim_ok(theta: torch.Tensor, v: torch.Tensor) -> bool:
+    """theta broadcasts as one value per index of v's dim 1 ([C, 1, ...] against [N, C, ...]), or is one value."""
+    if theta.numel() == 1:
+        return True
+    return v.dim() >= 2 and theta.dim() == v.dim() - 1 and theta.shape[0] == v.shape[1] == theta.numel()
+
+
 def multistep(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -62,27 +88,55 @@ def multistep(
     decay: float,
     out: torch.Tensor,
     count: torch.Tensor | None = None,
+    calls: dict | None = None,
 ) -> torch.Tensor:
-    """Same contract as torch_backend.multistep; `count` (float32, shape of v) accumulates spike counts."""
-    if x.dtype not in _DTYPES or v.dtype != torch.float32 or not v.is_contiguous():
-        return torch_backend.multistep(
-            x, v, theta, steps=steps, static=static, soft_reset=soft_reset, v_reset=v_reset, decay=decay, out=out
-        )
-    x = x.contiguous()
+    """Same contract as torch_backend.multistep; `count` (float32, shape of v) accumulates spike counts;
+    `calls` (a dict) counts the calls the kernel served ('kernel') and those left to torch ('torch').
+
+    The kernel indexes x[t], out[t], v and count by one flat neuron index, so they must share one dense
+    layout (any dim order): v's, or a dense copy of v. x and out in another layout (channels-last beside
+    NCHW, a strided view, a misaligned offset) are copied into it, and out back, so nothing is ever
+    written in the wrong order. Only dtypes the kernel lacks (float64) go to the torch backend."""
+    kw = dict(steps=steps, static=static, soft_reset=soft_reset, v_reset=v_reset, decay=decay)
+    shape = tuple(v.shape)
+    served = (
+        x.dtype in _DTYPES
+        and out.dtype == x.dtype
+        and v.dtype == torch.float32
+        and tuple(x.shape) == (shape if static else (steps, *shape))
+        and tuple(out.shape) == (steps, *shape)
+        and (count is None or (count.dtype == torch.float32 and tuple(count.shape) == shape))
+        and _channel_dim_ok(theta, v)
+    )
+    if calls is not None:
+        calls["kernel" if served else "torch"] = calls.get("kernel" if served else "torch", 0) + 1
+    if not served:
+        torch_backend.multistep(x, v, theta, out=out, **kw)
+        if count is not None:
+            count += (out != 0).sum(0)
+        return out
+    M = v.numel()
+    if M == 0 or steps == 0:  # nothing to run: CUDA rejects a grid of 0 blocks
+        return out
+    vk = v if _dense(v) else v.contiguous()
+    layout = tuple(vk.stride())
+    xk = _strided(x, shape, layout) if static else _strided(x, (steps, *shape), (M, *layout))
+    ok = _strided(out, (steps, *shape), (M, *layout))
+    ck = _strided(count, shape, layout) if count is not None else None
     th = theta.detach().to(device=v.device, dtype=torch.float32).contiguous().view(-1)
-    M, C = v.numel(), th.numel()
-    inner = M // (v.shape[0] * C) if C > 1 else 1
-    ptrs = [t.data_ptr() for t in (x, out, v) + ((count,) if count is not None else ())]
-    vec = 4 if M % 4 == 0 and all(p % 16 == 0 for p in ptrs) else 1
+    C = th.numel()
+    inner = vk.stride(1) if C > 1 else 1  # the channel dim's stride: neuron i is in channel (i // inner) % C
+    align = 4 * x.element_size()  # VEC = 4 loads and stores 4 elements of x and out at once
+    vec = 4 if M % 4 == 0 and xk.data_ptr() % align == 0 and ok.data_ptr() % align == 0 else 1
     with cp.cuda.Device(v.device.index):
         kern = _kernel(_DTYPES[x.dtype], vec, static, soft_reset, decay != 1.0, count is not None)
         stream = _external_stream(torch.cuda.current_stream(v.device))
         args = (
-            x.data_ptr(),
-            out.data_ptr(),
-            v.data_ptr(),
+            xk.data_ptr(),
+            ok.data_ptr(),
+            vk.data_ptr(),
             th.data_ptr(),
-            count.data_ptr() if count is not None else 0,
+            ck.data_ptr() if ck is not None else 0,
             cp.int64(M),
             cp.int32(steps),
             cp.int32(C),
@@ -91,4 +145,7 @@ def multistep(
             cp.float32(decay),
         )
         kern(((M // vec + _THREADS - 1) // _THREADS,), (_THREADS,), args, stream=stream)
+    for mine, theirs in ((ok, out), (vk, v), (ck, count)):  # copies back, in order on the same stream
+        if mine is not theirs:
+            theirs.copy_(mine)
     return out

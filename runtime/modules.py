@@ -54,6 +54,7 @@ class Neuron(nn.Module):
         self.fixed = False  # threshold given by the model (QCFS), not by calibration
         self.static_input = False  # set by the hoisting pass: input is the same at every step
         self.observer = None
+        self.calls = {"kernel": 0, "torch": 0}  # SNN-mode calls served by the fused CUDA kernel / by torch
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -106,6 +107,7 @@ class Neuron(nn.Module):
         # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
         out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         if cfg.max_spikes > 1:  # burst neurons: torch backend only
+            self.calls["torch"] += 1
             torch_backend.multistep_burst(
                 x_in,
                 v,
@@ -129,6 +131,7 @@ class Neuron(nn.Module):
             v_reset=cfg.v_reset,
             decay=cfg.decay,
             out=out,
+            calls=self.calls,
         )
         return out.view(steps * shape[0], *shape[1:])
 

@@ -27,11 +27,15 @@ def multistep(
     v_reset: float,
     decay: float,
     out: torch.Tensor,
+    calls: dict | None = None,
 ) -> torch.Tensor:
     """Run `steps` steps; x is [steps, ...] or, when `static`, one [...] tensor fed at every step.
+    `calls` (a dict), when given, counts this call under 'torch' (backends report which of them served).
 
     Three in-place ops per step: out[t] holds the 0/1 spike until the end, where one multiply scales all
     steps by theta (bitwise the same as scaling each step)."""
+    if calls is not None:
+        calls["torch"] = calls.get("torch", 0) + 1
     theta = theta.to(v.dtype)
     scalar = theta.dim() == 0
     th = theta.item() if scalar else theta

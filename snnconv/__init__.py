@@ -8,8 +8,20 @@ from snnconv.checkpoint import load, save
 from snnconv.convert import convert
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
+from snnconv.nir_graph import from_nir, to_nir, write_nir
 from snnconv.qcfs import QCFS
 from snnconv.report import inspect
 
-__all__ = ["QCFS", "ConversionError", "SpikingModel", "convert", "inspect", "load", "save"]
+__all__ = [
+    "QCFS",
+    "ConversionError",
+    "SpikingModel",
+    "convert",
+    "from_nir",
+    "inspect",
+    "load",
+    "save",
+    "to_nir",
+    "write_nir",
+]
 __version__ = "0.1.0"

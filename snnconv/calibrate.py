@@ -12,9 +12,11 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from snnconv.errors import ConversionError
+from snnconv.runtime.context import current
 from snnconv.runtime.modules import Neuron
 
 _SAMPLE = 1 << 18  # values per batch and channel-set fed to quantile (torch.quantile caps input size)
+BIAS_BUDGET_MB = 2048  # bias calibration: activations of one sub-batch over T steps, when no memory_budget_mb
 
 
 def by_channel(y: torch.Tensor) -> torch.Tensor:
@@ -109,37 +111,62 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
 
 
-def calibrate_bias(snn, calib, limit: int | None, iterations: int = 1) -> None:
+def _channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-channel (dim 1) sums in float64, summed without a float64 copy of t, and the count per channel."""
+    if t.dim() < 2:
+        return t.sum(dtype=torch.float64).reshape(1), t.numel()
+    dims = [d for d in range(t.dim()) if d != 1]
+    return t.sum(dim=dims, dtype=torch.float64), t.numel() // t.shape[1]
+
+
+def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET_MB) -> None:
     """Bias calibration (after Li et al., ICML 2021): layer by layer, in graph order, shift each neuron's
     input current by the per-channel gap between the ANN's mean activation and the SNN's mean output, so
-    errors do not pile up with depth. The shift lives in the neuron (outside the state_dict)."""
-    gm = snn.graph_module
+    errors do not pile up with depth. The shift lives in the neuron (outside the state_dict).
+
+    One SNN pass per calibration sub-batch does every layer: the graph runs layer by layer over all T
+    steps, so when a neuron layer runs, every layer before it already has its correction; a hook measures
+    the gap, corrects the bias and reruns that layer before anything downstream reads it. Memory: the
+    batches stream, split into sub-batches whose T steps of activations fit `budget_mb` (or the model's
+    memory_budget_mb); the estimate from sub-batch k moves the bias by 1/k of its gap (a running mean)."""
+    gm, settings = snn.graph_module, snn.settings
     order = [
         gm.get_submodule(n.target)
         for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Neuron)
     ]
-    xs = list(batches(calib, limit))
+    budget = (settings.memory_budget_mb or budget_mb) * 2**20
+    per_sample = max(1, settings.step_bytes_per_sample * snn.T)
+    sub = max(1, int(budget // per_sample))
+    ann: dict[Neuron, tuple[torch.Tensor, int]] = {}
+    k = 0
 
-    def channel_mean(t: torch.Tensor) -> torch.Tensor:
-        return by_channel(t.double()).mean(1)
+    def correct(n: Neuron, inputs, out):
+        (a, count), (s, c) = ann[n], _channel_sums(out)
+        gap = (a / count - s / c).float() / k
+        gap = gap if gap.numel() > 1 else gap.reshape(())
+        n.bias = gap if n.bias is None else n.bias + gap
+        current().state.pop(n, None)  # rerun the layer from its initial membrane with the corrected current
+        return n.forward(inputs[0])
 
-    with torch.no_grad():
-        ann_means = {n: [] for n in order}
-        for n in order:  # the ANN's mean activation of each neuron layer, per channel
-            n.observer = lambda y, n=n: ann_means[n].append(channel_mean(y))
-        for x in xs:
-            gm(x)
-        for n in order:
-            n.observer = None
-        ann_means = {n: torch.stack(v).mean(0) for n, v in ann_means.items()}
-        for _ in range(iterations):
-            for n in order:
-                seen = []
-                hook = n.register_forward_hook(lambda m, i, o, seen=seen: seen.append(channel_mean(o)))
-                for x in xs:
-                    snn(x)
-                hook.remove()
-                gap = (ann_means[n] - torch.stack(seen).mean(0)).float()
-                gap = gap if gap.numel() > 1 else gap.reshape(())
-                n.bias = gap if n.bias is None else n.bias + gap
+    chunk, settings.chunk = settings.chunk, snn.T  # one call covers all T steps (the hook needs them all)
+    try:
+        with torch.no_grad():
+            for x in batches(calib, limit):
+                for xs in x.split(sub):
+                    for n in order:  # this sub-batch's ANN activations, per channel
+                        n.observer = lambda y, n=n: ann.__setitem__(n, _channel_sums(y))
+                    try:
+                        gm(xs)
+                    finally:
+                        for n in order:
+                            n.observer = None
+                    k += 1
+                    hooks = [n.register_forward_hook(correct) for n in order]
+                    try:
+                        snn(xs)
+                    finally:
+                        for h in hooks:
+                            h.remove()
+    finally:
+        settings.chunk = chunk

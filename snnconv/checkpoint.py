@@ -14,6 +14,7 @@ import torch.nn as nn
 from snnconv.errors import ConversionError
 from snnconv.io import atomic_write
 from snnconv.model import SpikingModel
+from snnconv.settings import Settings, check_allocatable
 
 FORMAT = "snnconv-checkpoint/1"
 MODEL_KEY = "__snnconv__.model_file"
@@ -42,9 +43,9 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a converted checkpoint, validated."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
+    from snnconv.io import need_file
+
+    path = need_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -61,54 +62,68 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     try:
         meta = {**meta, "conversion": json.loads(meta["conversion"]), "source": json.loads(meta["source"])}
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:  # ValueError: JSONDecodeError, NaN forms
+        raise ConversionError(f"{path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc})"[:400]) from exc
     return tensors, meta
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> SpikingModel:
+def recorded_source(path: str | Path) -> dict:
+    """The checkpoint's source record (how it says the ANN is built), read from its metadata only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            source = json.loads((f.metadata() or {}).get("source", "{}"))
+    except Exception:
+        return {}  # read() gives the precise error
+    return source if isinstance(source, dict) else {}
+
+
+def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = False) -> SpikingModel:
     """Rebuild the SNN from a checkpoint: the ANN from `model` or the recorded source, its weights
-    strictly, then the recorded conversion state (no calibration data needed)."""
-    from snnconv.convert import convert
-    from snnconv.io import load_exported, load_factory, load_onnx, load_state_strict
+    strictly, then the recorded conversion state (no calibration data needed).
+
+    The file is data: a recorded factory is imported and called only if it names one of the model libraries
+    in snnconv.io.TRUSTED_FACTORIES, and an embedded torch.export program (deserialised with pickle) is
+    loaded only with trust_source=True. An embedded ONNX graph is data (onnx2torch maps each op)."""
+    from snnconv.convert import rebuild
+    from snnconv.io import check_recorded_factory, load_exported, load_factory, load_onnx, load_state_strict
 
     tensors, meta = read(path)
     model_file = tensors.pop(MODEL_KEY, None)
     source = meta["source"] or {}
+    if not isinstance(source, dict):
+        raise ConversionError(f"{path}: metadata field 'source' must be a JSON object, got {type(source).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConversionError(f"model= must be an nn.Module (the ANN's architecture), got {type(model).__name__}")
     if model is None:
         if model_file is not None and source.get("onnx"):
-            model = load_onnx(bytes(model_file.numpy()))
+            model = load_onnx(bytes(model_file.numpy()), f"{path} (embedded ONNX model)")
         elif model_file is not None and source.get("export"):
+            if not trust_source:
+                raise ConversionError(
+                    f"{path}: the checkpoint embeds a torch.export program, which torch deserialises with "
+                    "pickle (it can run code); pass --trust-source (API: trust_source=True) if you trust the "
+                    "file's origin, or the model yourself (--model / model=)"
+                )
             model = load_exported(bytes(model_file.numpy()), f"{path} (embedded torch.export program)")
         elif "factory" in source:
+            if not trust_source:
+                check_recorded_factory(source["factory"], source.get("kwargs"), str(path))
             model = load_factory(source["factory"], source.get("kwargs"))
         else:
             raise ConversionError(
                 f"{path}: the checkpoint does not record how to build the model; pass "
-                "model= (the ANN's architecture) to snnconv.load"
+                "model= (the ANN's architecture) to snnconv.load (CLI: --model pkg.module:factory)"
             )
     load_state_strict(model, tensors, f"checkpoint {path}")
     state = meta["conversion"]
-    s = state["settings"]
-    n = s["neuron"]
-    example = torch.rand(2, *s["input_shape"])
-    snn = convert(
-        model,
-        T=s["T"],
-        threshold=1.0,
-        example_input=example,
-        neuron=n["kind"],
-        reset=n["reset"],
-        v_reset=n["v_reset"],
-        v_init=n["v_init"],
-        tau=n["tau"],
-        max_spikes=n.get("max_spikes", 1),
-        passes=s["passes"],
-        chunk=s["chunk"],
-        backend=s["backend"],
-        memory_budget_mb=s.get("memory_budget_mb"),
-        readout_delay=s.get("readout_delay", 0),
-    )
-    snn.load_conversion_state(state)
+    where = f"{path}: metadata conversion."
+    if not isinstance(state, dict) or "settings" not in state:
+        raise ConversionError(f"{where}settings is missing (not a complete snnconv checkpoint)")
+    settings = Settings.from_dict(state["settings"], f"{where}settings.")
+    check_allocatable(settings.input_shape, 1, f"{path}: metadata conversion.settings.input_shape")
+    snn = rebuild(model, settings)  # the graph only: thresholds come from the file, not from calibration
+    snn.load_conversion_state(state, where)
     snn.source = source
     return snn

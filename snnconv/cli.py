@@ -4,6 +4,7 @@ left half-written and no input is overwritten."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -14,7 +15,10 @@ import torch
 from snnconv.errors import ConversionError
 
 
-def _shape(text: str | None) -> tuple[int, ...] | None:
+def _shape(text: str | None, n: int) -> tuple[int, ...] | None:
+    """--input-shape C,H,W; refused before allocating n samples of it if they would not fit in memory."""
+    from snnconv.settings import check_allocatable
+
     if not text:
         return None
     try:
@@ -23,44 +27,116 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
         raise ConversionError(f"--input-shape must look like 3,32,32, got {text!r}") from None
     if not shape or any(v <= 0 for v in shape):
         raise ConversionError(f"--input-shape must be positive sizes, got {text!r}")
+    check_allocatable(shape, n, f"--input-shape {text}")
     return shape
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ConversionError(f"--{name} must be a positive integer, got {value}")
+# arguments validated by the options object's own rules (snnconv.settings.RULES), before anything runs
+_SETTINGS_ARGS = {"T": "T", "percentile": "percentile", "v_init": "neuron.v_init"}
+_COUNT_ARGS = ("batch", "limit", "calib_limit")
 
 
-def _guard_output(out: str, *inputs: str | None) -> Path:
+def _check_args(a) -> None:
+    """Everything checkable from the arguments alone, before any file is read or anything is computed."""
+    from snnconv.settings import check
+
+    for arg, name in _SETTINGS_ARGS.items():
+        if getattr(a, arg, None) is not None:
+            check(name, getattr(a, arg), f"--{arg.replace('_', '-')}")
+    for arg in _COUNT_ARGS:
+        value = getattr(a, arg, None)
+        if value is not None and value <= 0:
+            raise ConversionError(f"--{arg.replace('_', '-')} must be a positive integer, got {value}")
+    if getattr(a, "device", None) is not None:
+        _device(a.device)
+    inputs = [getattr(a, k, None) for k in ("model", "weights", "calib", "checkpoint", "data", "labels", "target")]
+    for flag, out in (("-o", getattr(a, "output", None)), ("--plot", getattr(a, "plot", None))):
+        if out is not None:
+            _guard_output(flag, out, *inputs)
+    if getattr(a, "plot", None):
+        _plot_format(Path(a.plot))
+
+
+def _device(text: str) -> torch.device:
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConversionError(f"--device {text!r}: not a device torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConversionError(f"--device {text!r}: snnconv runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConversionError(f"--device {text}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConversionError(f"--device {text}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def _guard_output(flag: str, out: str, *inputs: str | None) -> Path:
+    """An output path is never an input (the same file, also through a symbolic or hard link), a folder, or
+    in a missing or read-only folder."""
     path = Path(out)
     for i in inputs:
-        if i and Path(i).exists() and path.exists() and path.resolve() == Path(i).resolve():
-            raise ConversionError(f"output {out} is also an input: choose another output path")
+        if i and Path(i).exists() and path.exists() and os.path.samefile(path, i):  # links too
+            raise ConversionError(f"{flag} {out}: that file is also an input; choose another output path")
     if path.is_dir():
-        raise ConversionError(f"output {out} is a directory")
+        raise ConversionError(f"{flag} {out}: is a directory, expected a file path")
+    if path.exists() and not path.is_file():  # a device or pipe: renaming over it would replace it
+        raise ConversionError(f"{flag} {out}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
-        raise ConversionError(f"output folder {path.parent} does not exist")
+        raise ConversionError(f"{flag} {out}: output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConversionError(f"{flag} {out}: output folder {path.parent} is not writable")
     return path
+
+
+def _plot_format(path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise ConversionError("--plot needs matplotlib: pip install 'snnconv[plot]'") from exc
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise ConversionError(f"--plot {path}: unsupported format {fmt!r}; use one of {', '.join(sorted(formats))}")
+    return fmt
+
+
+def _prep(a):
+    from snnconv.io import ImagePrep
+
+    return ImagePrep.parse(a.resize, a.crop, a.mean, a.std)
+
+
+def _image_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a folder of images (ImageNet style: --resize 256 --crop 224 --mean ... --std ...)")
+    g.add_argument("--resize", type=int, help="resize each image's shorter side to this many pixels")
+    g.add_argument("--crop", type=int, help="then crop the centre square of this size")
+    g.add_argument("--mean", help="subtract per channel from x / 255, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="then divide per channel, e.g. 0.229,0.224,0.225")
 
 
 def cmd_convert(a) -> int:
     import snnconv
     from snnconv.io import load_data, load_model, parse_kwargs
 
-    _positive("T", a.T)
     unknown = set(a.skip_pass) - snnconv.passes.OPTIONAL
     if unknown:
         raise ConversionError(
             f"--skip-pass {sorted(unknown)}: not an optional pass; choose from {sorted(snnconv.passes.OPTIONAL)}"
         )
-    out = _guard_output(a.output, a.model, a.weights, a.calib)
+    out = Path(a.output)
     model, source = load_model(a.model, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
     model_file = Path(a.model).read_bytes() if a.model.endswith((".onnx", ".pt2")) else None
+    prep = _prep(a)
     if a.calib:
-        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle)
+        calib, _ = load_data(a.calib, trust_pickle=a.trust_pickle, prep=prep)
         calib = calib[: a.calib_limit]
     else:
-        shape = _shape(a.input_shape)
+        shape = _shape(a.input_shape, 64)
         if shape is None:
             raise ConversionError(
                 "no calibration data: pass --calib FILE (a few hundred training inputs), or "
@@ -85,6 +161,7 @@ def cmd_convert(a) -> int:
         reset=a.reset,
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
+        memory_budget_mb=a.memory_budget_mb,
         passes=passes,
     )
     snnconv.save(snn, out, source=source, model_file=model_file)
@@ -96,13 +173,23 @@ def cmd_convert(a) -> int:
 
 
 def _load(a):
+    """The checkpoint's SNN; the ANN from --model (the user's own factory; --kwargs, else the recorded
+    ones when the recorded factory is the same) or from the recorded source when the file may name it."""
     import snnconv
+    from snnconv.checkpoint import recorded_source
     from snnconv.io import load_factory, parse_kwargs
 
-    model = load_factory(a.model, parse_kwargs(a.kwargs)) if getattr(a, "model", None) else None
-    snn = snnconv.load(a.checkpoint, model=model)
-    if getattr(a, "T", None):
-        _positive("T", a.T)
+    model = None
+    if getattr(a, "model", None):
+        recorded = recorded_source(a.checkpoint)
+        if a.kwargs:
+            kwargs = parse_kwargs(a.kwargs)
+        else:
+            kwargs = recorded.get("kwargs") if recorded.get("factory") == a.model else None
+            kwargs = kwargs if isinstance(kwargs, dict) else {}
+        model = load_factory(a.model, kwargs)
+    snn = snnconv.load(a.checkpoint, model=model, trust_source=getattr(a, "trust_source", False))
+    if getattr(a, "T", None) is not None:
         snn.T = a.T
     return snn
 
@@ -111,39 +198,56 @@ def cmd_run(a) -> int:
     from snnconv.io import load_data
     from snnconv.stats import evaluate, format_report
 
-    _positive("batch", a.batch)
-    _positive("limit", a.limit)
+    device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prep = _prep(a)
     snn = _load(a)
-    x, y = load_data(a.data, a.labels)
+    if a.memory_budget_mb is not None:
+        if not a.memory_budget_mb > 0:
+            raise ConversionError(f"--memory-budget-mb must be a positive number of MiB, got {a.memory_budget_mb}")
+        snn.settings.memory_budget_mb = a.memory_budget_mb
+    x, y = load_data(a.data, a.labels, prep=prep)
     if a.limit:
         x, y = x[: a.limit], (y[: a.limit] if y is not None else None)
     if tuple(x.shape[1:]) != tuple(snn.settings.input_shape):
         raise ConversionError(
-            f"data samples have shape {tuple(x.shape[1:])}, the model was converted for "
+            f"{a.data}: samples have shape {tuple(x.shape[1:])}, the model was converted for "
             f"{tuple(snn.settings.input_shape)}"
         )
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConversionError("--device cuda: no CUDA device is available here; use --device cpu")
+    if a.plot and y is None:
+        raise ConversionError(f"--plot {a.plot}: needs labels (--labels, or data that carries them)")
+    if y is not None:
+        with torch.no_grad():
+            out = snn.graph_module(x[:1])  # ANN mode: the number of classes
+        classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+        if classes is not None and len(y) and y.max() >= classes:
+            raise ConversionError(
+                f"{a.labels or a.data}: label {y.max().item()} is out of range for the model's {classes} outputs"
+            )
+    _check_run_memory(snn, len(x), a.batch)
     r = evaluate(snn, x, y, batch=a.batch, progress=sys.stderr.isatty(), device=device)
     print(format_report(r))
     if a.plot:
-        if "accuracy_by_T" not in r:
-            raise ConversionError("--plot needs labels (--labels, or data that carries them)")
-        _plot(r, _guard_output(a.plot, a.checkpoint, a.data))
+        _plot(r, Path(a.plot))
     return 0
 
 
-def _plot(r: dict, path: Path) -> None:
-    try:
-        import matplotlib
+def _check_run_memory(snn, n: int, batch: int) -> None:
+    """Say before allocating when T steps of a batch (without chunking) and the per-step predictions of all
+    n samples would not fit in memory."""
+    from snnconv.settings import check_memory
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConversionError("--plot needs matplotlib: pip install 'snnconv[plot]'") from exc
+    s, b = snn.settings, min(batch, n)
+    steps = min(s.chunk or snn.T, snn.T) if not s.memory_budget_mb else 1
+    need = steps * b * max(s.step_bytes_per_sample, 4) + snn.T * n * 8
+    check_memory(need, f"--T {snn.T} with --batch {batch} (lower them)")
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     from snnconv.io import atomic_write
 
+    fmt = _plot_format(path)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ts = range(1, r["T"] + 1)
     ax.plot(ts, r["accuracy_by_T"], marker=".", label="SNN")
@@ -151,7 +255,7 @@ def _plot(r: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel="time steps T", ylabel="accuracy %", title="accuracy vs T")
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
     print(f"wrote {path}")
 
 
@@ -159,32 +263,39 @@ def cmd_inspect(a) -> int:
     import snnconv
 
     if a.target.endswith((".safetensors", ".snn")):
-        print(snnconv.inspect(_load(argparse.Namespace(checkpoint=a.target, model=None, kwargs=None))))
+        a.checkpoint = a.target
+        print(snnconv.inspect(_load(a)))
         return 0
     from snnconv.io import load_model, parse_kwargs
 
     model, _ = load_model(a.target, a.weights, parse_kwargs(a.kwargs), a.trust_pickle)
-    shape = _shape(a.input_shape)
+    shape = _shape(a.input_shape, 16)
     if shape is None:
         raise ConversionError("inspecting a model needs --input-shape C,H,W (one sample's shape)")
-    snn = snnconv.convert(model, T=a.T or 8, calib=torch.rand(16, *shape))
+    snn = snnconv.convert(model, T=a.T if a.T is not None else 8, calib=torch.rand(16, *shape))
     print(snnconv.inspect(snn))
     return 0
 
 
 def cmd_export(a) -> int:
     from snnconv.export import export_onnx
+    from snnconv.nir_graph import write_nir
+    from snnconv.settings import check_allocatable
 
-    _positive("batch", a.batch)
-    out = _guard_output(a.output, a.checkpoint)
     snn = _load(a)
-    export_onnx(snn, out, batch=a.batch)
+    out = a.output
+    if a.format == "nir":
+        write_nir(snn, Path(out))
+        print(f"wrote {out}: NIR graph, {len(snn.neurons())} IF layers (metadata 'snnconv': v_init, readout)")
+        return 0
+    check_allocatable(snn.settings.input_shape, a.batch, f"--batch {a.batch}")
+    export_onnx(snn, Path(out), batch=a.batch)
     print(f"wrote {out}: T={snn.T} unrolled, batch {a.batch}, checked with onnx.checker")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snnconv", description="Convert trained ANNs into spiking networks.")
+    p = _Parser(prog="snnconv", description="Convert trained ANNs into spiking networks.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -224,6 +335,12 @@ def parser() -> argparse.ArgumentParser:
         "throughout; `python -c 'import snnconv; print(snnconv.passes.describe())'` lists them",
     )
     c.add_argument("--trust-pickle", action="store_true", help="allow weights files that unpickle Python objects")
+    c.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="run the SNN in time chunks whose activations fit this many MiB (recorded; `run` uses it)",
+    )
+    _image_options(c)
     c.set_defaults(fn=cmd_convert)
 
     r = sub.add_parser("run", help="pretrained-weight SNN inference: accuracy by T, firing rates, energy")
@@ -240,6 +357,13 @@ def parser() -> argparse.ArgumentParser:
         "--device",
         help="cpu or cuda (default: cuda when available); on CUDA neurons run as CuPy kernels where CuPy works",
     )
+    r.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
+    )
+    r.add_argument("--memory-budget-mb", type=float, help="time chunks whose activations fit this many MiB")
+    _image_options(r)
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="the converted graph, passes, thresholds, neurons, rejected ops")
@@ -249,35 +373,91 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--input-shape")
     i.add_argument("--T", type=int)
     i.add_argument("--trust-pickle", action="store_true")
+    i.add_argument("--model", help="package.module:factory building the ANN of a checkpoint (its own code)")
+    i.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
+    )
     i.set_defaults(fn=cmd_inspect)
 
-    e = sub.add_parser("export", help="export the SNN to ONNX with T unrolled")
+    e = sub.add_parser("export", help="export the SNN to ONNX (T unrolled) or NIR (neuromorphic hardware)")
     e.add_argument("checkpoint")
+    e.add_argument("--format", choices=["onnx", "nir"], default="onnx", help="onnx (default) or nir (HDF5)")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--T", type=int)
     e.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")
     e.add_argument("--model")
     e.add_argument("--kwargs")
+    e.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let the checkpoint name the code that builds the ANN (any factory, an embedded .pt2 program)",
+    )
     e.set_defaults(fn=cmd_export)
+    p.verbs = {"convert": c, "run": r, "inspect": i, "export": e}
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Usage mistakes are one line too (argparse would print the usage above it); --help shows usage."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _quiet_warnings() -> None:
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Every failure is one line `snnconv VERB: error: ...` and exit code 2 (--debug: the traceback);
+    Ctrl-C is `snnconv VERB: interrupted` and exit code 130. Outputs are written atomically, so neither
+    leaves a partial or temporary file."""
+    try:
+        p = parser()
+        args, extra = p.parse_known_args(argv)
+        if extra:  # name the verb whose options these are not
+            p.verbs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    verb = f"snnconv {args.cmd}"
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)
+            _quiet_warnings()
+            _check_args(args)
             return args.fn(args)
+    except KeyboardInterrupt:
+        print(f"{verb}: interrupted", file=sys.stderr)
+        return 130
     except ConversionError as exc:
         if args.debug:
             raise
-        print(f"snnconv {args.cmd}: error: {' '.join(str(exc).split(chr(10))[0].split())}", file=sys.stderr)
-        detail = str(exc).split("\n")[1:]
+        text = str(exc)
+        print(f"{verb}: error: {' '.join(text.split(chr(10))[0].split())}", file=sys.stderr)
+        detail = text.split("\n")[1:]  # an unsupported-op report lists every op below its one-line summary
         if detail:
             print("\n".join(detail), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        if args.debug:
+            raise
+        print(f"{verb}: error: out of memory ({_first_line(exc)}); try a smaller --batch or --T", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"{verb}: error: unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split())[:300] if lines else "no message"
 
 
 if __name__ == "__main__":

@@ -11,56 +11,9 @@ from snnconv import passes as pipeline
 from snnconv.calibrate import batches, calibrate, calibrate_bias
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
-from snnconv.runtime import BACKENDS
 from snnconv.runtime.modules import Neuron, NeuronConfig
-from snnconv.settings import Settings
+from snnconv.settings import API_NAMES, Settings
 from snnconv.trace import annotate, trace
-
-
-def _check_options(
-    T,
-    neuron,
-    reset,
-    method,
-    percentile,
-    threshold,
-    backend,
-    v_init,
-    tau,
-    chunk,
-    memory_budget_mb,
-    readout_delay,
-    max_spikes,
-):
-    def bad(msg):
-        raise ConversionError(msg)
-
-    if not isinstance(T, int) or isinstance(T, bool) or T <= 0:
-        bad(f"T must be a positive integer number of time steps, got {T!r}")
-    if neuron not in ("if", "lif"):
-        bad(f"neuron must be 'if' or 'lif', got {neuron!r}")
-    if reset not in ("soft", "hard"):
-        bad(f"reset must be 'soft' (subtract threshold) or 'hard' (to v_reset), got {reset!r}")
-    if method not in ("max", "percentile"):
-        bad(f"method must be 'max' or 'percentile', got {method!r}")
-    if not 0 < percentile <= 100:
-        bad(f"percentile must be in (0, 100], got {percentile!r}")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0):
-        bad(f"threshold must be a positive number, got {threshold!r}")
-    if backend not in BACKENDS:
-        bad(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if not 0 <= v_init <= 1:
-        bad(f"v_init is a fraction of the threshold in [0, 1], got {v_init!r}")
-    if tau <= 1:
-        bad(f"tau must be > 1 (decay = 1 - 1/tau), got {tau!r}")
-    if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
-        bad(f"chunk must be a positive number of steps or None, got {chunk!r}")
-    if memory_budget_mb is not None and not memory_budget_mb > 0:
-        bad(f"memory_budget_mb must be a positive number of MiB, got {memory_budget_mb!r}")
-    if not isinstance(max_spikes, int) or max_spikes < 1:
-        bad(f"max_spikes must be a positive integer (1: binary spikes), got {max_spikes!r}")
-    if not isinstance(readout_delay, int) or readout_delay < 0:
-        bad(f"readout_delay must be a non-negative number of steps, got {readout_delay!r}")
 
 
 def _adopt(gm, ann: nn.Module) -> None:
@@ -161,24 +114,28 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
-    _check_options(
-        T,
-        neuron,
-        reset,
-        method,
-        percentile,
-        threshold,
-        backend,
-        v_init,
-        tau,
-        chunk,
-        memory_budget_mb,
-        readout_delay,
-        max_spikes,
-    )
+    if method not in ("max", "percentile"):
+        raise ConversionError(f"method must be 'max' or 'percentile', got {method!r}")
+    for name, value in (("calib_batches", calib_batches), ("bias_batches", bias_batches)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConversionError(f"{name} must be a positive integer, got {value!r}")
     unknown = set(passes or ()) - pipeline.OPTIONAL
     if unknown:
         raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
+    settings = Settings(
+        T=T,
+        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes),
+        threshold_method="fixed" if threshold is not None else method,
+        percentile=percentile,
+        per_channel=per_channel,
+        fixed_threshold=threshold,
+        passes=None if passes is None else tuple(passes),
+        chunk=chunk,
+        memory_budget_mb=memory_budget_mb,
+        readout_delay=readout_delay,
+        backend=backend,
+    )
+    settings.validate(labels=API_NAMES)
     if calib is None:
         if threshold is None:
             raise ConversionError(
@@ -191,39 +148,42 @@ def convert(
     first = next(batches(calib, 1), None)
     if first is None:
         raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
-    settings = Settings(
-        T=T,
-        input_ndim=first.dim(),
-        input_shape=tuple(first.shape[1:]),
-        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes),
-        threshold_method="fixed" if threshold is not None else method,
-        percentile=percentile,
-        per_channel=per_channel,
-        fixed_threshold=threshold,
-        passes=None if passes is None else tuple(passes),
-        chunk=chunk,
-        memory_budget_mb=memory_budget_mb,
-        readout_delay=readout_delay,
-        backend=backend,
-    )
+    settings.input_ndim, settings.input_shape = first.dim(), tuple(first.shape[1:])
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
     check = _output_check(ann, first)
-    gm = annotate(trace(ann))
-    pipeline.mark(gm, "ops_classified")  # the front end's fact: every node has its snn_kind
-    _adopt(gm, ann)
-    log = [("trace", gm.code)]
-    gm = pipeline.run(pipeline.PREPARE, gm, settings, log)
+    gm, log = _prepare(ann, settings)
     calibrate(gm, settings, calib, calib_batches, check)
     settings.step_bytes_per_sample = _activation_bytes(gm, first[:1])
     if threshold is not None:
         for m in gm.modules():
             if isinstance(m, Neuron) and not m.fixed:
                 m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
+    snn = _lower(gm, settings, log, model)
+    if bias_calibration:
+        calibrate_bias(snn, calib, bias_batches)
+    return snn
+
+
+def _prepare(ann: nn.Module, settings: Settings):
+    """Trace the ANN (adopting its modules) and run the prepare passes: (graph, pass log)."""
+    gm = annotate(trace(ann))
+    pipeline.mark(gm, "ops_classified")  # the front end's fact: every node has its snn_kind
+    _adopt(gm, ann)
+    log = [("trace", gm.code)]
+    return pipeline.run(pipeline.PREPARE, gm, settings, log), log
+
+
+def _lower(gm, settings: Settings, log: list, model: nn.Module) -> SpikingModel:
     gm = pipeline.run(pipeline.LOWER, gm, settings, log)
     snn = SpikingModel(gm, settings)
     snn._version = getattr(model, "_version", 1)  # state_dict metadata as the ANN writes it (MNASNet reads it)
     snn.pass_log = log
-    if bias_calibration:
-        calibrate_bias(snn, calib, bias_batches)
     return snn
+
+
+def rebuild(model: nn.Module, settings: Settings) -> SpikingModel:
+    """The SNN graph of `model` for validated `settings` (a checkpoint's), without calibration: the
+    thresholds are the caller's to set (SpikingModel.load_conversion_state). `model` itself is never touched."""
+    gm, log = _prepare(copy.deepcopy(model).eval(), settings)
+    return _lower(gm, settings, log, model)

@@ -4,10 +4,14 @@ unless the user passes trust_pickle."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,23 @@ from snnconv.data import load_idx, load_mnist
 from snnconv.errors import ConversionError
 
 
-def _need_file(path: str | Path) -> Path:
+@contextlib.contextmanager
+def quiet_torch_logs(level: int = logging.ERROR):
+    """Raise torch's loggers to `level` for a while: torch logs whole tracebacks as warnings (e.g. when a
+    .pt2 file does not parse) above the one-line error snnconv gives for the same failure."""
+    names = ["torch", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
+
+
+def need_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file")
@@ -49,7 +69,7 @@ def _torch_load(path: Path, trust_pickle: bool):
 def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A state_dict from .pth/.pt (also nested under 'state_dict'/'model', DDP 'module.' prefixes) or
     .safetensors."""
-    path = _need_file(path)
+    path = need_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -91,28 +111,88 @@ def load_state_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
     model.load_state_dict(sd, strict=True)
 
 
+# Model libraries whose factories a checkpoint may name without the user's say-so: their functions build
+# architectures from plain arguments. Anything else a file names is code the user did not choose.
+TRUSTED_FACTORIES = ("torchvision.models", "timm", "efficientnet_lite_pytorch")
+# arguments that make even those factories fetch or read files (the checkpoint carries the weights anyway)
+_FETCHING_KWARGS = {
+    "weights",
+    "pretrained",
+    "weights_backbone",
+    "checkpoint_path",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+}
+_ALLOW_HINT = (
+    "pass the model yourself (CLI: --model pkg.module:factory; API: model=), or --trust-source "
+    "(API: trust_source=True) if you trust the file's origin"
+)
+
+
+def check_recorded_factory(spec, kwargs, what: str) -> None:
+    """Refuse a factory spec read from a file unless it names an allow-listed model library (TRUSTED_FACTORIES)
+    with plain arguments: loading a file must never import or call code the user did not choose."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ConversionError(f"{what}: source.factory must be a 'package.module:function' string, got {spec!r}")
+    mod_name, attr = spec.split(":")
+    allowed = any(mod_name == lib or mod_name.startswith(lib + ".") for lib in TRUSTED_FACTORIES)
+    if not allowed or not attr.isidentifier() or attr.startswith("_"):
+        raise ConversionError(
+            f"{what}: refusing to import and call {spec!r} named by the file (not one of the model libraries "
+            f"{', '.join(TRUSTED_FACTORIES)}); {_ALLOW_HINT}"
+        )
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ConversionError(f"{what}: source.kwargs must be a JSON object, got {type(kwargs).__name__}")
+    for k, v in kwargs.items():
+        plain = v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and not set(v) & set(":/\\"))
+        if (k in _FETCHING_KWARGS and v not in (None, False)) or not plain:
+            raise ConversionError(
+                f"{what}: refusing factory argument {k}={v!r} named by the file (it could fetch or read files); "
+                f"{_ALLOW_HINT}"
+            )
+
+
+def _why(exc: BaseException) -> str:
+    """One line about an exception: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def load_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """Build a model from 'package.module:callable' (e.g. torchvision.models:resnet18)."""
-    if ":" not in spec:
+    """Build a model from 'package.module:callable' (e.g. torchvision.models:resnet18). Whatever the module or
+    the factory raises (import errors, syntax errors, rejected arguments) becomes one ConversionError."""
+    if not isinstance(spec, str) or ":" not in spec:
         raise ConversionError(f"model factory {spec!r} must look like 'package.module:function'")
     mod_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise ConversionError(f"cannot import {mod_name!r} for factory {spec!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
+    except SyntaxError as exc:
+        raise ConversionError(
+            f"cannot import {mod_name!r} for factory {spec!r}: syntax error in {exc.filename}, line {exc.lineno}"
+        ) from exc
+    except Exception as exc:
+        raise ConversionError(f"importing {mod_name!r} for factory {spec!r} failed: {_why(exc)}") from exc
+    fn = module
+    for part in attr.split("."):  # a class method too: package.module:Class.from_name
+        fn = getattr(fn, part, None)
     if fn is None or not callable(fn):
         raise ConversionError(f"{mod_name} has no callable {attr!r} (factory {spec!r})")
     try:
         model = fn(**(kwargs or {}))
     except TypeError as exc:
-        raise ConversionError(f"factory {spec!r} rejected kwargs {kwargs}: {exc}") from exc
+        raise ConversionError(f"factory {spec!r} rejected --kwargs {json.dumps(kwargs or {})}: {exc}") from exc
+    except Exception as exc:
+        raise ConversionError(f"factory {spec!r} failed with --kwargs {json.dumps(kwargs or {})}: {_why(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ConversionError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def load_onnx(source: str | Path | bytes) -> nn.Module:
+def load_onnx(source: str | Path | bytes, what: str = "ONNX bytes") -> nn.Module:
     """An ONNX CNN as a traceable torch GraphModule, through onnx2torch (extra: snnconv[onnx])."""
     try:
         import onnx
@@ -120,15 +200,20 @@ def load_onnx(source: str | Path | bytes) -> nn.Module:
     except ImportError as exc:
         raise ConversionError("ONNX import needs the extra: pip install 'snnconv[onnx]' (onnx, onnx2torch)") from exc
     try:
-        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(_need_file(source)))
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(need_file(source)))
         onnx.checker.check_model(model)
+        external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     except ConversionError:
         raise
     except Exception as exc:
         raise ConversionError(
-            f"{source if not isinstance(source, bytes) else 'ONNX bytes'}: not a valid ONNX "
-            f"model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            f"{source if not isinstance(source, bytes) else what}: not a valid ONNX model ({_why(exc)})"
         ) from exc
+    if external:  # the graph would read other files named inside it
+        raise ConversionError(
+            f"{source if not isinstance(source, bytes) else what}: tensors stored in external files "
+            f"({external[0]}, ...); save the model with its weights inside (save_as_external_data=False)"
+        )
     _drop_identity_nodes(model)
     try:
         return onnx_to_torch(model)
@@ -145,7 +230,8 @@ def load_exported(data: bytes, what: str = "torch.export program") -> nn.Module:
     import io as _io
 
     try:
-        program = torch.export.load(_io.BytesIO(data))
+        with quiet_torch_logs():
+            program = torch.export.load(_io.BytesIO(data))
     except Exception as exc:
         raise ConversionError(
             f"{what}: not a readable torch.export program ({type(exc).__name__}: "
@@ -190,49 +276,192 @@ def load_model(
 ) -> tuple[nn.Module, dict]:
     """(model, source record) from a factory spec (+ weights file), an .onnx file or a .pt2 program."""
     if source.endswith(".onnx"):
-        data = _need_file(source).read_bytes()
-        return load_onnx(data), {"onnx": True}
+        data = need_file(source).read_bytes()
+        return load_onnx(data, source), {"onnx": True}
     if source.endswith(".pt2"):
-        return load_exported(_need_file(source).read_bytes(), source), {"export": True}
+        return load_exported(need_file(source).read_bytes(), source), {"export": True}
     model = load_factory(source, kwargs)
     if weights is not None:
         load_state_strict(model, load_weights(weights, trust_pickle), f"weights file {weights}")
     return model, {"factory": source, "kwargs": kwargs or {}}
 
 
-def _as_float(x: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+def _as_float(x, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
+        raise ConversionError(f"{what}: holds {x.dtype} values, expected numbers")
+    try:
+        t = torch.as_tensor(x)
+    except Exception as exc:
+        raise ConversionError(f"{what}: expected a numeric array, found {type(x).__name__} ({_why(exc)})") from exc
+    if not (
+        t.is_floating_point() or t.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    ):
+        raise ConversionError(f"{what}: holds {t.dtype} values, expected real numbers")
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()  # 8-bit data are images
     if not torch.isfinite(t).all():
         raise ConversionError(f"{what}: contains NaN or Inf values")
     return t
 
 
+def _npy_header_check(path: Path, what: str) -> None:
+    """Compare a .npy header's declared size with the file before numpy allocates it (a crafted header
+    can declare terabytes)."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            have = os.fstat(f.fileno()).st_size - f.tell()
+    except Exception:
+        return  # np.load gives the precise error
+    if dtype.hasobject:
+        return
+    need = math.prod(shape) * dtype.itemsize
+    if need > have:
+        raise ConversionError(
+            f"{what}: header declares shape {shape} ({need / 2**20:.4g} MiB) but the file holds {have} bytes "
+            "(truncated or corrupt)"
+        )
+
+
+def _np_load(path: Path, what: str):
+    """np.load without pickle; an object array or an unreadable file is one ConversionError."""
+    if path.suffix == ".npy":
+        _npy_header_check(path, what)
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ConversionError(
+                f"{what}: holds Python objects (an object array), which only unpickling could read; refusing: "
+                "save a numeric array"
+            ) from exc
+        raise ConversionError(f"{what}: not a readable {path.suffix} file ({_why(exc)})") from exc
+    except Exception as exc:
+        raise ConversionError(f"{what}: not a readable {path.suffix} file ({_why(exc)})") from exc
+
+
+def labels_tensor(y, what: str) -> torch.Tensor:
+    """Class labels: a 1-d array of non-negative integers (integral floats accepted)."""
+    if isinstance(y, np.ndarray) and y.dtype.kind not in "biuf":
+        raise ConversionError(f"{what}: labels hold {y.dtype} values, expected class indices")
+    try:
+        t = torch.as_tensor(y)
+    except Exception as exc:
+        raise ConversionError(f"{what}: labels must be an array of class indices ({_why(exc)})") from exc
+    if t.dim() != 1:
+        raise ConversionError(f"{what}: labels have shape {tuple(t.shape)}; expected one class index per sample [N]")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ConversionError(f"{what}: labels hold {t.dtype} values, expected class indices")
+    if t.is_floating_point() and not (torch.isfinite(t).all() and (t == t.round()).all()):
+        raise ConversionError(f"{what}: labels must be whole numbers (class indices)")
+    t = t.long()
+    if len(t) and t.min() < 0:
+        raise ConversionError(f"{what}: label {t.min().item()} is negative; labels are class indices 0..C-1")
+    return t
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """How a folder of images becomes one tensor (ImageNet style): resize the short side, crop the centre,
+    then (x / 255 - mean) / std per channel. None: leave that step out."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, resize=None, crop=None, mean: str | None = None, std: str | None = None) -> ImagePrep:
+        """From the CLI's --resize/--crop/--mean/--std; every bad value is a one-line ConversionError."""
+        for name, v in (("resize", resize), ("crop", crop)):
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ConversionError(f"--{name} must be a positive number of pixels, got {v!r}")
+
+        def floats(name: str, text: str | None) -> tuple[float, ...] | None:
+            if text is None:
+                return None
+            try:
+                vals = tuple(float(t) for t in text.split(","))
+            except ValueError:
+                raise ConversionError(f"--{name} must be 1 or 3 numbers like 0.485,0.456,0.406, got {text!r}") from None
+            if len(vals) not in (1, 3) or not all(np.isfinite(vals)):
+                raise ConversionError(f"--{name} must be 1 or 3 finite numbers like 0.485,0.456,0.406, got {text!r}")
+            return vals
+
+        m, sd = floats("mean", mean), floats("std", std)
+        if sd is not None and min(sd) <= 0:
+            raise ConversionError(f"--std must be positive, got {std!r}")
+        return cls(resize, crop, m, sd)
+
+    def active(self) -> bool:
+        return any(v is not None for v in (self.resize, self.crop, self.mean, self.std))
+
+    def __call__(self, im, name: Path) -> np.ndarray:
+        from PIL import Image
+
+        if im.mode != "RGB" and any(v is not None and len(v) == 3 for v in (self.mean, self.std)):
+            im = im.convert("RGB")  # a grey photo among colour ones
+        if self.resize is not None:
+            w, h = im.size
+            s = self.resize / min(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+        if self.crop is not None:
+            w, h = im.size
+            if self.crop > min(w, h):
+                raise ConversionError(
+                    f"{name}: --crop {self.crop} is larger than the image ({w}x{h}); pass --resize {self.crop} or more"
+                )
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            im = im.crop((left, top, left + self.crop, top + self.crop))
+        a = np.asarray(im, dtype=np.float32) / 255.0
+        a = a[..., None] if a.ndim == 2 else a
+        for what, v in (("mean", self.mean), ("std", self.std)):
+            if v is not None and len(v) not in (1, a.shape[-1]):
+                raise ConversionError(f"{name}: --{what} has {len(v)} values, the image has {a.shape[-1]} channels")
+        if self.mean is not None:
+            a = a - np.asarray(self.mean, dtype=np.float32)
+        if self.std is not None:
+            a = a / np.asarray(self.std, dtype=np.float32)
+        return a
+
+
 def load_data(
-    path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False
+    path: str | Path, labels: str | Path | None = None, trust_pickle: bool = False, prep: ImagePrep | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inputs (and labels where the data has them) from .npy/.npz/.pt, an idx file, an MNIST folder or a
-    folder of images (class subfolders give labels)."""
+    folder of images (class subfolders give labels; `prep` resizes, crops and normalises them)."""
     path = Path(path)
     y = None
+    if prep is not None and prep.active() and not (path.is_dir() and not _is_mnist(path)):
+        raise ConversionError(f"{path}: --resize/--crop/--mean/--std apply to a folder of images; this is not one")
     if path.is_dir():
-        names = {p.name for p in path.iterdir()}
-        if any(n.startswith(("t10k-images", "train-images")) for n in names):
+        if _is_mnist(path):
+            names = {p.name for p in path.iterdir()}
             x, y = load_mnist(path, "test" if any(n.startswith("t10k") for n in names) else "train")
         else:
-            x, y = _image_folder(path)
+            x, y = _image_folder(path, prep or ImagePrep())
     else:
-        path = _need_file(path)
+        path = need_file(path)
         if path.suffix == ".npy":
-            try:
-                x = _as_float(np.load(path, allow_pickle=False), str(path))
-            except ValueError as exc:
-                raise ConversionError(f"{path}: not a plain .npy array ({exc})") from exc
+            x = _as_float(_np_load(path, str(path)), str(path))
         elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
+            z = _np_load(path, str(path))
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ConversionError(f"{path}: not an .npz archive (it holds one array; name it .npy)")
+            with z:
                 if "x" not in z:
                     raise ConversionError(f"{path}: expected arrays 'x' (and optionally 'y'), found {list(z)}")
-                x, y = _as_float(z["x"], str(path)), torch.as_tensor(z["y"]).long() if "y" in z else None
+                try:
+                    xa, ya = z["x"], (z["y"] if "y" in z else None)
+                except ValueError as exc:
+                    raise ConversionError(
+                        f"{path}: holds Python objects (an object array) or a corrupt member; refusing: save "
+                        "numeric arrays"
+                    ) from exc
+                except Exception as exc:
+                    raise ConversionError(f"{path}: not a readable .npz file ({_why(exc)})") from exc
+            x, y = _as_float(xa, str(path)), (labels_tensor(ya, str(path)) if ya is not None else None)
         elif path.suffix in (".pt", ".pth"):
             obj = _torch_load(path, trust_pickle)
             if isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -244,7 +473,7 @@ def load_data(
                     raise ConversionError(
                         f"{path}: expected a tensor or a dict with 'x' (and 'y'), found keys {list(obj)[:8]}"
                     )
-                x, y = _as_float(obj[xk], str(path)), torch.as_tensor(obj[yk]).long() if yk else None
+                x, y = _as_float(obj[xk], str(path)), labels_tensor(obj[yk], str(path)) if yk else None
             elif isinstance(obj, torch.Tensor):
                 x = _as_float(obj, str(path))
             else:
@@ -258,21 +487,28 @@ def load_data(
             raise ConversionError(
                 f"{path}: unknown data format {path.suffix!r}; use .npy, .npz, .pt, an idx file or a folder of images"
             )
-    if labels is not None:
-        lp = _need_file(labels)
-        y = (
-            torch.as_tensor(load_idx(lp).astype(np.int64))
-            if "idx" in lp.name
-            else torch.as_tensor(np.load(lp, allow_pickle=False)).long()
-        )
     if x.dim() < 2 or len(x) == 0:
         raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
+    where = str(path)
+    if labels is not None:
+        lp = need_file(labels)
+        if "idx" in lp.name:
+            raw = load_idx(lp)
+        elif lp.suffix == ".npy":
+            raw = _np_load(lp, str(lp))
+        else:
+            raise ConversionError(f"{lp}: unknown labels format {lp.suffix!r}; use .npy or an idx file")
+        y, where = labels_tensor(raw, str(lp)), str(lp)
     if y is not None and len(y) != len(x):
-        raise ConversionError(f"{path}: {len(x)} inputs but {len(y)} labels")
+        raise ConversionError(f"{where}: {len(y)} labels for {len(x)} inputs in {path}; give one label per input")
     return x, y
 
 
-def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _is_mnist(path: Path) -> bool:
+    return path.is_dir() and any(p.name.startswith(("t10k-images", "train-images")) for p in path.iterdir())
+
+
+def _image_folder(path: Path, prep: ImagePrep) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         from PIL import Image
     except ImportError as exc:
@@ -280,7 +516,7 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     files = (
-        [(f, classes.index(d.name)) for d in path.iterdir() if d.is_dir() for f in sorted(d.iterdir())]
+        [(f, classes.index(d.name)) for d in sorted(path.iterdir()) if d.is_dir() for f in sorted(d.iterdir())]
         if classes
         else [(f, None) for f in sorted(path.iterdir())]
     )
@@ -290,26 +526,40 @@ def _image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     arrays = []
     for f, _ in files:
         try:
-            arrays.append(np.asarray(Image.open(f)))
+            im = Image.open(f)
+            im.load()
         except Exception as exc:
             raise ConversionError(f"{f}: not a readable image ({exc})") from exc
+        if prep.active():
+            arrays.append(prep(im if im.mode in ("L", "RGB") else im.convert("RGB"), f))
+        else:
+            arrays.append(np.asarray(im))
     if len({a.shape for a in arrays}) != 1:
-        raise ConversionError(f"{path}: images differ in size; resize them to one shape first")
-    x = torch.as_tensor(np.stack(arrays)).float() / 255.0
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        raise ConversionError(
+            f"{path}: images differ in size or channels; pass --resize and --crop (e.g. --resize 256 --crop 224)"
+        )
+    x = torch.as_tensor(np.stack(arrays)).float()
+    x = x if prep.active() else x / 255.0
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([c for _, c in files]) if classes else None
     return x, y
 
 
 def atomic_write(path: Path, content) -> None:
     """Write `content` (bytes, or a function writing to a path) to a temporary file beside `path`, then
-    rename it over `path`: a failure never leaves a half-written file."""
+    rename it over `path`: a failure (an unwritable folder, a full disk, Ctrl-C) never leaves a half-written
+    or temporary file, and is one ConversionError naming the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, expected a file path for the output")
+    if path.exists() and not path.is_file():  # renaming over a device or pipe would replace it
+        raise ConversionError(f"{path}: is not a regular file (a device or pipe); choose a file path")
     if not path.parent.is_dir():
         raise ConversionError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         if isinstance(content, bytes):
             Path(tmp).write_bytes(content)
         else:
@@ -318,8 +568,14 @@ def atomic_write(path: Path, content) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot write the output ({exc.strerror or _why(exc)})") from exc
+    except ConversionError:
+        raise
+    except Exception as exc:  # the writer's own errors (safetensors, matplotlib)
+        raise ConversionError(f"{path}: writing the output failed ({_why(exc)})") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -169,23 +169,77 @@ class SpikingModel(nn.Module):
             "biases": {k: n.bias.tolist() for k, n in self.neurons().items() if n.bias is not None},
         }
 
-    def load_conversion_state(self, state: dict) -> None:
+    def load_conversion_state(self, state: dict, where: str = "conversion state: ") -> None:
+        """Apply a conversion_state() dict (a checkpoint's): settings, thresholds and biases, each
+        validated against this graph (one ConversionError naming the field, prefixed by `where`)."""
+        if not isinstance(state, dict):
+            raise ConversionError(f"{where.rstrip(': ')} must be a JSON object, got {type(state).__name__}")
+        for key in ("settings", "thresholds"):
+            if key not in state:
+                raise ConversionError(f"{where}{key} is missing")
+        s = Settings.from_dict(state["settings"], f"{where}settings.")
+        thresholds, biases = state["thresholds"], state.get("biases", {})
         neurons = self.neurons()
-        missing = set(neurons) ^ set(state["thresholds"])
-        if missing:
-            raise ConversionError(f"conversion state does not match this graph: neurons {sorted(missing)}")
-        s = Settings.from_dict(state["settings"])
+        for key, table in (("thresholds", thresholds), ("biases", biases)):
+            if not isinstance(table, dict):
+                raise ConversionError(f"{where}{key} must map neuron names to values, got {type(table).__name__}")
+        missing = set(neurons) ^ set(thresholds)
+        if missing or set(biases) - set(neurons):
+            raise ConversionError(
+                f"{where}thresholds do not match this graph's neurons: {sorted(missing | (set(biases) - set(neurons)))}"
+            )
+        channels = self._neuron_channels(s.input_shape)
+        values = {}
+        for key, table in (("thresholds", thresholds), ("biases", biases)):
+            for name, value in table.items():
+                t = _values(value, f"{where}{key}.{name}", positive=key == "thresholds")
+                if t.numel() not in (1, channels.get(name, 1)) or t.dim() > 1:
+                    raise ConversionError(
+                        f"{where}{key}.{name} has {t.numel()} values; the layer has {channels.get(name, 1)} "
+                        "channels (give one value, or one per channel)"
+                    )
+                values[key, name] = t
         for f in fields(Settings):  # all but what the graph itself fixed when it was built
             if f.name not in _BUILT_IN:
                 setattr(self.settings, f.name, getattr(s, f.name))
         self.settings.neuron.__dict__.update(s.neuron.__dict__)
-        biases = state.get("biases", {})
         for name, n in neurons.items():
-            n.threshold = torch.tensor(state["thresholds"][name], dtype=torch.float32, device=n.threshold.device)
-            n.bias = torch.tensor(biases[name], dtype=torch.float32) if name in biases else None
+            n.threshold = values["thresholds", name].to(n.threshold.device)
+            n.bias = values.get(("biases", name))
+
+    def _neuron_channels(self, input_shape) -> dict[str, int]:
+        """Each neuron's channel count (dim 1 of its input), from one ANN-mode pass over one zero sample."""
+        found, hooks = {}, []
+        for name, n in self.neurons().items():
+            hooks.append(
+                n.register_forward_pre_hook(lambda m, a, name=name: found.__setitem__(name, a[0].shape[1:2].numel()))
+            )
+        try:
+            with torch.no_grad():
+                self.graph_module(torch.zeros(1, *input_shape))
+        except Exception as exc:
+            raise ConversionError(
+                f"the model does not run on its recorded input shape {list(input_shape)}: {type(exc).__name__}"
+            ) from exc
+        finally:
+            for h in hooks:
+                h.remove()
+        return found
 
     def extra_repr(self) -> str:
         return f"T={self.T}, step_mode={self.step_mode!r}, neurons={len(self.neurons())}"
+
+
+def _values(value, what: str, positive: bool) -> torch.Tensor:
+    """A threshold or bias from JSON: a number or a flat list of finite numbers (thresholds positive)."""
+    flat = value if isinstance(value, list) else [value]
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat) and len(flat) > 0
+    t = torch.tensor(flat, dtype=torch.float64) if ok else None
+    if t is None or not torch.isfinite(t).all() or (positive and not (t > 0).all()):
+        raise ConversionError(
+            f"{what} must be {'a positive' if positive else 'a finite'} number or a list of them, got {value!r:.80}"
+        )
+    return t.float().reshape(()) if not isinstance(value, list) else t.float()
 
 
 class StepState:

@@ -67,6 +67,8 @@ def evaluate(
 
         return hook
 
+    for m in neurons.values():  # count this run's calls only
+        m.calls.update(kernel=0, torch=0)
     hooks = [m.register_forward_hook(on_compute) for m in compute]
     hooks += [m.register_forward_hook(on_neuron(n)) for n, m in neurons.items()]
     steps_out, ann_pred = [], []
@@ -89,6 +91,8 @@ def evaluate(
         "ann_macs": counts["ann_macs"] / n,
         "snn_acs": float(counts["snn_acs"]) / n,
         "snn_macs": counts["snn_macs"] / n,
+        "device": str(device),
+        "neuron_calls": {k: dict(m.calls) for k, m in neurons.items()},  # fused CUDA kernel vs torch backend
     }
     result["ann_energy_uj"] = result["ann_macs"] * E_MAC_PJ * 1e-6
     result["snn_energy_uj"] = (result["snn_acs"] * E_AC_PJ + result["snn_macs"] * E_MAC_PJ) * 1e-6
@@ -109,6 +113,13 @@ def format_report(r: dict) -> str:
             "  " + "".join(f"{r['accuracy_by_T'][t - 1]:9.2f}" for t in ts),
             "",
         ]
+    calls = r.get("neuron_calls", {})
+    kernel, total = sum(c["kernel"] for c in calls.values()), sum(c["kernel"] + c["torch"] for c in calls.values())
+    if total:
+        share = f"neuron calls on the fused CUDA kernel: {kernel} of {total} ({100 * kernel / total:.0f}%)"
+        slow = [k for k, c in calls.items() if c["torch"]]
+        where = f" on {r['device']}" + (f"; torch backend for {', '.join(slow)}" if kernel and slow else "")
+        lines += [share + where, ""]
     lines.append(f"firing rates (spikes per neuron per step, T={r['T']}):")
     for name, rate in r["firing_rates"].items():
         lines.append(f"  {name:<32}{rate:8.4f}")

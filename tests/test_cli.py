@@ -85,13 +85,13 @@ def test_convert_run_export_onnxruntime(work, capsys):
         )
         == 0
     )
-    assert main(["run", "snn.safetensors", "--data", "test.pt", "--T", "8"]) == 0
+    assert main(["run", "snn.safetensors", "--data", "test.pt", "--T", "8", "--model", "tvstyle:tiny_resnet"]) == 0
     out = capsys.readouterr().out
     assert "accuracy on 40 samples" in out and "firing rates" in out and "pJ/MAC" in out and "T=8" in out
-    assert main(["export", "snn.safetensors", "-o", "snn.onnx", "--batch", "5"]) == 0
+    assert main(["export", "snn.safetensors", "-o", "snn.onnx", "--batch", "5", "--trust-source"]) == 0
     import onnxruntime as ort
 
-    snn = snnconv.load(d / "snn.safetensors")
+    snn = snnconv.load(d / "snn.safetensors", trust_source=True)
     x = torch.rand(5, 1, 8, 8)
     y_ort = ort.InferenceSession(str(d / "snn.onnx")).run(None, {"x": x.numpy()})[0]
     assert np.allclose(y_ort, snn(x).numpy(), atol=1e-5)
@@ -125,7 +125,7 @@ def test_skip_pass_is_recorded_and_honoured(work):
         )
         == 0
     )
-    snn = snnconv.load(d / "a.safetensors")
+    snn = snnconv.load(d / "a.safetensors", model=work[1])
     names = [n for n, _ in snn.pass_log]
     assert "integer_spikes" not in names and "inplace_add" not in names and "fold_batchnorm" in names
     assert not any(type(m).__name__ == "SpikeLayer" for m in snn.modules())
@@ -136,7 +136,7 @@ def test_save_load_roundtrip_identical(work):
     snn = snnconv.convert(model, T=7, calib=torch.rand(32, 1, 8, 8), bias_calibration=True)
     snn.source = {"factory": "tvstyle:tiny_resnet", "kwargs": {}}
     snnconv.save(snn, d / "a.safetensors")
-    again = snnconv.load(d / "a.safetensors")
+    again = snnconv.load(d / "a.safetensors", trust_source=True)
     x = torch.rand(9, 1, 8, 8)
     assert torch.equal(again(x), snn(x)) and again.T == 7
     assert list(again.state_dict()) == list(model.state_dict())
@@ -170,9 +170,9 @@ def test_torch_export_program_convert_and_run(work, capsys):
     program = torch.export.export(model, (torch.rand(2, 1, 8, 8),), dynamic_shapes=[{0: torch.export.Dim("batch")}])
     torch.export.save(program, d / "m.pt2")
     assert main(["convert", "m.pt2", "--calib", "calib.npy", "--T", "16", "-o", "e.safetensors"]) == 0
-    assert main(["run", "e.safetensors", "--data", "test.pt"]) == 0
+    assert main(["run", "e.safetensors", "--data", "test.pt", "--trust-source"]) == 0
     assert "accuracy on 40 samples" in capsys.readouterr().out
-    snn = snnconv.load(d / "e.safetensors")  # rebuilt from the program stored in the checkpoint
+    snn = snnconv.load(d / "e.safetensors", trust_source=True)  # rebuilt from the program stored in the checkpoint
     x = torch.rand(16, 1, 8, 8)
     ref = model(x)
     assert ((snn(x) - ref).norm() / ref.norm()) < 0.5
@@ -266,7 +266,7 @@ def _bad_inputs(d):
             "object npy",
             lambda: np.save(d / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
             [*conv, "w.pth", "--calib", "obj.npy", "-o", "out.safetensors"],
-            "not a plain .npy",
+            "holds Python objects",
         ),
         (
             "empty calibration",
@@ -338,21 +338,26 @@ RUN_CASES = [
     (
         "data shape mismatch",
         lambda d: np.save(d / "wrong.npy", np.zeros((3, 1, 9, 9), np.float32)),
-        ["run", "ok.safetensors", "--data", "wrong.npy"],
-        "data samples have shape",
+        ["run", "ok.safetensors", "--data", "wrong.npy", "--trust-source"],
+        "samples have shape",
     ),
     (
         "label count mismatch",
         lambda d: np.save(d / "lab.npy", np.zeros(3, np.int64)),
-        ["run", "ok.safetensors", "--data", "calib.npy", "--labels", "lab.npy"],
-        "64 inputs but 3 labels",
+        ["run", "ok.safetensors", "--data", "calib.npy", "--labels", "lab.npy", "--trust-source"],
+        "3 labels for 64 inputs",
     ),
-    ("batch zero", None, ["run", "ok.safetensors", "--data", "test.pt", "--batch", "0"], "--batch must be"),
+    (
+        "batch zero",
+        None,
+        ["run", "ok.safetensors", "--data", "test.pt", "--batch", "0", "--trust-source"],
+        "--batch must be",
+    ),
     pytest.param(
         (
             "cuda without a GPU",
             None,
-            ["run", "ok.safetensors", "--data", "test.pt", "--device", "cuda"],
+            ["run", "ok.safetensors", "--data", "test.pt", "--device", "cuda", "--trust-source"],
             "no CUDA device",
         ),
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"),

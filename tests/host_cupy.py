@@ -1,0 +1,128 @@
+"""A stand-in for the `cupy` module that runs CUDA kernels on the host, so CI (no GPU) drives the real
+launcher (runtime/cupy_backend.py) with only the CuPy module replaced.
+
+RawModule compiles the code the launcher hands it with g++ through runtime/kernels/host_shim.h and wraps
+each name expression in a host function that runs the whole grid, block by block and thread by thread.
+Launches are checked the way a GPU checks them: a grid or block of 0 threads is rejected, a block over
+1024 threads too, and a misaligned vector access fails ("misaligned address"). Every launch is recorded
+(kernel name, grid, block, stream) for the tests to read. Synchronising the whole device is an error here:
+the launcher must never need it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import tempfile
+import types
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from snnconv.runtime import kernel_source
+
+_built: dict = {}  # (code, names) hash -> loaded library: one build per source per test session
+_tmp = tempfile.TemporaryDirectory(prefix="snn_host_cupy_")
+
+
+class CUDADriverError(RuntimeError):
+    pass
+
+
+class _Stream:
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    @classmethod
+    def from_external(cls, obj):
+        return cls(obj.__cuda_stream__()[1])
+
+
+class _Device:
+    def __init__(self, index=None):
+        self.id = 0 if index is None else index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        raise AssertionError("device-wide synchronisation: the launcher must run on the caller's stream only")
+
+
+class RawKernel:
+    def __init__(self, module: RawModule, fn, name: str):
+        self.module, self.fn, self.name = module, fn, name
+
+    def __call__(self, grid, block, args, stream=None, shared_mem=0):
+        grid, block = tuple(grid), tuple(block)
+        if len(grid) != 1 or len(block) != 1 or grid[0] < 1 or block[0] < 1 or block[0] > 1024:
+            raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: invalid launch configuration grid={grid} block={block}")
+        x, out, v, th, count, M, steps, C, inner, v_reset, decay = args
+        self.module.launches.append(
+            dict(name=self.name, grid=grid, block=block, stream=getattr(stream, "ptr", None), x=x, out=out, v=v)
+            | dict(M=int(M), steps=int(steps), C=int(C), inner=int(inner))
+        )
+        self.fn(
+            ctypes.c_void_p(x),
+            ctypes.c_void_p(out),
+            ctypes.c_void_p(v),
+            ctypes.c_void_p(th),
+            ctypes.c_void_p(count or None),
+            ctypes.c_longlong(int(M)),
+            ctypes.c_int(int(steps)),
+            ctypes.c_int(int(C)),
+            ctypes.c_longlong(int(inner)),
+            ctypes.c_float(float(v_reset)),
+            ctypes.c_float(float(decay)),
+            ctypes.c_uint(grid[0]),
+            ctypes.c_uint(block[0]),
+        )
+        if self.module.lib.snn_host_take_misaligned():
+            raise CUDADriverError(f"CUDA_ERROR_MISALIGNED_ADDRESS: misaligned address in {self.name}")
+
+
+class RawModule:
+    launches: ClassVar[list] = []  # every launch through any stand-in module, oldest first
+
+    def __init__(self, code: str, options=(), name_expressions=()):
+        self.names = list(name_expressions)
+        key = hashlib.sha256((code + "\0" + "\0".join(self.names)).encode()).hexdigest()[:16]
+        if key not in _built:
+            d = Path(_tmp.name) / key
+            d.mkdir()
+            lib = ctypes.CDLL(str(kernel_source.build_host_library(d, code, self.names)))
+            lib.snn_host_take_misaligned.restype = ctypes.c_longlong
+            _built[key] = lib
+        self.lib = _built[key]
+
+    def get_function(self, name: str) -> RawKernel:
+        return RawKernel(self, getattr(self.lib, f"snn_host_{self.names.index(name)}"), name)
+
+
+def _device_sync():
+    raise AssertionError("device-wide synchronisation: the launcher must run on the caller's stream only")
+
+
+def module() -> types.ModuleType:
+    """A fresh stand-in `cupy` module (its RawModule.launches cleared)."""
+    RawModule.launches = []
+    cp = types.ModuleType("cupy")
+    cp.RawModule, cp.RawKernel = RawModule, RawKernel
+    cp.int32, cp.int64, cp.float32 = np.int32, np.int64, np.float32
+    runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1, deviceSynchronize=_device_sync)
+    cp.cuda = types.SimpleNamespace(Device=_Device, Stream=_Stream, ExternalStream=_Stream, runtime=runtime)
+    return cp
+
+
+class TorchStream:
+    """What torch.cuda.current_stream returns, as far as the launcher looks: a CUDA stream handle."""
+
+    def __init__(self, ptr: int):
+        self.cuda_stream = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.cuda_stream)
