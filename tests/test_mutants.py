@@ -57,3 +57,42 @@ def test_functional_neurons_equal_the_in_place_ones():
             torch_backend.multistep_burst(x_in, v, theta, max_spikes=k, out=out, **kw)
         assert torch.allclose(out_f, out, rtol=0, atol=1e-12) and torch.allclose(v_f, v, rtol=0, atol=1e-12)
         assert 0 < (out != 0).double().mean() < 1  # spikes and silences both happen
+
+
+class _StaticMeetsSpikes(nn.Module):
+    """A step-invariant branch (a linear layer on the input) added to a spiking one: a TimeBroadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(torch.relu(self.a(x)) + self.b(x)))
+
+
+def test_time_broadcast_where_static_meets_spiking():
+    torch.manual_seed(2)
+    ann = _StaticMeetsSpikes().double().eval()
+    x = torch.rand(5, 6, dtype=torch.float64)
+    hoisted = snnconv.convert(ann, T=4, calib=x)
+    plain = snnconv.convert(ann, T=4, calib=x, passes=[])
+    kinds = [n.meta.get("snn_kind") for n in hoisted.graph_module.graph.nodes]
+    assert kinds.count("broadcast") == 1  # b(x) runs once on [N, ...] and is broadcast where it meets spikes
+    for T in (1, 4):
+        hoisted.T = plain.T = T
+        assert torch.allclose(hoisted(x, per_step=True), plain(x, per_step=True), rtol=0, atol=1e-12)
+    xs = torch.rand(3, 5, 6, dtype=torch.float64)  # time-major: every tensor already varies with time
+    assert torch.allclose(hoisted(xs, time_major=True), plain(xs, time_major=True), rtol=0, atol=1e-12)
+    assert torch.allclose(hoisted(xs[:1], time_major=True), plain(xs[:1], time_major=True), rtol=0, atol=1e-12)
+
+
+def test_module_reprs_name_their_settings():
+    from snnconv.runtime.modules import Neuron, NeuronConfig, SpikeMaxPool
+
+    n = Neuron(NeuronConfig(kind="lif", reset="hard"), clip=6.0)
+    n.threshold = torch.tensor(0.25)
+    assert n.extra_repr() == "lif, reset=hard, threshold=0.25, clip=6.0"
+    n.threshold, n.bias = torch.ones(7), torch.zeros(7)
+    assert n.extra_repr() == "lif, reset=hard, threshold=per-channel[7], clip=6.0, calibrated bias"
+    pool = SpikeMaxPool({"kernel_size": 2, "stride": 1}, 2)
+    assert pool.extra_repr() == "kernel_size=2, stride=1"
