@@ -62,9 +62,9 @@ def _layout(work: Path, files: list[str], tests: list[str]) -> None:
     (work / "pyproject.toml").write_text("\n".join(toml) + "\n")
 
 
-def _results(work: Path, mutmut: str) -> tuple[Counter, dict[str, Counter], list[str]]:
+def _results(work: Path, mutmut: str) -> tuple[Counter, dict[str, Counter], list[str], Counter]:
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
-    total, per_file, survivors = Counter(), {}, []
+    total, per_file, survivors, untested = Counter(), {}, [], Counter()
     for line in out.splitlines():
         name, _, status = line.strip().rpartition(": ")
         if not name:
@@ -72,9 +72,11 @@ def _results(work: Path, mutmut: str) -> tuple[Counter, dict[str, Counter], list
         module = name.split(".x", 1)[0]  # snnconv.runtime.modules.xǁNeuronǁforward__mutmut_3 -> the module
         total[status] += 1
         per_file.setdefault(module, Counter())[status] += 1
-        if status in ("survived", "no tests"):
+        if status == "survived":
             survivors.append(name)
-    return total, per_file, survivors
+        elif status == "no tests":
+            untested[name.rsplit("__mutmut_", 1)[0]] += 1
+    return total, per_file, survivors, untested
 
 
 def main() -> None:
@@ -93,7 +95,7 @@ def main() -> None:
         _layout(work, args.files, args.tests)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
         subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)
-    total, per_file, survivors = _results(work, mutmut)
+    total, per_file, survivors, untested = _results(work, mutmut)
     lines = [
         "command: python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
         f"mutmut 3, tests: {' '.join(args.tests)}",
@@ -111,7 +113,9 @@ def main() -> None:
         score = f"{killed / tested:.1%}" if tested else "-"
         row = f"{module} | {sum(c.values())} | {killed} | {survived} | {untested} | {c['not checked']} | {score}"
         lines.append(row)
-    lines += ["", f"survivors and untested mutants ({len(survivors)}):"]
+    lines += ["", "functions no selected test runs (their mutants count as not killed):"]
+    lines += [f"  {name}: {count} mutants" for name, count in sorted(untested.items())]
+    lines += ["", f"survivors ({len(survivors)}):"]
     for name in survivors:
         diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
         lines += [f"--- {name}", diff.strip(), ""]

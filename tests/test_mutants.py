@@ -96,3 +96,21 @@ def test_module_reprs_name_their_settings():
     assert n.extra_repr() == "lif, reset=hard, threshold=per-channel[7], clip=6.0, calibrated bias"
     pool = SpikeMaxPool({"kernel_size": 2, "stride": 1}, 2)
     assert pool.extra_repr() == "kernel_size=2, stride=1"
+
+
+def test_spike_maxpool_sums_half_inputs_in_float32():
+    """Running sums of bfloat16 currents are kept in float32 (in bfloat16 they would stop growing)."""
+    import torch.nn.functional as F
+
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import SpikeMaxPool
+
+    g = torch.Generator().manual_seed(4)
+    T = 64
+    x = (torch.rand(T, 2, 3, 4, 4, generator=g) * 0.1).to(torch.bfloat16)
+    pool = SpikeMaxPool({"kernel_size": 2, "stride": 2}, 2)
+    with running(Call(steps=T, input_static=False)):
+        out = pool(x.flatten(0, 1)).view(T, 2, 3, 2, 2)
+    pooled = F.max_pool2d(x.float().cumsum(0).flatten(0, 1), 2).view(T, 2, 3, 2, 2)
+    ref = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1])).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
