@@ -91,7 +91,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tests", nargs="+", default=["tests/test_kernels.py"])
     args = ap.parse_args(argv)
-    print(f"seeded bugs against {' '.join(args.tests)} (python benchmarks/kernel_mutations.py)\n")
+    tests = "" if args.tests == ap.get_default("tests") else f" --tests {' '.join(args.tests)}"
+    print(f"python benchmarks/kernel_mutations.py{tests}\nseeded bugs against {' '.join(args.tests)}\n")
     t0 = time.time()
     failed, summary = run_tests(args.tests)
     print(f"unmutated: {summary}")

@@ -98,8 +98,9 @@ def main() -> None:
     total, per_file, survivors, untested = _results(work, mutmut)
     lines = [
         "command: python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
-        f"mutmut 3, tests: {' '.join(args.tests)}",
-        f"wall time: {(time.time() - t0) / 60:.0f} min" if not args.report_only else "summary of a finished run",
+        *([f"mutmut 3, tests: {' '.join(args.tests)}"] if not args.report_only else []),
+        f"wall time: {(time.time() - t0) / 60:.0f} min" if not args.report_only else "summary of a run in --work:",
+        *[f"    {line}" for line in (work / "pyproject.toml").read_text().splitlines() if args.report_only],
         "",
         "killed counts timeouts; score = killed / (killed + survived + no tests): a mutant no selected test",
         "runs counts against the score. 'not checked': the run stopped before it (left out of the score).",
@@ -108,10 +109,10 @@ def main() -> None:
         "--- | --- | --- | --- | --- | --- | ---",
     ]
     for module, c in [*sorted(per_file.items()), ("all", total)]:
-        killed, survived, untested = c["killed"] + c["timeout"], c["survived"], c["no tests"]
-        tested = killed + survived + untested
+        killed, survived, no_tests = c["killed"] + c["timeout"], c["survived"], c["no tests"]
+        tested = killed + survived + no_tests
         score = f"{killed / tested:.1%}" if tested else "-"
-        row = f"{module} | {sum(c.values())} | {killed} | {survived} | {untested} | {c['not checked']} | {score}"
+        row = f"{module} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {c['not checked']} | {score}"
         lines.append(row)
     lines += ["", "functions no selected test runs (their mutants count as not killed):"]
     lines += [f"  {name}: {count} mutants" for name, count in sorted(untested.items())]

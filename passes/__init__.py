@@ -17,6 +17,7 @@ from snnconv.passes.broadcast_input import broadcast_input
 from snnconv.passes.channels_last import channels_last
 from snnconv.passes.commute_maxpool import commute_maxpool
 from snnconv.passes.contract import FACTS, check_order, facts, mark
+from snnconv.passes.fold_batch_sizes import fold_batch_sizes
 from snnconv.passes.fold_batchnorm import fold_batchnorm
 from snnconv.passes.hoist_static_input import hoist_static_input
 from snnconv.passes.inplace_add import inplace_add
@@ -26,7 +27,7 @@ from snnconv.passes.remove_identity import remove_identity
 
 Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-PREPARE: list[Pass] = [remove_identity, lower_activations, commute_maxpool]
+PREPARE: list[Pass] = [fold_batch_sizes, remove_identity, lower_activations, commute_maxpool]
 LOWER: list[Pass] = [fold_batchnorm, broadcast_input, hoist_static_input, channels_last, integer_spikes, inplace_add]
 OPTIONAL = {"fold_batchnorm", "hoist_static_input", "channels_last", "integer_spikes", "inplace_add"}
 check_order(PREPARE + LOWER)  # the pipeline as built: every fact provided before it is needed

@@ -47,12 +47,23 @@ def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
         small = meta.shape[-1] * meta.shape[-2] < _SMALL_MAP
         fmt = torch.contiguous_format if small else torch.channels_last
         node.meta["layout"] = "nchw" if small else "channels_last"
+        node.meta["memory_format"] = fmt  # the layout plan, read by integer_spikes
         with torch.no_grad():
             conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+        if not small and meta.shape[1] == 1:
+            # one input channel: NCHW and NHWC are the same strides, so oneDNN picks NCHW for the output
+            # and every reader converts it again (at the first neuron: a copy over all T steps); convert
+            # it once here, where it is still [N, ...] when the stem runs before the neurons
+            with gm.graph.inserting_after(node):
+                cl = gm.graph.call_function(_to_channels_last, (node,))
+            cl.meta.update(snn_kind="linear", memory_format=fmt)
+            for user in list(node.users):
+                if user is not cl:
+                    user.replace_input_with(node, cl)
         if small:
             with gm.graph.inserting_before(node):
                 nchw = gm.graph.call_method("contiguous", (node.args[0],))
-            nchw.meta["snn_kind"] = "layout_copy"  # a copy in another memory format, values unchanged
+            nchw.meta.update(snn_kind="layout_copy", memory_format=fmt)  # values unchanged
             node.replace_input_with(node.args[0], nchw)
     for node in list(gm.graph.nodes):
         if node.op == "call_method" and node.target in ("view", "view_as"):
@@ -61,7 +72,7 @@ def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
             first = next((u for u in node.users if u.meta.get("snn_kind") == "broadcast"), node)
             with gm.graph.inserting_after(first):
                 cl = gm.graph.call_function(_to_channels_last, (first,))
-            cl.meta["snn_kind"] = "linear"
+            cl.meta.update(snn_kind="linear", memory_format=torch.channels_last)
             for user in list(first.users):
                 if user is not cl:
                     user.replace_input_with(first, cl)

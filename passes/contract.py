@@ -17,6 +17,7 @@ from snnconv.errors import ConversionError
 # fact -> what it promises (and where the details live)
 FACTS = {
     "ops_classified": "every node has node.meta['snn_kind'] (activation, maxpool, linear, value, ...): the front end",
+    "batch_sizes_folded": "reshapes read the batch size of the tensor they reshape (N or T * N), not the input's",
     "identities_removed": "no dropout or identity nodes are left",
     "neurons_lowered": "every activation is a Neuron call, node.meta['snn_kind'] == 'neuron'",
     "maxpool_on_currents": "every max pool is a SpikeMaxPool call on a neuron's input, snn_kind 'maxpool'",

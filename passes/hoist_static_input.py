@@ -29,7 +29,7 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
             static.add(node)
         elif _is_neuron(node):  # a neuron and a spike max pool read `static_input` at run time
             gm.get_submodule(node.target).static_input = ins[0] in static
-        elif node.meta.get("snn_kind") == "value" or node.op == "output":
+        elif node.meta.get("snn_kind") in ("value", "constant") or node.op == "output":
             continue
         elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
@@ -37,7 +37,7 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
                 gm.get_submodule(node.target).static_input = True
     dynamic_seen: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if node in static or _is_neuron(node) or node.meta.get("snn_kind") == "value":
+        if node in static or _is_neuron(node) or node.meta.get("snn_kind") in ("value", "constant"):
             continue
         for a in node.all_input_nodes:
             if a in static and a not in dynamic_seen:
@@ -53,5 +53,5 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
 
 
 def _batch_carrying(node: fx.Node) -> bool:
-    """Does this input carry the batch? Constants (get_attr) and shape values do not."""
-    return node.op != "get_attr" and node.meta.get("snn_kind") != "value"
+    """Does this input carry the batch? Constants (get_attr, parameter-only subgraphs) and sizes do not."""
+    return node.op != "get_attr" and node.meta.get("snn_kind") not in ("value", "constant")

@@ -1,5 +1,7 @@
 """Residual adds write into their left operand when nothing else reads it: `conv(x) + shortcut` then
-needs no new [T*N, ...] buffer (on CPU, fresh large buffers cost page faults on every call)."""
+needs no new [T*N, ...] buffer (on CPU, fresh large buffers cost page faults on every call). Only where
+the sum has the left operand's shape (node.meta['snn_shape'] from the front end): a broadcasting add, such as
+`g(pool(h)) + h`, makes a bigger tensor and stays out of place (as torch's reinplace pass checks)."""
 
 import operator
 
@@ -23,6 +25,28 @@ def _fresh_private(gm: fx.GraphModule, node) -> bool:
     )
 
 
+_SAME_SHAPE = ("broadcast", "neuron")
+
+
+def _shape(node) -> tuple | None:
+    """The recorded shape of a tensor node; nodes the passes added that keep their input's shape (a time
+    broadcast, a neuron) have their input's."""
+    while isinstance(node, fx.Node) and "snn_shape" not in node.meta and node.meta.get("snn_kind") in _SAME_SHAPE:
+        node = node.args[0]
+    shape = node.meta.get("snn_shape") if isinstance(node, fx.Node) else None
+    return shape if shape and isinstance(shape[0], int) else None
+
+
+def _same_shape_sum(a, b) -> bool:
+    sa, sb = _shape(a), _shape(b)
+    if sa is None or sb is None or len(sb) > len(sa):
+        return False
+    try:
+        return tuple(torch.broadcast_shapes(sa, sb)) == tuple(sa)
+    except RuntimeError:
+        return False
+
+
 @contract(requires=("ops_classified",), provides=("inplace_adds",), after=("batchnorm_folded", "int8_packed"))
 def inplace_add(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in gm.graph.nodes:
@@ -34,6 +58,7 @@ def inplace_add(gm: fx.GraphModule, settings) -> fx.GraphModule:
             and isinstance(node.args[1], fx.Node)
             and node.args[1].meta.get("snn_kind") != "value"
             and _fresh_private(gm, node.args[0])
+            and _same_shape_sum(node.args[0], node.args[1])
         ):
             node.op, node.target = "call_method", "add_"
     gm.recompile()

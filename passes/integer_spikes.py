@@ -4,7 +4,8 @@ Each 2-d convolution fed by a neuron (directly, or through a layout copy, snn_ki
 linear layer fed by one (directly on [N, features], or through flatten(x, 1)), becomes a SpikeLayer:
 threshold folded into the weights, weights as 16-bit fixed point, spikes as uint8 (see
 runtime/integer_spikes.py). Only for binary spikes (max_spikes=1), float32 models on CPU, and where
-oneDNN's int8 ops sum exactly (VNNI). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
+oneDNN's int8 ops sum exactly and fast (int8.mode(): 'vnni', or 'binary' on AVX2 where measured faster
+than float32). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
 """
 
 import torch
@@ -50,13 +51,10 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
 @contract(requires=("neurons_lowered",), provides=("int8_packed",), after=("batchnorm_folded", "layout_planned"))
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
-    if (
-        param is None
-        or param.device.type != "cpu"
-        or param.dtype != torch.float32
-        or settings.neuron.max_spikes != 1
-        or not int8.available()
-    ):
+    if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or settings.neuron.max_spikes != 1:
+        return gm
+    mode = int8.mode()  # which exact int8 arithmetic runs fast here, if any ($SNNCONV_INT8 forces one)
+    if mode is None:
         return gm
     try:  # shapes of one sample, in ANN mode (without them, linear layers read spikes only via flatten)
         with torch.no_grad():
@@ -71,16 +69,17 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
                 continue
             layer_node, layer, via = reader
             name = f"_snn.int8_{layer_node.name}"
-            gm.add_submodule(name, int8.SpikeLayer(layer, neuron, (layer_node.target, node.target)))
+            flatten = via is not node  # it reads the neuron's map itself, in the map's layout: no copy
+            gm.add_submodule(name, int8.SpikeLayer(layer, neuron, (layer_node.target, node.target), mode, flatten))
             with gm.graph.inserting_before(layer_node):
-                new = gm.graph.call_module(name, (via,))
+                new = gm.graph.call_module(name, (node,))
             new.meta.update(layer_node.meta)
             new.meta.update(int8=True, fresh_output=True, snn_layer=layer_node.meta.get("snn_layer", layer_node.target))
             new.stack_trace = layer_node.stack_trace
             copy = layer_node.args[0]
             layer_node.replace_all_uses_with(new)
             gm.graph.erase_node(layer_node)
-            if copy is not via:  # the layout copy before a convolution
+            if copy is not node and not copy.users:  # the NCHW copy before a convolution, or the flatten
                 gm.graph.erase_node(copy)
             if layer_node.meta.get("snn_layer", layer_node.target) != layer_node.target:
                 gm.delete_submodule(layer_node.target)  # a wrapper (folded BN) nothing calls any more

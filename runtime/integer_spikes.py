@@ -1,13 +1,22 @@
-"""Convolutions and linear layers fed by binary spikes, run as one 8-bit integer op on CPU (oneDNN, VNNI).
+"""Convolutions and linear layers fed by binary spikes, run as 8-bit integer ops on CPU (oneDNN u8 x s8).
 
 A spike is 0 or theta, so as an integer it is 0 or 1 and the layer over it is a sum of weights.
 The threshold theta folds into the weights per input channel, and the float weights become 16-bit
 fixed point per output channel, split into two int8 halves:
     W * theta ~= s * (255 * hi + lo),   hi, lo in [-127, 127],   s = max|W * theta| / (127 * 255 + 127)
-Giving the layer both halves as input channels, against spikes times 255 and the spikes:
-    conv(theta * spikes, W) ~= s * conv([255 * spikes, spikes], [hi, lo])
-one uint8 x int8 op over twice the inputs with exact int32 sums: about twice as fast as float32,
-off by at most s/2 per weight (1.5e-5 of a channel's largest weight).
+so each weight is off by at most s/2 (1.5e-5 of a channel's largest weight). Two ways to sum them
+exactly, one per kind of CPU (the *mode*, chosen once per process by a probe, see `mode()`):
+
+  'vnni'    one op over twice the inputs, [255 * spikes, spikes] against [hi, lo] along the input
+            channels. Exact only where oneDNN sums u8 x s8 products in int32 (VNNI: vpdpbusd); without
+            VNNI, vpmaddubsw adds pairs of products in int16 and 2 * 255 * 127 saturates.
+  'binary'  the 0/1 spikes as they are, against hi and against lo, the second op adding its result
+            into the first's output (oneDNN's sum post-op): s * (255 * conv(x, hi) + conv(x, lo)).
+            With 0/1 inputs an int16 pair sum is at most 2 * 127: exact on AVX2 without VNNI too.
+
+Where neither op is exact, or to test the arithmetic on any machine, each mode also runs *emulated*
+('vnni-emulated', 'binary-emulated'): the same integers, layouts and scales, multiplied in float64
+(exact: every sum is an integer far below 2^53) instead of by oneDNN.
 The weights are derived from the module's own parameters at run time, like FoldedBN's, so the
 state_dict stays the ANN's and loading new weights or thresholds re-derives them.
 """
@@ -15,93 +24,205 @@ state_dict stays the ANN's and loading new weights or thresholds re-derives them
 from __future__ import annotations
 
 import functools
+import os
 import threading
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from snnconv.errors import ConversionError
 from snnconv.runtime.context import current
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _QMAX = 127 * _HI + 127
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
+ENV = "SNNCONV_INT8"  # 'auto' (default), 'off', or a mode to force: one of MODES
+MODES = ("vnni", "binary", "vnni-emulated", "binary-emulated")
 
 
-@functools.cache
-def available() -> bool:
-    """Do oneDNN's int8 convolution and matmul run here and sum u8 x s8 products exactly (VNNI)? Without
-    VNNI, oneDNN halves the weights to avoid int16 overflow, which would lose their low bit."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 2, (2, 16, 5, 5), generator=g, dtype=torch.uint8) * _HI
-        w = torch.randint(-127, 128, (8, 16, 3, 3), generator=g, dtype=torch.int8)
-        w[0].fill_(127)
-        w[1].fill_(-127)
-        geometry = ((1, 1), (1, 1), (1, 1), 1)
-        ones = torch.ones(8)
-        conv = _qconv(
-            _pack_conv(w, ones, *geometry), x.contiguous(memory_format=torch.channels_last), ones, None, *geometry
-        )
-        xf, wf = x.flatten(1)[:, :64].contiguous(), w.flatten(1)[:, :64].contiguous()
-        linear = _qlinear(_pack_linear(wf), xf, ones, None)
-        return torch.equal(
-            conv.double(), torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
-        ) and torch.equal(linear.double(), xf.double() @ wf.double().t())
-    except Exception:  # no oneDNN, or an op missing from this torch build
-        return False
+# ---- the ops: oneDNN's, or their integer arithmetic in float64 ----------------------------------------
 
 
-def _pack_conv(
-    w: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups, x_shape: tuple[int, ...] | None = None
-) -> torch.Tensor:
+@dataclass
+class _Emulated:
+    """What `_pack_*` returns when emulating: the int8 weights themselves and the layer geometry."""
+
+    w: torch.Tensor
+    geometry: tuple = ()
+
+
+def _pack_conv(w, scale, stride, padding, dilation, emulated: bool, x_shape=None):
     """Weights in oneDNN's layout for inputs of `x_shape`: a layout packed for another shape is
     reordered again at every call (measured: 30 ms on a 0.2 ms convolution)."""
+    if emulated:
+        return _Emulated(w, (tuple(stride), tuple(padding), tuple(dilation)))
     w = w.contiguous(memory_format=torch.channels_last)
-    return torch.ops.onednn.qconv_prepack(
-        w,
-        scale,
-        1.0,
-        0,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        None if x_shape is None else list(x_shape),
-    )
+    shape = None if x_shape is None else list(x_shape)
+    return torch.ops.onednn.qconv_prepack(w, scale, 1.0, 0, list(stride), list(padding), list(dilation), 1, shape)
 
 
-def _qconv(packed, x, scale, bias, stride, padding, dilation, groups) -> torch.Tensor:
+def _pack_linear(w, emulated: bool, x_shape=None):
+    if emulated:
+        return _Emulated(w)
+    return torch.ops.onednn.qlinear_prepack(w, None if x_shape is None else list(x_shape))
+
+
+def _emulate(packed: _Emulated, x: torch.Tensor) -> torch.Tensor:
+    """The exact integer sums of the op, as float64."""
+    if packed.geometry:
+        stride, padding, dilation = packed.geometry
+        return F.conv2d(x.double(), packed.w.double(), None, stride, padding, dilation)
+    return x.double() @ packed.w.double().t()
+
+
+def _finish(acc: torch.Tensor, scale, bias, accum=None) -> torch.Tensor:
+    """oneDNN's epilogue on exact sums: scale per output channel, add the bias (and the sum post-op)."""
+    view = (1, -1, 1, 1) if acc.dim() == 4 else (1, -1)
+    y = acc * scale.double().view(view)
+    if bias is not None:
+        y = y + bias.double().view(view)
+    y = y.float()
+    if accum is not None:
+        accum.add_(y)
+        return accum
+    return y
+
+
+def _qconv(packed, x, scale, bias, stride, padding, dilation, accum=None) -> torch.Tensor:
+    """float32 scale[c] * conv(x, w)[c] + bias[c] (+ accum, in place) for uint8 x and int8 w."""
+    if isinstance(packed, _Emulated):
+        return _finish(_emulate(packed, x), scale, bias, accum)
     zero = torch.zeros(scale.numel(), dtype=torch.int32)
-    return torch.ops.onednn.qconv2d_pointwise(
+    geometry = (list(stride), list(padding), list(dilation), 1)
+    if accum is None:
+        return torch.ops.onednn.qconv2d_pointwise(
+            x, 1.0, 0, packed, scale, zero, bias, *geometry, 1.0, 0, torch.float32, "none", [], ""
+        )
+    return torch.ops.onednn.qconv2d_pointwise.binary(
         x,
         1.0,
         0,
         packed,
         scale,
         zero,
+        accum,
         bias,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
+        *geometry,
         1.0,
         0,
         torch.float32,
+        1.0,
+        0,
+        "sum",
+        1.0,
         "none",
         [],
         "",
     )
 
 
-def _pack_linear(w: torch.Tensor, x_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    return torch.ops.onednn.qlinear_prepack(w, None if x_shape is None else list(x_shape))
-
-
-def _qlinear(packed, x, scale, bias) -> torch.Tensor:
+def _qlinear(packed, x, scale, bias, accum=None) -> torch.Tensor:
+    if isinstance(packed, _Emulated):
+        return _finish(_emulate(packed, x), scale, bias, accum)
     zero = torch.zeros(scale.numel(), dtype=torch.int32)
-    return torch.ops.onednn.qlinear_pointwise(
-        x, 1.0, 0, packed, scale, zero, bias, 1.0, 0, torch.float32, "none", [], ""
+    if accum is None:
+        return torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 0, packed, scale, zero, bias, 1.0, 0, torch.float32, "none", [], ""
+        )
+    return torch.ops.onednn.qlinear_pointwise.binary(
+        x, 1.0, 0, packed, scale, zero, accum, bias, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], ""
     )
+
+
+# ---- which mode runs here ------------------------------------------------------------------------------
+
+
+@functools.cache
+def exact(mode: str) -> bool:
+    """Does `mode`'s op sum exactly on this CPU? Checked once per process on a convolution and a matmul
+    holding the extreme weights +-127 (emulated modes: always)."""
+    if mode.endswith("-emulated"):
+        return True
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 2, (2, 16, 5, 5), generator=g, dtype=torch.uint8)
+        w = torch.randint(-127, 128, (8, 16, 3, 3), generator=g, dtype=torch.int8)
+        w[0].fill_(127)
+        w[1].fill_(-127)
+        if mode == "vnni":
+            x = x * _HI
+        ones, geometry = torch.ones(8), ((1, 1), (1, 1), (1, 1))
+        packed = _pack_conv(w, ones, *geometry, False)
+        conv = _qconv(packed, x.contiguous(memory_format=torch.channels_last), ones, None, *geometry)
+        xf, wf = x.flatten(1)[:, :64].contiguous(), w.flatten(1)[:, :64].contiguous()
+        packed_linear = _pack_linear(wf, False)
+        linear = _qlinear(packed_linear, xf, ones, None)
+        if mode == "binary":  # and the sum post-op it adds the two halves with
+            conv = _qconv(packed, x.contiguous(memory_format=torch.channels_last), ones, None, *geometry, accum=conv)
+            linear = _qlinear(packed_linear, xf, ones, None, accum=linear) / 2
+            conv = conv / 2
+        return torch.equal(conv.double(), F.conv2d(x.double(), w.double(), None, 1, 1)) and torch.equal(
+            linear.double(), xf.double() @ wf.double().t()
+        )
+    except Exception:  # no oneDNN, or an op missing from this torch build
+        return False
+
+
+@functools.cache
+def binary_beats_float32() -> bool:
+    """Without VNNI, u8 x s8 products cost about as much as float32 ones and 'binary' does each twice:
+    whether it still wins is measured once per process, on a typical spiking layer (64 -> 64 channels,
+    3x3, 14x14 maps, batch 128, 15% spikes), best of 3."""
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    x = (torch.rand(128, 64, 14, 14, generator=g) < 0.15).float().contiguous(memory_format=torch.channels_last)
+    layer = SpikeLayer(conv, None, ("probe", "probe"), mode="binary")
+    theta = torch.ones(64)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        return best(lambda: layer.run(x, theta)) < best(lambda: conv(x))
+
+
+def mode() -> str | None:
+    """The mode convert() uses here: $SNNCONV_INT8 if it names one ('off': none), else 'vnni' where
+    that is exact, else 'binary' where it is exact and measured faster than float32, else None."""
+    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if want == "off":
+        return None
+    if want != "auto":
+        if want not in MODES:
+            raise ConversionError(f"${ENV}={want!r}: choose 'auto', 'off' or one of {list(MODES)}")
+        if not exact(want):
+            raise ConversionError(
+                f"${ENV}={want!r}: oneDNN's u8 x s8 ops are not exact in that mode on this CPU "
+                f"(or missing from this torch build); use 'auto', 'off' or '{want}-emulated'"
+            )
+        return want
+    if exact("vnni"):
+        return "vnni"
+    if exact("binary") and binary_beats_float32():
+        return "binary"
+    return None
+
+
+def available() -> bool:
+    """Is some exact int8 mode fast here (what `mode()` picks without $SNNCONV_INT8)?"""
+    return exact("vnni") or (exact("binary") and binary_beats_float32())
+
+
+# ---- weights -------------------------------------------------------------------------------------------
 
 
 def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +273,18 @@ def _input_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 
 class SpikeLayer(nn.Module):
     """`layer` (a Conv2d or Linear, or a FoldedBN around one) reading the binary spikes of `neuron`. In
-    spiking mode on CPU it runs as one int8 op; otherwise (ANN mode, CUDA, graph capture) it is `layer`.
-    Holds both by reference, unregistered: no state_dict keys."""
+    spiking mode on CPU it runs as int8 ops in `mode` (see the module doc); otherwise (ANN mode, CUDA,
+    graph capture) it is `layer`. Holds both by reference, unregistered: no state_dict keys."""
 
-    def __init__(self, layer: nn.Module, neuron: nn.Module, names: tuple[str, str]):
+    def __init__(
+        self, layer: nn.Module, neuron: nn.Module, names: tuple[str, str], mode: str = "vnni", flatten: bool = False
+    ):
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {MODES}")
         self.__dict__["_layer"], self.__dict__["_neuron"] = layer, neuron
-        self.names = names
+        self.names, self.mode = names, mode
+        self.flatten = flatten  # a Linear reading flatten(x, 1) of [N, C, H, W] spikes: it takes x itself
         self._cache = (None, None, {})  # (key of weights and threshold, derived weights, packed by input shape)
 
     def __getstate__(self) -> dict:
@@ -174,35 +300,47 @@ class SpikeLayer(nn.Module):
         return getattr(self._layer, "_layer", self._layer)
 
     def extra_repr(self) -> str:
-        return f"{self.names[0]} as int8 on the spikes of {self.names[1]}"
+        return f"{self.names[0]} as int8 ({self.mode}) on the spikes of {self.names[1]}"
 
-    def _packed_for(self, x_shape: tuple[int, ...]):
-        """(packed weights for inputs of x_shape, scales, bias); re-derived when the weights, bias or
-        threshold change, packed once per input shape. Concurrent calls may both derive or pack: the cache
-        is one tuple, replaced whole, never changed under a reader."""
+    def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
+        """(packed weights for inputs of x_shape, scales, bias) for this mode: 'vnni' [hi, lo] along the
+        inputs with scales s; 'binary' (hi, lo) with scales (255 s, s). hwc = (C, H, W): a Linear reading a
+        channels-last map in its memory order, H, W, C. Re-derived when the weights, bias or threshold
+        change, packed once per input shape. Concurrent calls may both derive or pack: the cache is one
+        tuple, replaced whole, never changed under a reader."""
         inner = self.inner
         w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
-        theta = self._neuron.threshold
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta))
+        key = (*((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta)), hwc)
         cached_key, weights, packed_by_shape = self._cache
         if key != cached_key:
             with torch.no_grad():
-                q, s = split_weight(fold_input_scale(w.double(), theta.double().cpu()))
+                w = fold_input_scale(w.double(), theta.detach().double().cpu())
+                if hwc is not None:
+                    w = w.view(w.shape[0], *hwc).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+                q, s = split_weight(w)
                 bias = b.detach().float().contiguous() if b is not None else None
-            weights, packed_by_shape = (q, s.float(), bias), {}
+                if self.mode.startswith("binary"):
+                    c = q.shape[1] // 2
+                    q = (q[:, :c].contiguous(), q[:, c:].contiguous())
+                    s = ((s * _HI).float(), s.float())
+                else:
+                    s = s.float()
+            weights, packed_by_shape = (q, s, bias), {}
             self._cache = (key, weights, packed_by_shape)
         packed = packed_by_shape.get(x_shape)
+        q, s, bias = weights
         if packed is None:
-            q, s, bias = weights
+            emulated = self.mode.endswith("-emulated")
             if isinstance(inner, nn.Linear):
-                packed = _pack_linear(q, x_shape)
+                pack = lambda q, s: _pack_linear(q, emulated, x_shape)  # noqa: E731
             else:
-                packed = _pack_conv(q, s, inner.stride, inner.padding, inner.dilation, 1, x_shape)
+                pack = lambda q, s: _pack_conv(q, s, inner.stride, inner.padding, inner.dilation, emulated, x_shape)  # noqa: E731
+            packed = tuple(map(pack, q, s)) if isinstance(q, tuple) else pack(q, s)
             # many batch sizes: keep the recent ones only
             kept = dict(list(packed_by_shape.items())[-7:]) if len(packed_by_shape) >= 8 else dict(packed_by_shape)
             kept[x_shape] = packed
             self._cache = (key, weights, kept)
-        return packed, *weights[1:]
+        return packed, s, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -212,27 +350,42 @@ class SpikeLayer(nn.Module):
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
         ):
-            return self._layer.forward(x)  # forward(): hooks count this module once, not the layer again
-        inner = self.inner
+            # forward(): hooks count this module once, not the layer again
+            return self._layer.forward(x.flatten(1) if self.flatten else x)
+        return self.run(x, self._neuron.threshold)
+
+    def run(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The int8 layer on spikes x (each 0 or its channel's theta), float32 out."""
+        inner, vnni = self.inner, self.mode.startswith("vnni")
         if isinstance(inner, nn.Linear):
+            hwc = None
+            if self.flatten:  # read a channels-last map in its own order (weights permuted), not a copy
+                if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                    hwc, x = tuple(x.shape[1:]), x.permute(0, 2, 3, 1)
+                x = x.reshape(x.shape[0], -1)
             lead, k = x.shape[:-1], x.shape[-1]
-            packed, s, bias = self._packed_for((lead.numel(), 2 * k))
-            buf = _input_buffer((lead.numel(), 2, k))  # [255 * spikes, spikes] along the features
-            torch.ne(x.reshape(-1, k), 0, out=buf[:, 1].view(torch.bool))
-            torch.mul(buf[:, 1], _HI, out=buf[:, 0])
-            return _qlinear(packed, buf.view(-1, 2 * k), s, bias).view(*lead, -1)
+            m = lead.numel()
+            packed, s, bias = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
+            if vnni:
+                buf = _input_buffer((m, 2, k))  # [255 * spikes, spikes] along the features
+                torch.ne(x.reshape(-1, k), 0, out=buf[:, 1].view(torch.bool))
+                torch.mul(buf[:, 1], _HI, out=buf[:, 0])
+                y = _qlinear(packed, buf.view(-1, 2 * k), s, bias)
+            else:
+                buf = _input_buffer((m, k))
+                torch.ne(x.reshape(-1, k), 0, out=buf.view(torch.bool))
+                y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
+            return y.view(*lead, -1)
         n, c, h, w = x.shape
-        packed, s, bias = self._packed_for((n, 2 * c, h, w))
-        buf = _input_buffer((n, h, w, 2, c))  # [255 * spikes, spikes] along the channels, channels-last
-        torch.ne(x, 0, out=buf[:, :, :, 1].permute(0, 3, 1, 2).view(torch.bool))
-        torch.mul(buf[:, :, :, 1], _HI, out=buf[:, :, :, 0])
-        return _qconv(
-            packed,
-            buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2),
-            s,
-            bias,
-            inner.stride,
-            inner.padding,
-            inner.dilation,
-            1,
-        )
+        geometry = (inner.stride, inner.padding, inner.dilation)
+        if vnni:
+            packed, s, bias = self._packed_for((n, 2 * c, h, w), theta)
+            buf = _input_buffer((n, h, w, 2, c))  # [255 * spikes, spikes] along the channels, channels-last
+            torch.ne(x, 0, out=buf[:, :, :, 1].permute(0, 3, 1, 2).view(torch.bool))
+            torch.mul(buf[:, :, :, 1], _HI, out=buf[:, :, :, 0])
+            return _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
+        packed, s, bias = self._packed_for((n, c, h, w), theta)
+        buf = _input_buffer((n, h, w, c)).permute(0, 3, 1, 2)  # the 0/1 spikes, channels-last
+        torch.ne(x, 0, out=buf.view(torch.bool))
+        lo = _qconv(packed[1], buf, s[1], bias, *geometry)
+        return _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)

@@ -32,7 +32,12 @@ def _shape(text: str | None, n: int) -> tuple[int, ...] | None:
 
 
 # arguments validated by the options object's own rules (snnconv.settings.RULES), before anything runs
-_SETTINGS_ARGS = {"T": "T", "percentile": "percentile", "v_init": "neuron.v_init"}
+_SETTINGS_ARGS = {
+    "T": "T",
+    "percentile": "percentile",
+    "v_init": "neuron.v_init",
+    "memory_budget_mb": "memory_budget_mb",
+}
 _COUNT_ARGS = ("batch", "limit", "calib_limit")
 
 
@@ -201,9 +206,7 @@ def cmd_run(a) -> int:
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prep = _prep(a)
     snn = _load(a)
-    if a.memory_budget_mb is not None:
-        if not a.memory_budget_mb > 0:
-            raise ConversionError(f"--memory-budget-mb must be a positive number of MiB, got {a.memory_budget_mb}")
+    if a.memory_budget_mb is not None:  # checked by the options' rules in _check_args
         snn.settings.memory_budget_mb = a.memory_budget_mb
     x, y = load_data(a.data, a.labels, prep=prep)
     if a.limit:

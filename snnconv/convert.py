@@ -152,7 +152,7 @@ def convert(
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
     check = _output_check(ann, first)
-    gm, log = _prepare(ann, settings)
+    gm, log = _prepare(ann, settings, first)
     calibrate(gm, settings, calib, calib_batches, check)
     settings.step_bytes_per_sample = _activation_bytes(gm, first[:1])
     if threshold is not None:
@@ -165,9 +165,10 @@ def convert(
     return snn
 
 
-def _prepare(ann: nn.Module, settings: Settings):
-    """Trace the ANN (adopting its modules) and run the prepare passes: (graph, pass log)."""
-    gm = annotate(trace(ann))
+def _prepare(ann: nn.Module, settings: Settings, example: torch.Tensor):
+    """Trace the ANN (adopting its modules), record each node's facts on `example` (an input batch; only its
+    shape matters) and run the prepare passes: (graph, pass log)."""
+    gm = annotate(trace(ann, example), example)
     pipeline.mark(gm, "ops_classified")  # the front end's fact: every node has its snn_kind
     _adopt(gm, ann)
     log = [("trace", gm.code)]
@@ -185,5 +186,6 @@ def _lower(gm, settings: Settings, log: list, model: nn.Module) -> SpikingModel:
 def rebuild(model: nn.Module, settings: Settings) -> SpikingModel:
     """The SNN graph of `model` for validated `settings` (a checkpoint's), without calibration: the
     thresholds are the caller's to set (SpikingModel.load_conversion_state). `model` itself is never touched."""
-    gm, log = _prepare(copy.deepcopy(model).eval(), settings)
+    example = torch.rand(2, *settings.input_shape)  # facts are about shapes: any input of the right shape
+    gm, log = _prepare(copy.deepcopy(model).eval(), settings, example)
     return _lower(gm, settings, log, model)

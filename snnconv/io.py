@@ -136,7 +136,9 @@ def check_recorded_factory(spec, kwargs, what: str) -> None:
         raise ConversionError(f"{what}: source.factory must be a 'package.module:function' string, got {spec!r}")
     mod_name, attr = spec.split(":")
     allowed = any(mod_name == lib or mod_name.startswith(lib + ".") for lib in TRUSTED_FACTORIES)
-    if not allowed or not attr.isidentifier() or attr.startswith("_"):
+    parts = attr.split(".")  # a function, or a class's constructor method (EfficientNet.from_name)
+    plain = all(p.isidentifier() and not p.startswith("_") and "pretrained" not in p.lower() for p in parts)
+    if not allowed or not plain or len(parts) > 2:
         raise ConversionError(
             f"{what}: refusing to import and call {spec!r} named by the file (not one of the model libraries "
             f"{', '.join(TRUSTED_FACTORIES)}); {_ALLOW_HINT}"

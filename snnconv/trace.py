@@ -1,15 +1,28 @@
-"""Front end: torch.fx tracing with an explicit leaf policy, and the table of ops a converted SNN can run.
+"""Front end: trace the model, record per-node facts in node.meta, classify every op from one registry.
 
-Leaf policy: built-in torch.nn modules (Conv, BatchNorm, ReLU, pools, ...) stay single `call_module`
-nodes; containers and the user's own modules are traced through, so every op is visible to the passes.
-Every node gets `node.meta["snn_kind"]`: 'activation' (becomes a neuron), 'maxpool', 'linear' (stateless
-and linear in its tensor inputs, safe on time-folded batches), 'tensors' (a tuple of such, from chunk or
-split), or 'value' (shape arithmetic).
+Tracing: torch.fx symbolic tracing with fx's leaf rule (torch.nn built-ins stay single `call_module` nodes;
+containers and the user's own modules are traced through). Code that needs concrete sizes for Python control
+flow (TF "same" padding computes its padding from `x.size()`) cannot be traced symbolically; then the model is
+traced again with concrete shapes (`_ShapeTracer`): every size is a plain int except the batch dimension of
+tensors that carry the batch, which stays symbolic, so the graph still runs over any batch (and over T*N).
+
+Facts (computed once here, read by the passes):
+- `snn_shape`: the tensor's shape for a batch of 2 (a tuple of shapes for tuple outputs), None otherwise;
+- `snn_batched`: the value depends on the input's batch (a tensor carrying the batch in dim 0, or a size
+  computed from it); parameter-only subgraphs (weights standardised in forward) are not batched;
+- `snn_batch_value`: for sizes, 'int' (this int is the batch size), 'size' (a torch.Size whose first entry
+  is the batch size) or 'other' (derived from the batch size some other way);
+- `snn_kind`: from the registry `OPS`: 'activation' (becomes a neuron), 'maxpool', 'linear' (stateless and
+  linear in its one batch-carrying input, safe on time-folded batches), 'tensors' (a tuple of such, from
+  chunk/split), 'value' (shape arithmetic) or 'constant' (reads no batch-carrying tensor: any op is fine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -19,164 +32,313 @@ import torch.nn.functional as F
 from snnconv.errors import ConversionError, describe, frame_of
 from snnconv.qcfs import QCFS
 
+_aten = torch.ops.aten
 CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_LINEAR_MODULES = (
-    CONV_LINEAR
-    + BATCHNORM
-    + (
-        nn.AvgPool1d,
-        nn.AvgPool2d,
-        nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d,
-        nn.AdaptiveAvgPool3d,
-        nn.Flatten,
-        nn.Unflatten,
-        nn.Identity,
-        nn.Dropout,
-        nn.Dropout1d,
-        nn.Dropout2d,
-        nn.Dropout3d,
-        nn.AlphaDropout,
-        nn.ZeroPad2d,
-        nn.ConstantPad1d,
-        nn.ConstantPad2d,
-        nn.ConstantPad3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-        nn.ChannelShuffle,
-    )
-)
-_LINEAR_FUNCTIONS = {
-    F.conv1d,
-    F.conv2d,
-    F.conv3d,
-    F.linear,
-    F.batch_norm,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    torch.flatten,
-    torch.cat,
-    torch.concat,
-    torch.add,
-    torch.sub,
-    operator.add,
-    operator.sub,
-    operator.iadd,
-    operator.neg,
-    operator.getitem,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    torch.transpose,
-    torch.chunk,
-    torch.split,
-    torch.unsqueeze,
-    torch.squeeze,
-    torch.reshape,
-    torch.permute,
-    F.pad,
-    torch.channel_shuffle,
-    getattr(F, "channel_shuffle", torch.channel_shuffle),
-    torch.mean,
-    operator.mul,
-    operator.truediv,
-    torch.mul,
-    torch.div,
-}
-_LINEAR_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "add",
-    "add_",
-    "sub",
-    "contiguous",
-    "transpose",
-    "permute",
-    "chunk",
-    "split",
-    "unsqueeze",
-    "squeeze",
-    "mean",
-    "mul",
-    "div",
-    "__getitem__",
-    "neg",
-    "view_as",
-    "reshape_as",
-    "expand_as",
-}
-_VALUE_METHODS = {"size", "dim", "numel", "__len__"}
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, QCFS)
-_ACT_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.relu_,
-    torch.relu_,
-    F.relu6,
-    F.hardtanh,
-    F.hardtanh_,
-    torch.clamp,
-    torch.clip,
-    torch.clamp_min,
-}
-_ACT_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
-_MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 
-# torch.export programs (.pt2) arrive as aten-level graphs: the same ops, as OpOverloads
-_aten = torch.ops.aten
-_LINEAR_FUNCTIONS |= {
-    _aten.conv1d.default,
-    _aten.conv2d.default,
-    _aten.conv3d.default,
-    _aten.linear.default,
-    _aten.batch_norm.default,
-    _aten.avg_pool1d.default,
-    _aten.avg_pool2d.default,
-    _aten.avg_pool3d.default,
-    _aten.adaptive_avg_pool1d.default,
-    _aten.adaptive_avg_pool2d.default,
-    _aten.adaptive_avg_pool3d.default,
-    _aten.flatten.using_ints,
-    _aten.view.default,
-    _aten.reshape.default,
-    _aten.add.Tensor,
-    _aten.add_.Tensor,
-    _aten.sub.Tensor,
-    _aten.cat.default,
-    _aten.dropout.default,
-    _aten.clone.default,
-    _aten.mul.Tensor,
-    _aten.div.Tensor,
-    _aten.permute.default,
-    _aten.transpose.int,
-    _aten.unsqueeze.default,
-    _aten.squeeze.dim,
-    _aten.mean.dim,
-    _aten.chunk.default,
-    _aten.split.Tensor,
-    _aten.contiguous.default,
-    _aten.slice.Tensor,
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# ---- batch rules: why an op would move, index or mix the batch dimension (time is folded into it), or None
+
+
+def _dims_arg(node, index=1, name="dim"):
+    d = _arg(node, index, name)
+    return (d,) if isinstance(d, int) else d
+
+
+def _keeps_dim0(name: str) -> Callable:
+    def rule(node):
+        dims = _dims_arg(node)
+        return (
+            None if dims is not None and 0 not in dims else f"{name} over dim 0 (the batch) mixes samples; use dim >= 1"
+        )
+
+    return rule
+
+
+def _transpose_rule(node):
+    if 0 in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")):
+        return "transpose moves the batch dimension; keep dim 0 in place"
+
+
+def _permute_rule(node):
+    dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    if dims and dims[0] != 0:
+        return "permute moves the batch dimension; keep dim 0 first"
+
+
+def _squeeze_rule(node):
+    dims = _dims_arg(node)
+    if dims is None or 0 in dims:
+        return "squeeze/unsqueeze without a non-batch dim may add or drop the batch dimension; give dim >= 1"
+
+
+def _slice_rule(node):
+    if _arg(node, 1, "dim", 0) == 0:
+        return "indexing the batch dimension picks samples; index only dims >= 1"
+
+
+def _getitem_rule(node):
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.meta.get("snn_kind") == "tensors":
+        return None  # picks one tensor of a chunk/split tuple
+    index = node.args[1]
+    first = index[0] if isinstance(index, tuple) and index else index
+    if not (first is Ellipsis or (isinstance(first, slice) and first == slice(None))):
+        return "indexing the batch dimension picks samples; index only dims >= 1 (x[:, ...])"
+
+
+def _split_rule(node):
+    if _arg(node, 2, "dim", 0) == 0:
+        return "split/chunk along dim 0 splits the batch; split along dim >= 1"
+
+
+def _cat_rule(node):
+    return "cat/stack along dim 0 mixes the batch; join along dim >= 1" if _arg(node, 1, "dim", 0) == 0 else None
+
+
+def _pad_rule(node):
+    pad, shape = _arg(node, 1, "pad"), node.args[0].meta.get("snn_shape")
+    if isinstance(pad, (tuple, list)) and shape is not None and len(pad) >= 2 * len(shape):
+        return "F.pad pads the batch dimension; pad only dims >= 1"
+
+
+def _product_rule(node):
+    batched = [a for a in node.all_input_nodes if a.meta.get("snn_batched")]
+    if len(batched) > 1:
+        return "product of two time-varying tensors (gating): a spiking network cannot multiply rates"
+    if (
+        node.target in (operator.truediv, torch.div, "div", _aten.div.Tensor)
+        and batched
+        and batched[0] is not node.args[0]
+    ):
+        return "dividing by a time-varying tensor is not linear"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op as the front end knows it: its spellings, its kind, and how it treats the batch dim."""
+
+    kind: str  # 'activation' | 'maxpool' | 'linear' | 'tensors' | 'value' | 'check'
+    functions: tuple = ()  # torch / F / operator callables
+    methods: tuple = ()  # Tensor method names
+    aten: tuple = ()  # OpOverloads (torch.export programs)
+    modules: tuple = ()  # nn.Module classes (leaves)
+    batch: Callable | None = None  # node -> reason it mixes the batch, or None
+
+
+def expect_shape(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """x itself, if its sample shape is `shape` (the graph was traced with that shape's concrete sizes)."""
+    if tuple(x.shape[1:]) != shape:
+        raise ConversionError(
+            f"this model was traced with concrete sizes (its forward() does Python arithmetic on x.size()), "
+            f"so it takes inputs [N, {', '.join(map(str, shape))}] as calibrated; got {tuple(x.shape)}: resize the "
+            "input or convert again with calibration data of this shape"
+        )
+    return x
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+OPS: dict[str, Op] = {
+    # ReLU-like activations (activation_clip gives the clip; hardtanh/clamp need min 0)
+    "relu": Op(
+        "activation",
+        (F.relu, torch.relu, F.relu_, torch.relu_),
+        ("relu", "relu_"),
+        (_aten.relu.default, _aten.relu_.default),
+        (nn.ReLU, QCFS),
+    ),
+    "relu6": Op("activation", (F.relu6,), (), (), (nn.ReLU6,)),
+    "hardtanh": Op(
+        "activation", (F.hardtanh, F.hardtanh_), (), (_aten.hardtanh.default, _aten.hardtanh_.default), (nn.Hardtanh,)
+    ),
+    "clamp": Op(
+        "activation",
+        (torch.clamp, torch.clip, torch.clamp_min),
+        ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"),
+        (_aten.clamp.default, _aten.clamp_min.default),
+    ),
+    "max_pool": Op(
+        "maxpool",
+        (F.max_pool1d, F.max_pool2d, F.max_pool3d),
+        (),
+        (_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_pool3d.default),
+        MAXPOOL_MODULES,
+    ),
+    # linear stateless ops: run once over the time-folded batch
+    "conv": Op(
+        "linear",
+        (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
+        (),
+        (_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.convolution.default),
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    ),
+    "linear": Op("linear", (F.linear,), (), (_aten.linear.default,), (nn.Linear,)),
+    "batch_norm": Op("linear", (F.batch_norm,), (), (_aten.batch_norm.default,), BATCHNORM),
+    "avg_pool": Op(
+        "linear",
+        (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
+        (),
+        (
+            _aten.avg_pool1d.default,
+            _aten.avg_pool2d.default,
+            _aten.avg_pool3d.default,
+            _aten.adaptive_avg_pool1d.default,
+            _aten.adaptive_avg_pool2d.default,
+            _aten.adaptive_avg_pool3d.default,
+        ),
+        (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+    ),
+    "upsample": Op(  # nearest picks, bilinear averages: both linear, per sample
+        "linear",
+        (F.interpolate, F.upsample, getattr(F, "upsample_nearest", F.interpolate), F.upsample_bilinear),
+        (),
+        (
+            _aten.upsample_nearest1d.vec,
+            _aten.upsample_nearest2d.vec,
+            _aten.upsample_nearest3d.vec,
+            _aten.upsample_bilinear2d.vec,
+            _aten.upsample_linear1d.vec,
+            _aten.upsample_trilinear3d.vec,
+            _aten.upsample_bicubic2d.vec,
+        ),
+        (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+    ),
+    "identity": Op(
+        "linear",
+        (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, expect_shape),
+        ("contiguous", "clone", "detach", "float", "type_as", "to"),
+        (_aten.dropout.default, _aten.clone.default, _aten.contiguous.default, _aten.alias.default),
+        (nn.Identity, *_DROPOUTS),
+    ),
+    "pad": Op(
+        "linear",
+        (F.pad,),
+        (),
+        (_aten.pad.default, _aten.constant_pad_nd.default),
+        (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d),
+        _pad_rule,
+    ),
+    "add": Op(
+        "linear",
+        (torch.add, torch.sub, operator.add, operator.sub, operator.iadd, operator.isub, operator.neg, torch.neg),
+        ("add", "add_", "sub", "sub_", "neg", "__add__", "__radd__", "__sub__"),
+        (_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor, _aten.neg.default),
+    ),
+    "mul": Op(  # linear when at most one factor carries the batch (scaling by constants or parameters)
+        "linear",
+        (operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div),
+        ("mul", "mul_", "div", "div_", "__mul__", "__rmul__", "__truediv__"),
+        (_aten.mul.Tensor, _aten.div.Tensor, _aten.mul.Scalar),
+        (),
+        _product_rule,
+    ),
+    "cat": Op(
+        "linear", (torch.cat, torch.concat, torch.stack), (), (_aten.cat.default, _aten.stack.default), (), _cat_rule
+    ),
+    "split": Op(
+        "tensors",
+        (torch.chunk, torch.split, torch.tensor_split, torch.unbind),
+        ("chunk", "split", "tensor_split", "unbind"),
+        (_aten.chunk.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unbind.int),
+        (),
+        lambda node: (
+            "unbind over dim 0 splits the batch; use dim >= 1"
+            if node.target in (torch.unbind, "unbind", _aten.unbind.int) and _arg(node, 1, "dim", 0) == 0
+            else _split_rule(node)
+        ),
+    ),
+    "reshape": Op(  # keep dim 0; sizes taken from the batch are rewritten to the folded batch (passes/)
+        "linear",
+        (torch.flatten, torch.reshape),
+        ("view", "reshape", "flatten", "view_as", "reshape_as", "expand_as", "expand", "unflatten"),
+        (_aten.view.default, _aten.reshape.default, _aten.flatten.using_ints, _aten._unsafe_view.default),
+        (nn.Flatten, nn.Unflatten),
+        lambda node: (
+            "flatten over dim 0 merges the batch; use start_dim >= 1"
+            if node.target in (torch.flatten, "flatten") and _arg(node, 1, "start_dim", 0) == 0
+            else None
+        ),
+    ),
+    "transpose": Op("linear", (torch.transpose,), ("transpose",), (_aten.transpose.int,), (), _transpose_rule),
+    "permute": Op("linear", (torch.permute,), ("permute",), (_aten.permute.default,), (), _permute_rule),
+    "squeeze": Op(
+        "linear",
+        (torch.squeeze, torch.unsqueeze),
+        ("squeeze", "unsqueeze"),
+        (_aten.squeeze.dim, _aten.unsqueeze.default),
+        (),
+        _squeeze_rule,
+    ),
+    "shuffle": Op(
+        "linear",
+        (
+            torch.channel_shuffle,
+            getattr(F, "channel_shuffle", torch.channel_shuffle),
+            F.pixel_shuffle,
+            F.pixel_unshuffle,
+        ),
+        (),
+        (_aten.channel_shuffle.default, _aten.pixel_shuffle.default),
+        (nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle),
+    ),
+    "mean": Op(
+        "linear",
+        (torch.mean, torch.sum),
+        ("mean", "sum"),
+        (_aten.mean.dim, _aten.sum.dim_IntList),
+        (),
+        _keeps_dim0("mean/sum"),
+    ),
+    "index": Op(
+        "linear",
+        (operator.getitem,),
+        ("__getitem__",),
+        (_aten.slice.Tensor, _aten.select.int),
+        (),
+        lambda node: _slice_rule(node) if isinstance(node.target, torch._ops.OpOverload) else _getitem_rule(node),
+    ),
+    # shape arithmetic: sizes, dims, numbers
+    "size": Op("value", (), ("size", "dim", "numel", "__len__"), (_aten.sym_size.int,)),
+    # shape checks: they check the ANN's shapes, the T*N batch inside the SNN differs; dropped
+    "assert": Op(
+        "check",
+        (torch._assert, getattr(torch, "_assert_async", torch._assert), torch._check),
+        (),
+        tuple(getattr(_aten, n).default for n in ("_assert_async", "_assert_scalar") if hasattr(_aten, n)),
+    ),
 }
-_ACT_FUNCTIONS |= {
-    _aten.relu.default,
-    _aten.relu_.default,
-    _aten.hardtanh.default,
-    _aten.hardtanh_.default,
-    _aten.clamp.default,
-    _aten.clamp_min.default,
-}
-_MAXPOOL_FUNCTIONS |= {_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_pool3d.default}
-_VALUE_FUNCTIONS = {_aten.sym_size.int}
+_BY_TARGET: dict = {}
+_BY_METHOD: dict[str, str] = {}
+for _name, _op in OPS.items():
+    for _t in _op.functions + _op.aten:
+        _BY_TARGET.setdefault(_t, _name)
+    for _m in _op.methods:
+        _BY_METHOD.setdefault(_m, _name)
+_MODULE_OPS = [(op.modules, name) for name, op in OPS.items() if op.modules]
+
+
+def op_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """The registry name of the op a node calls, or None if unknown."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return next((name for classes, name in _MODULE_OPS if isinstance(m, classes)), None)
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    if node.op == "call_function":
+        try:
+            return _BY_TARGET.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
 
 _HINTS = {
     "sigmoid": "sigmoid is not a ReLU-like activation: integrate-and-fire neurons cannot represent it",
@@ -189,11 +351,17 @@ _HINTS = {
     "model (argmax is unchanged) and apply it to snn(x) afterwards",
     "layer_norm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
     "layernorm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
-    "mul": "product of two time-varying tensors (gating): a spiking network cannot multiply rates",
+    "group_norm": "GroupNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
+    "groupnorm": "GroupNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
     "leaky": "LeakyReLU passes negative values: use nn.ReLU",
+    "leaky_relu": "LeakyReLU passes negative values: use nn.ReLU",
+    "leakyrelu": "LeakyReLU passes negative values: use nn.ReLU",
     "elu": "ELU passes negative values: use nn.ReLU",
     "maxpool": "max pooling with return_indices or dilation is not supported",
 }
+
+
+# ---- tracing
 
 
 class _Tracer(fx.Tracer):
@@ -208,6 +376,114 @@ class _Tracer(fx.Tracer):
         return isinstance(m, QCFS) or super().is_leaf_module(m, qualname)
 
 
+class _ShapeProxy(fx.Proxy):
+    """A proxy that knows its concrete value: sizes are plain ints, except the batch dim of batched tensors."""
+
+    def _value(self):
+        return self.tracer.values[self.node]
+
+    def _batched(self) -> bool:
+        return self.tracer.batched[self.node]
+
+    def size(self, dim=None):
+        v = self._value()
+        if dim is None:
+            return self.shape
+        if dim % v.dim() == 0 and self._batched():
+            return self.tracer.create_proxy("call_method", "size", (self, 0), {})
+        return v.size(dim)
+
+    @property
+    def shape(self):
+        v = self._value()
+        return (self.size(0), *v.shape[1:]) if self._batched() else v.shape
+
+    def dim(self):
+        return self._value().dim()
+
+    @property
+    def ndim(self):
+        return self._value().dim()
+
+    @property
+    def dtype(self):
+        return self._value().dtype
+
+    @property
+    def device(self):
+        return self._value().device
+
+    @property
+    def is_cuda(self):
+        return self._value().is_cuda
+
+    def numel(self):
+        return (
+            self.tracer.create_proxy("call_method", "numel", (self,), {}) if self._batched() else self._value().numel()
+        )
+
+    def __len__(self):
+        if self._batched():
+            raise fx.proxy.TraceError("len() of a batch-carrying tensor depends on the batch size")
+        return len(self._value())
+
+
+@contextlib.contextmanager
+def _untraced():
+    """Run real modules while fx's tracing patches (module call and attribute access) are in place."""
+    from torch.fx import _symbolic_trace as st
+
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = st._orig_module_call, st._orig_module_getattr
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+
+
+class _ShapeTracer(_Tracer):
+    """Tracing with concrete values alongside (one real forward pass on `example`): sizes are concrete, so
+    Python arithmetic and control flow on them runs, except on the batch size, which stays symbolic."""
+
+    def __init__(self, example: torch.Tensor):
+        super().__init__()
+        self.example, self.values, self.batched = example, {}, {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        n = p.node
+        if n not in self.values:
+            self.values[n], self.batched[n] = self._run(n)
+        return p
+
+    def _value(self, a: fx.Node):
+        if a not in self.values:  # constants fx registered itself (get_attr nodes made without a proxy)
+            self.values[a], self.batched[a] = self._run(a)
+        return self.values[a]
+
+    def _run(self, n: fx.Node):
+        if n.op == "placeholder":
+            first = not any(m.op == "placeholder" for m in self.values)
+            return (self.example, True) if first else ((n.args[0] if n.args else None), False)
+        if n.op == "get_attr":
+            obj = self.root
+            with _untraced():
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+            return obj, False
+        args, kwargs = fx.node.map_arg(n.args, self._value), fx.node.map_arg(n.kwargs, self._value)
+        batched = any(self.batched[a] for a in n.all_input_nodes)
+        with torch.no_grad(), _untraced():
+            if n.op == "call_module":
+                return self.root.get_submodule(n.target)(*args, **kwargs), batched
+            if n.op == "call_method":
+                return getattr(args[0], n.target)(*args[1:], **kwargs), batched
+            return n.target(*args, **kwargs), batched
+
+
 def module_of(gm: fx.GraphModule, node: fx.Node, kind):
     """The module `node` calls if it is a `kind` (a class or tuple of classes), else None."""
     if node.op != "call_module":
@@ -216,27 +492,126 @@ def module_of(gm: fx.GraphModule, node: fx.Node, kind):
     return m if isinstance(m, kind) else None
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace `model`; a failure becomes a ConversionError naming the user's source line."""
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """Trace `model` symbolically; if that fails and `example` (one input batch) is given, trace again with
+    concrete shapes. Shape checks (torch._assert) leave the graph. A failure becomes a ConversionError naming
+    the user's source line."""
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:
-        where = frame_of(exc)
-        fix = (
-            "move data-dependent Python control flow (if/for on tensor values) out of forward(), "
-            "or into a submodule that contains no activation and mark it a leaf"
-        )
-        raise ConversionError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}\n  at {where}\n  fix: {fix}"
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if example is None:
+            raise _trace_error(model, exc) from exc
+        try:
+            tracer = _ShapeTracer(example[:2])
+            graph = tracer.trace(model)
+        except Exception:
+            raise _trace_error(model, exc) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["snn_concrete_shapes"] = isinstance(tracer, _ShapeTracer)
+    if isinstance(tracer, _ShapeTracer):  # sizes other than the batch are baked in: check the input's
+        x = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(x):
+            guard = graph.call_function(expect_shape, (x, tuple(example.shape[1:])))
+        x.replace_all_uses_with(guard, delete_user_cb=lambda u: u is not guard)
+    _drop_checks(gm)
+    return gm
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+def _trace_error(model, exc) -> ConversionError:
+    where = frame_of(exc)
+    fix = (
+        "move data-dependent Python control flow (if/for on tensor values) out of forward(), "
+        "or into a submodule that contains no activation and mark it a leaf"
+    )
+    return ConversionError(
+        f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}\n  at {where}\n  fix: {fix}"
+    )
+
+
+_PURE = {
+    getattr,
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    operator.not_,
+    operator.getitem,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.floordiv,
+    operator.truediv,
+    operator.mod,
+}
+
+
+def _drop_checks(gm: fx.GraphModule) -> None:
+    """Remove shape checks (torch._assert and friends), then the size arithmetic nothing reads any more."""
+    for node in list(gm.graph.nodes):
+        if op_of(node, gm) == "assert":
+            gm.graph.erase_node(node)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            pure = op_of(node, gm) == "size" or (node.op == "call_function" and node.target in _PURE)
+            if pure and not node.users:
+                gm.graph.erase_node(node)
+                changed = True
+    gm.recompile()
+
+
+# ---- per-node facts
+
+
+def _record(out, out2, n: int):
+    """(shape, batched, batch_value) of one node's value for batch n (out) and batch n + 1 (out2)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape), tuple(out.shape) != tuple(out2.shape), None
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return tuple(tuple(o.shape) for o in out), any(o.shape != p.shape for o, p in zip(out, out2)), None
+    if isinstance(out, int) and not isinstance(out, bool):
+        if out == out2:
+            return None, False, None
+        return None, True, "int" if (out, out2) == (n, n + 1) else "other"
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, int) for o in out):
+        if tuple(out) == tuple(out2):
+            return None, False, None
+        same_rest = len(out) == len(out2) and tuple(out[1:]) == tuple(out2[1:])
+        return None, True, "size" if same_rest and (out[0], out2[0]) == (n, n + 1) else "other"
+    return None, False, None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.outs = {}
+
+    def run_node(self, node):
+        self.outs[node] = out = super().run_node(node)
+        return out
+
+
+def record_facts(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run the graph on batches of 2 and 3 copies of the example's first sample; record snn_shape,
+    snn_batched, snn_batch_value in node.meta."""
+    runs = []
+    for n in (2, 3):
+        rec = _Recorder(gm)
+        with torch.no_grad():
+            rec.run(example[:1].expand(n, *example.shape[1:]).clone())
+        runs.append(rec.outs)
+    for node in gm.graph.nodes:
+        if node.op == "output" or node not in runs[0]:
+            continue
+        shape, batched, value = _record(runs[0][node], runs[1][node], 2)
+        node.meta.update(snn_shape=shape, snn_batched=batched, snn_batch_value=value)
+
+
+# ---- classification
 
 
 def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | None]:
@@ -250,25 +625,17 @@ def activation_clip(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, float | No
         if isinstance(m, nn.Hardtanh):
             return m.min_val == 0, float(m.max_val)
         return isinstance(m, nn.ReLU), None
-    if node.target in (
-        F.relu,
-        torch.relu,
-        F.relu_,
-        torch.relu_,
-        "relu",
-        "relu_",
-        _aten.relu.default,
-        _aten.relu_.default,
-    ):
+    op = op_of(node, gm)
+    if op == "relu":
         return True, None
-    if node.target is F.relu6:
+    if op == "relu6":
         return True, 6.0
-    if node.target in (F.hardtanh, F.hardtanh_, _aten.hardtanh.default, _aten.hardtanh_.default):
+    if op == "hardtanh":
         lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
         return lo == 0, hi
     if node.target in (torch.clamp_min, "clamp_min", "clamp_min_", _aten.clamp_min.default):
         return _arg(node, 1, "min") == 0, None
-    if node.target in (torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clip_", _aten.clamp.default):
+    if op == "clamp":
         lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
         return lo == 0 and (hi is None or isinstance(hi, (int, float))), hi
     return False, None
@@ -279,8 +646,11 @@ def _plain_pool(return_indices, dilation) -> bool:
     return not return_indices and all(d == 1 for d in dilation)
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if a.meta.get("snn_kind") != "value"]
+def _batched(node: fx.Node) -> bool:
+    """Does this node carry the batch? From the recorded facts; without them, any tensor not a parameter."""
+    if "snn_batched" in node.meta:
+        return bool(node.meta["snn_batched"])
+    return node.op != "get_attr" and node.meta.get("snn_kind") not in ("value", "constant")
 
 
 def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
@@ -288,84 +658,72 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     if node.op in ("placeholder", "get_attr", "output"):
         return "linear", ""
     t = node.target
-    if node.op == "call_module":
-        m = gm.get_submodule(t)
-        name = type(m).__name__
-        if isinstance(m, _ACT_MODULES):
-            ok, _ = activation_clip(node, gm)
-            return ("activation", "") if ok else (None, f"{name} with min_val != 0 takes negative values")
-        if isinstance(m, MAXPOOL_MODULES):
-            return ("maxpool", "") if _plain_pool(m.return_indices, m.dilation) else (None, _HINTS["maxpool"])
-        if isinstance(m, _LINEAR_MODULES):
-            return "linear", ""
-        hint = _HINTS.get(name.lower())
-        return None, f"{name}: {hint}" if hint else f"module type {name} has no spiking equivalent"
-    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-    tensor_inputs = _tensor_args(node)
-    if node.op == "call_method" and t in _VALUE_METHODS:
+    ins = node.all_input_nodes
+    if "snn_batched" in node.meta and not any(_batched(a) for a in ins) and node.op != "call_module":
+        return "constant", ""  # reads no batch-carrying tensor (parameters, constants): step-invariant
+    if node.op == "call_function" and t is getattr:
         return "value", ""
-    if node.op == "call_function" and t is getattr and node.args[1] in ("shape", "ndim", "dtype", "device"):
+    name = op_of(node, gm)
+    op = OPS.get(name)
+    if op is not None and op.kind == "value":
         return "value", ""
-    if t in _VALUE_FUNCTIONS:
-        return "value", ""
-    if not tensor_inputs and node.op == "call_function" and t.__module__ in ("_operator", "operator"):
-        return "value", ""
-    if t in _ACT_FUNCTIONS or t in _ACT_METHODS:
+    if node.op == "call_function" and getattr(t, "__module__", None) in ("_operator", "operator", "math"):
+        if all(a.meta.get("snn_kind") == "value" for a in ins):
+            return "value", ""
+    for a in _flat_args(node):
+        if isinstance(a, fx.Node) and a.meta.get("snn_batch_value") == "other":
+            return None, f"a size computed from the batch size ({a.name}) cannot follow the time-folded batch"
+    if op is None:
+        if node.op == "call_module":
+            m = gm.get_submodule(t)
+            hint = _HINTS.get(type(m).__name__.lower())
+            return (
+                None,
+                f"{type(m).__name__}: {hint}" if hint else f"module type {type(m).__name__} has no spiking equivalent",
+            )
+        label = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        key = str(label).lower().strip("_")
+        return None, _HINTS.get(key, f"op {label} has no spiking equivalent")
+    if op.kind == "activation":
         ok, _ = activation_clip(node, gm)
-        return ("activation", "") if ok else (None, "clamp/hardtanh must have min=0 and a constant max")
-    if t in _MAXPOOL_FUNCTIONS:
-        ok = _plain_pool(_arg(node, 6, "return_indices", False), _arg(node, 4, "dilation", 1))
+        why = (
+            f"{type(gm.get_submodule(t)).__name__} with min_val != 0 takes negative values"
+            if node.op == "call_module"
+            else "clamp/hardtanh must have min=0 and a constant max"
+        )
+        return ("activation", "") if ok else (None, why)
+    if op.kind == "maxpool":
+        if node.op == "call_module":
+            m = gm.get_submodule(t)
+            ok = _plain_pool(m.return_indices, m.dilation)
+        else:
+            ok = _plain_pool(_arg(node, 6, "return_indices", False), _arg(node, 4, "dilation", 1))
         return ("maxpool", "") if ok else (None, _HINTS["maxpool"])
-    if (
-        t in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", _aten.mul.Tensor, _aten.div.Tensor)
-        and len(tensor_inputs) > 1
+    if op.kind == "check":
+        return "value", ""
+    if name == "mean" and _arg(node, 1, "dim") is None:
+        return None, "mean over the batch dimension (or over all dims) mixes samples; give dim=(2, 3)"
+    if op.batch is not None and node.op != "call_module" and (why := op.batch(node)) is not None:
+        return None, why
+    if name == "reshape" and any(
+        isinstance(a, fx.Node) and a.meta.get("snn_batch_value") in ("int", "size") for a in _flat_args(node)
     ):
-        return None, _HINTS["mul"]
-    if t in (torch.mean, "mean", _aten.mean.dim):
-        dims = _arg(node, 1, "dim")
-        dims = (dims,) if isinstance(dims, int) else dims
-        if dims is None or 0 in dims:
-            return None, "mean over the batch dimension (or over all dims) mixes samples; give dim=(2, 3)"
-    if t in _LINEAR_FUNCTIONS or t in _LINEAR_METHODS:
-        why = _touches_batch(node)
-        if why is not None:
-            return None, why
-        tuples = (torch.chunk, torch.split, "chunk", "split", _aten.chunk.default, _aten.split.Tensor)
-        return ("tensors", "") if t in tuples else ("linear", "")
-    key = name.lower().strip("_")
-    return None, _HINTS.get(key, f"op {name} has no spiking equivalent")
+        if not (ins and _batched(node.args[0] if isinstance(node.args[0], fx.Node) else ins[0])):
+            return None, "a tensor built from the batch size of another tensor cannot follow the time-folded batch"
+    return op.kind, ""
 
 
-def _touches_batch(node: fx.Node) -> str | None:
-    """Why a shape op would move or drop the batch dimension (time is folded into it), or None."""
-    t, name = node.target, getattr(node.target, "__name__", node.target)
-    if t in (torch.transpose, "transpose", _aten.transpose.int):
-        if 0 in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")):
-            return f"{name} moves the batch dimension; keep dim 0 in place"
-    elif t in (torch.permute, "permute", _aten.permute.default):
-        dims = node.args[1:] if node.op == "call_method" else node.args[1]
-        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-        if dims and dims[0] != 0:
-            return "permute moves the batch dimension; keep dim 0 first"
-    elif t in (_aten.slice.Tensor, _aten.select.int) and _arg(node, 1, "dim", 0) == 0:
-        return f"{name} indexes the batch dimension; index only dims >= 1"
-    elif t in (torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", _aten.unsqueeze.default, _aten.squeeze.dim):
-        dim = _arg(node, 1, "dim")
-        if dim is None or dim == 0 or (isinstance(dim, (tuple, list)) and 0 in dim):
-            return f"{name} without a non-batch dim may add or drop the batch dimension; give dim >= 1"
-    elif t in (operator.getitem, "__getitem__") and node.meta.get("snn_kind") != "value":
-        index = node.args[1]
-        first = index[0] if isinstance(index, tuple) and index else index
-        src = node.args[0]
-        if isinstance(src, fx.Node) and src.meta.get("snn_kind") == "tensors":
-            return None
-        if not (first is Ellipsis or (isinstance(first, slice) and first == slice(None))):
-            return "indexing the batch dimension picks samples; index only dims >= 1 (x[:, ...])"
-    return None
+def _flat_args(node: fx.Node) -> list:
+    out = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: out.append(a))
+    return out
 
 
-def annotate(gm: fx.GraphModule) -> fx.GraphModule:
-    """Set node.meta['snn_kind'] on every node; raise one ConversionError listing every unsupported op."""
+def annotate(gm: fx.GraphModule, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """Record facts (if `example` is given) and set node.meta['snn_kind'] on every node; raise one
+    ConversionError listing every unsupported op."""
+    if example is not None:
+        record_facts(gm, example)
     problems, counts = [], {}
     for node in gm.graph.nodes:
         kind, reason = _classify(node, gm)
@@ -385,6 +743,6 @@ def annotate(gm: fx.GraphModule) -> fx.GraphModule:
             f"{type(gm).__name__}: {len(problems)} op(s) cannot be converted to a spiking network ({summary}):\n"
             + "\n".join(problems)
             + "\n  fix: replace them with supported ops (ReLU-like activations, conv/linear/BN, "
-            "avg/max pooling, add, cat, flatten/view) or retrain without them"
+            "avg/max pooling, upsampling, add, cat, flatten/view) or retrain without them"
         )
     return gm

@@ -133,10 +133,12 @@ def hostile_sources(d):
         ("pretrained download", {"factory": "torchvision.models:resnet18", "kwargs": {"weights": "DEFAULT"}}),
         ("hub model name", {"factory": "timm:create_model", "kwargs": {"model_name": "hf-hub:evil/net"}}),
         ("checkpoint path", {"factory": "timm:create_model", "kwargs": {"checkpoint_path": "/etc/passwd"}}),
+        ("download method", {"factory": "efficientnet_lite_pytorch:EfficientNet.from_pretrained", "kwargs": {}}),
+        ("dunder chain", {"factory": "torchvision.models:resnet18.__globals__", "kwargs": {}}),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_hostile_factory_never_runs(work, capsys, index):
     d, _ = work
     name, source = hostile_sources(d)[index]
@@ -258,6 +260,13 @@ def _pt2(d, mp):
     (d / "m.pt2").unlink()
 
 
+def _huge_npy(d, mp):
+    """A .npy whose header declares 238 GiB of float32 over a 64-byte payload."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 1, 8, 8), }"
+    header += " " * (63 - len(header) % 64) + "\n"
+    (d / "huge.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64))
+
+
 CONV = ["convert", "badnets:tiny", "--weights", "w.pth"]
 OUT = ["-o", "out.safetensors"]
 GOOD = ["--calib", "calib.npy", *OUT]
@@ -308,6 +317,27 @@ CASES = [
         ["-o calib.npy", "also an input"],
     ),
     ("output is the weights", None, [*CONV, "--calib", "calib.npy", "-o", "./w.pth"], "convert", ["also an input"]),
+    (
+        "output hard-linked to an input",
+        lambda d, mp: os.link(d / "calib.npy", d / "hard.npy"),
+        [*CONV, "--calib", "calib.npy", "-o", "hard.npy"],
+        "convert",
+        ["-o hard.npy", "also an input"],
+    ),
+    (
+        "output symlinked to an input",
+        lambda d, mp: os.symlink("w.pth", d / "link.pth"),
+        [*CONV, "--calib", "calib.npy", "-o", "link.pth"],
+        "convert",
+        ["-o link.pth", "also an input"],
+    ),
+    (
+        "npy header larger than the file",
+        _huge_npy,
+        [*CONV, "--calib", "huge.npy", *OUT],
+        "convert",
+        ["huge.npy", "header declares", "truncated or corrupt"],
+    ),
     (
         "output folder missing",
         None,
@@ -493,6 +523,21 @@ CASES = [
     ),
     ("T zero on run", None, [*RUN, "--data", "test.pt", "--T", "0"], "run", ["--T must be a positive integer"]),
     ("T negative on run", None, [*RUN, "--data", "test.pt", "--T", "-2"], "run", ["--T must be a positive integer"]),
+    (
+        "T too large for memory",
+        None,
+        [*RUN, "--data", "test.pt", "--T", "1000000000"],
+        "run",
+        ["--T 1000000000", "GiB"],
+    ),
+    (
+        "memory budget nan",
+        None,
+        [*RUN, "--data", "test.pt", "--memory-budget-mb", "nan"],
+        "run",
+        ["--memory-budget-mb must be"],
+    ),
+    ("resize zero", None, [*RUN, "--data", "test.pt", "--resize", "0"], "run", ["--resize"]),
     ("batch zero", None, [*RUN, "--data", "test.pt", "--batch", "0"], "run", ["--batch must be"]),
     ("limit zero", None, [*RUN, "--data", "test.pt", "--limit", "0"], "run", ["--limit must be"]),
     (
@@ -595,6 +640,13 @@ CASES = [
     (
         "conversion not JSON",
         _tamper(lambda m: m.update(conversion="{not json")),
+        TRUN,
+        "run",
+        ["t.safetensors", "corrupt checkpoint metadata"],
+    ),
+    (
+        "metadata nested too deep",
+        _tamper(lambda m: m.update(conversion="[" * 100000 + "]" * 100000)),
         TRUN,
         "run",
         ["t.safetensors", "corrupt checkpoint metadata"],
@@ -708,10 +760,6 @@ def test_bad_input(work, capfd, monkeypatch, case):
         assert f in err[0], (name, f, err[0])
     assert snapshot(d) == before, f"{name} changed files: {set(snapshot(d).items()) ^ set(before.items())}"
     assert not list(d.rglob("*.tmp")), name
-
-
-def test_case_count():
-    assert len(CASES) >= 60
 
 
 # ---------------------------------------------------------------------------------------------------------

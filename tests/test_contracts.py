@@ -15,7 +15,8 @@ ALL = passes.PREPARE + passes.LOWER
 
 
 def _graph():
-    gm = annotate(trace(randomize_bn(ResCatNet())))
+    x = torch.rand(2, 3, 16, 16)
+    gm = annotate(trace(randomize_bn(ResCatNet()), x), x)
     return gm, Settings(input_ndim=4, input_shape=(3, 16, 16))
 
 
@@ -48,6 +49,7 @@ def test_converted_graph_carries_every_fact_of_its_passes():
     snn = snnconv.convert(randomize_bn(ResCatNet()), T=2, calib=torch.rand(4, 3, 16, 16), passes=[])
     assert passes.facts(snn.graph_module) == {
         "ops_classified",
+        "batch_sizes_folded",
         "identities_removed",
         "neurons_lowered",
         "maxpool_on_currents",
@@ -66,7 +68,7 @@ def test_pipeline_order_is_checked_before_running():
     check_order([*prepared, p["channels_last"], p["integer_spikes"]])
     # the runner checks the enabled passes against the facts the graph already has
     gm, settings = _graph()
-    with pytest.raises(ConversionError, match=r"remove_identity needs \['ops_classified'\]"):
+    with pytest.raises(ConversionError, match=r"fold_batch_sizes needs \['ops_classified'\]"):
         passes.run(passes.PREPARE, gm, settings)
 
 

@@ -1,9 +1,16 @@
-"""The integer_spikes pass: convolutions over binary spikes as int8 convolutions (runtime/int8.py).
+"""The integer_spikes pass: convolutions over binary spikes as int8 ops (runtime/integer_spikes.py).
 
-The weight arithmetic is checked everywhere against float64; the oneDNN part where oneDNN's int8
-convolution is exact on this CPU (VNNI), against float64 convolutions and the float32 SNN."""
+Every test runs on every machine: each int8 mode runs through oneDNN where its op is exact here ('vnni'
+needs VNNI, 'binary' AVX2 or better), else emulated (the same integers, layouts and scales, multiplied in
+float64), so weight splitting, packing and layouts are checked everywhere; the oneDNN ops themselves are
+checked against the emulation wherever they are exact, and the AVX2 kernels (no VNNI) by capping oneDNN's
+instruction set in a subprocess."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,9 +24,8 @@ from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import Call, running
 from snnconv.runtime.modules import Neuron, NeuronConfig
 
-needs_int8 = pytest.mark.skipif(
-    not int8.available(), reason="oneDNN int8 convolution missing or inexact here (no VNNI)"
-)
+# each layout through oneDNN where exact here, else emulated: never a skip
+MODES = [m if int8.exact(m) else f"{m}-emulated" for m in ("vnni", "binary")]
 FLOAT32_PASSES = sorted(passes.OPTIONAL - {"integer_spikes"})
 
 
@@ -70,10 +76,10 @@ def test_supports_linear_and_plain_wide_kernels():
     assert not int8.supports(nn.Conv1d(4, 8, 3))
 
 
-def _spike_layer(conv: nn.Module, theta: torch.Tensor) -> int8.SpikeLayer:
+def _spike_layer(conv: nn.Module, theta: torch.Tensor, mode: str = MODES[0]) -> int8.SpikeLayer:
     neuron = Neuron(NeuronConfig())
     neuron.threshold = theta
-    return int8.SpikeLayer(conv, neuron, ("conv", "neuron"))
+    return int8.SpikeLayer(conv, neuron, ("conv", "neuron"), mode)
 
 
 def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +88,13 @@ def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
 
 
-@needs_int8
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch):
+    """Each int8 layout, as the pass would pick it ($SNNCONV_INT8)."""
+    monkeypatch.setenv(int8.ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "geometry",
     [
@@ -92,7 +104,7 @@ def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dict(kernel_size=(1, 3), padding=(0, 1), bias=False),
     ],
 )
-def test_spike_conv_within_its_error_bound(geometry):
+def test_spike_conv_within_its_error_bound(geometry, mode):
     """Against float64: each output is off by at most (active inputs) x s/2 (the weights' rounding)
     plus float32 rounding of the result."""
     torch.manual_seed(0)
@@ -100,7 +112,7 @@ def test_spike_conv_within_its_error_bound(geometry):
     theta = torch.rand(24) + 0.2
     x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = _spiking(_spike_layer(conv, theta), x)
+    out = _spiking(_spike_layer(conv, theta, mode), x)
     ref = F.conv2d(
         x.double(),
         conv.weight.double(),
@@ -124,14 +136,13 @@ def test_spike_conv_within_its_error_bound(geometry):
     assert not torch.equal(out.double(), ref)  # it is the int8 path, not a float32 fallback
 
 
-@needs_int8
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])
-def test_spike_linear_within_its_error_bound(lead):
+def test_spike_linear_within_its_error_bound(lead, mode):
     torch.manual_seed(0)
     lin = nn.Linear(40, 12)
     theta = torch.rand(40) + 0.2
     x = (torch.rand(*lead, 40) < 0.3).float() * theta
-    out = _spiking(_spike_layer(lin, theta), x)
+    out = _spiking(_spike_layer(lin, theta, mode), x)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
     bound = (x != 0).double().sum(-1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
@@ -139,12 +150,11 @@ def test_spike_linear_within_its_error_bound(lead):
     assert not torch.equal(out.double(), ref)
 
 
-@needs_int8
-def test_spike_conv_follows_new_weights_and_thresholds():
+def test_spike_conv_follows_new_weights_and_thresholds(mode):
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1)
     theta = torch.rand(8) + 0.5
-    sc = _spike_layer(conv, theta)
+    sc = _spike_layer(conv, theta, mode)
     x = (torch.rand(4, 8, 6, 6) < 0.5).float()
     for step in range(3):
         th = sc._neuron.threshold
@@ -168,12 +178,90 @@ def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
     assert list(sc.state_dict()) == []
 
 
+def _layer_pair(mode: str, geometry: dict | None):
+    """A conv (geometry) or linear layer (None) in `mode` and in its emulation, with spikes for both."""
+    torch.manual_seed(3)
+    theta = torch.rand(24) + 0.2
+    if geometry is None:
+        layer, x = nn.Linear(24, 40), (torch.rand(20, 24) < 0.3).float() * theta
+    else:
+        layer = nn.Conv2d(24, 40, **{"kernel_size": 3, **geometry})
+        x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _spike_layer(layer, theta, mode), _spike_layer(layer, theta, f"{mode}-emulated"), x
+
+
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None])
+def test_onednn_ops_match_their_emulation(geometry):
+    """Where oneDNN's op is exact its integer sums are the emulation's: the outputs differ only by the
+    float32 rounding of scale * sum (+ the other half, + bias)."""
+    modes = [m for m in ("vnni", "binary") if int8.exact(m)]
+    assert modes or not _x86(), "u8 x s8 on 0/1 inputs is exact on every x86 CPU with oneDNN (AVX2's int16 sums)"
+    for mode in modes:
+        fast, emulated, x = _layer_pair(mode, geometry)
+        a, b = _spiking(fast, x), _spiking(emulated, x)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item()), mode
+
+
+def _x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+_NO_VNNI = """
+import json, torch, snnconv
+from snnconv.runtime import integer_spikes as int8
+import test_integer_spikes as t
+out = {"vnni": int8.exact("vnni"), "binary": int8.exact("binary"), "diff": []}
+if out["binary"]:
+    for geometry in (dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None):
+        fast, emulated, x = t._layer_pair("binary", geometry)
+        a, b = t._spiking(fast, x), t._spiking(emulated, x)
+        out["diff"].append(((a - b).abs().max() / b.abs().max()).item())
+try:
+    import os
+    os.environ[int8.ENV] = "vnni"
+    int8.mode()
+    out["forced"] = "accepted"
+except snnconv.ConversionError as exc:
+    out["forced"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_integer_paths_without_vnni():
+    """oneDNN capped at AVX2 (no VNNI) in a fresh process, as on such a CPU: the probe finds 'vnni'
+    inexact and refuses to force it, while 'binary' is exact and equals its emulation."""
+    if not _x86():
+        pytest.xfail("ONEDNN_MAX_CPU_ISA caps x86 instruction sets only")  # pragma: no cover
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.path.dirname(__file__)}
+    env.pop(int8.ENV, None)
+    proc = subprocess.run([sys.executable, "-c", _NO_VNNI], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["vnni"] is False and out["binary"] is True, out
+    assert len(out["diff"]) == 3 and max(out["diff"]) < 1e-6, out
+    assert "not exact" in out["forced"] and "SNNCONV_INT8" in out["forced"], out
+
+
+def test_int8_mode_setting(monkeypatch):
+    monkeypatch.setenv(int8.ENV, "off")
+    assert int8.mode() is None
+    monkeypatch.setenv(int8.ENV, "binary-emulated")
+    assert int8.mode() == "binary-emulated"
+    snn = snnconv.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
+    assert [m.mode for m in snn.modules() if isinstance(m, int8.SpikeLayer)] == ["binary-emulated"]
+    monkeypatch.setenv(int8.ENV, "avx9")
+    with pytest.raises(snnconv.ConversionError, match="SNNCONV_INT8='avx9'"):
+        snnconv.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
+
+
 def _float_and_int8(ann, calib):
     return (snnconv.convert(ann, T=6, calib=calib, passes=FLOAT32_PASSES), snnconv.convert(ann, T=6, calib=calib))
 
 
-@needs_int8
-def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
+def test_integer_spikes_pass_keeps_spikes_outputs_and_keys(mode):
     """Same network, float32 with and without the pass: every spike train nearly identical, outputs
     within float tolerance of the layer scale, keys the ANN's."""
     torch.manual_seed(0)
@@ -182,7 +270,9 @@ def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
     plain, fast = _float_and_int8(ann, calib)
     assert list(fast.state_dict()) == list(plain.state_dict()) == list(ann.state_dict())
     convs = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
-    assert len(convs) == 3  # a1, a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input, fc a cat
+    assert [m.mode for m in convs] == [
+        mode
+    ] * 3  # a1, a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input, fc a cat
     assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
     y_plain, s_plain = record_spikes(plain, lambda: plain(x, per_step=True))
     y_fast, s_fast = record_spikes(fast, lambda: fast(x, per_step=True))
@@ -194,8 +284,7 @@ def test_integer_spikes_pass_keeps_spikes_outputs_and_keys():
     assert (y_fast.argmax(1) == y_plain.argmax(1)).all()
 
 
-@needs_int8
-def test_integer_spikes_step_modes_and_chunks_agree():
+def test_integer_spikes_step_modes_and_chunks_agree(mode):
     """Integer sums do not depend on how the batch is grouped: with every layer after the stem in int8,
     the spikes and outputs of 's', 'm' and chunked runs are identical."""
     torch.manual_seed(0)
@@ -225,10 +314,29 @@ def test_integer_spikes_step_modes_and_chunks_agree():
         for n, spikes in runs["m"][1].items():
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
         assert torch.equal(runs[tag][0], runs["m"][0])
+    # the head reads the 8x8 channels-last map in its own order (weights permuted), not a flattened copy
+    snn = snnconv.convert(ann, T=6, calib=x)
+    head = [m for m in snn.modules() if isinstance(m, int8.SpikeLayer) and m.flatten]
+    assert len(head) == 1 and "flatten" not in snn.graph_module.code
 
 
-@needs_int8
-def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels():
+def test_flattening_linear_reads_either_layout(mode):
+    """A linear layer on flatten(spikes [N, C, H, W], 1): the same result from an NCHW and a channels-last
+    map (read in its memory order against permuted weights), within the weights' rounding bound."""
+    torch.manual_seed(0)
+    lin, theta = nn.Linear(8 * 6 * 5, 10), torch.rand(8) + 0.2
+    x = (torch.rand(12, 8, 6, 5) < 0.3).float() * theta.view(1, -1, 1, 1)
+    ref = F.linear(x.double().flatten(1), lin.weight.double(), lin.bias.double())
+    _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
+    bound = (x != 0).double().flatten(1).sum(1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
+    layer = int8.SpikeLayer(lin, _spike_layer(lin, theta)._neuron, ("lin", "neuron"), mode, flatten=True)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = _spiking(layer, xin)
+        assert out.shape == ref.shape and torch.all((out.double() - ref).abs() <= bound)
+    assert layer._cache[0][-1] == (8, 6, 5)  # the last call read H, W, C order
+
+
+def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels(mode):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
     x = torch.rand(32, 64)
@@ -245,8 +353,7 @@ def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels():
     assert torch.equal(snn(x3), snnconv.convert(seq, T=4, calib=x3, passes=FLOAT32_PASSES)(x3))
 
 
-@needs_int8
-def test_converted_model_deep_copies_after_running():
+def test_converted_model_deep_copies_after_running(mode):
     torch.manual_seed(0)
     snn = snnconv.convert(randomize_bn(ResCatNet(c=16)), T=4, calib=torch.rand(8, 3, 16, 16))
     x = torch.rand(4, 3, 16, 16)
@@ -256,8 +363,7 @@ def test_converted_model_deep_copies_after_running():
     assert torch.equal(other(x), y)
 
 
-@needs_int8
-def test_integer_spikes_skips_what_it_cannot_run():
+def test_integer_spikes_skips_what_it_cannot_run(mode):
     ann = randomize_bn(ResCatNet(c=16))
     x = torch.rand(8, 3, 16, 16)
     for snn in (
@@ -265,3 +371,15 @@ def test_integer_spikes_skips_what_it_cannot_run():
         snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3),
     ):  # burst spikes are not binary
         assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
+
+
+def test_one_channel_stem_feeds_the_neurons_channels_last():
+    """With one input channel NCHW and NHWC strides coincide and oneDNN returns NCHW: channels_last
+    converts the stem's [N, ...] output once, so no layer converts the [T * N, ...] spikes again."""
+    ann = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    x = torch.rand(4, 1, 12, 12)
+    for passes_ in (None, FLOAT32_PASSES):
+        snn = snnconv.convert(ann, T=3, calib=x, passes=passes_)
+        _, spikes = record_spikes(snn, lambda snn=snn: snn(x))
+        first = spikes[next(iter(snn.neurons()))]
+        assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()

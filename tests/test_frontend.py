@@ -1,0 +1,310 @@
+"""The front end on model code written the way real models are: shape checks, upsampling, sizes read from
+tensors, TF "same" padding (Python arithmetic on sizes), parameter-only subgraphs, broadcasting residuals.
+Each model converts, keeps its state_dict keys (strict load both ways) and approaches the ANN at large T on a
+batch size other than the calibration's."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import snnconv
+from snnconv import ConversionError
+from snnconv.trace import OPS, annotate, trace
+
+
+def _bn(c, seed):
+    bn = nn.BatchNorm2d(c)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.1, 0.1, generator=g)
+        bn.running_var.uniform_(0.5, 1.5, generator=g)
+    return bn
+
+
+def converts_and_agrees(model, shape=(3, 16, 16), T=256, tol=0.08, **kw):
+    torch.manual_seed(0)
+    model = model.eval()
+    calib, x = torch.rand(64, *shape), torch.rand(5, *shape)  # test batch 5, calibration batches of 64
+    snn = snnconv.convert(model, T=T, calib=calib, **kw)
+    assert list(snn.state_dict()) == list(model.state_dict())
+    snn.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(snn.state_dict(), strict=True)
+    with torch.no_grad():
+        ref, out = model(x), snn(x)
+    assert out.shape == ref.shape
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < tol, rel
+    return snn
+
+
+class AssertNet(nn.Module):
+    """timm's BatchNormAct2d style: torch._assert on ranks and sizes inside forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), _bn(8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        torch._assert(x.shape[1] == 3, "expected 3 channels")
+        x = F.relu(self.bn(self.conv(x)))
+        _, _, H, W = x.shape
+        torch._assert(H == W, "square maps only")
+        return self.fc(x.mean((2, 3)))
+
+
+def test_shape_checks_dropped():
+    gm = trace(AssertNet())
+    assert all(OPS["assert"].functions[0] is not n.target for n in gm.graph.nodes)
+    assert "_assert" not in gm.code
+    converts_and_agrees(AssertNet())
+
+
+class UpsampleNet(nn.Module):
+    """HRNet-style fusion: a low-resolution branch upsampled (module and F.interpolate) and added."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8, 2), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), _bn(8, 3), nn.ReLU())
+        self.lat = nn.Conv2d(8, 8, 1)
+        up = {"align_corners": False} if mode == "bilinear" else {}
+        self.up = nn.Upsample(scale_factor=2, mode=mode, **up)
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        low = self.down(h)
+        kw = {"align_corners": False} if self.mode == "bilinear" else {}
+        y = F.relu(h + self.up(self.lat(low))) + F.interpolate(low, size=h.shape[-2:], mode=self.mode, **kw)
+        return self.fc(self.head(y))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_upsample(mode):
+    converts_and_agrees(UpsampleNet(mode))
+
+
+class LiteStyle(nn.Module):
+    """A third-party EfficientNet-Lite classifier: `bs = inputs.size(0)` at the top, `x.view(bs, -1)` at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), _bn(8, 4), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), _bn(8, 5), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), _bn(16, 6))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, inputs):
+        bs = inputs.size(0)
+        x = self.pw(self.dw(self.stem(inputs)))
+        x = self.avgpool(x)
+        x = x.view(bs, -1)
+        return self.fc(x)
+
+
+def test_batch_size_from_the_input():
+    snn = converts_and_agrees(LiteStyle())
+    with torch.no_grad():  # and in step mode, one step at a time
+        snn.step_mode = "s"
+        out = snn(torch.rand(3, 3, 16, 16))
+    assert out.shape == (3, 5)
+
+
+class SizesNet(nn.Module):
+    """Sizes read every way (x.size(0), x.shape[0], x.size()), reshapes using them, split/chunk, F.pad,
+    torch.stack on a non-batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(2 * 8 * 8 * 8 + 8, 4)
+
+    def forward(self, x):
+        n, size = x.shape[0], x.size()
+        h = F.relu(self.c1(x))
+        a, b = torch.split(h, 4, dim=1)
+        c, d = h.chunk(2, 1)
+        a = F.relu(self.c2(F.pad(a, (1, 1, 1, 1))))
+        h2 = torch.cat([a, b + c - d], 1)
+        h2 = h2.reshape(x.size(0), 8, size[2], size[3])  # sizes from the input, not from h2
+        h2 = F.avg_pool2d(F.relu(self.c3(h2)), 2)
+        s = torch.stack([h2, h2 * 0.5], dim=1)  # [N, 2, 8, 8, 8]
+        flat = s.view(n, -1)
+        g = h2.view(size[0], 8, -1).mean(2)
+        return self.fc(torch.cat([flat, g], 1))
+
+
+def test_sizes_from_tensors():
+    converts_and_agrees(SizesNet())
+
+
+def test_whole_size_reshape():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3 * 16 * 16, 4)
+
+        def forward(self, x):
+            h = F.relu(self.conv(x)).flatten(1)
+            return self.fc(F.relu(h.view(x.size()).flatten(1)))
+
+    converts_and_agrees(Net())
+
+
+def _same_pad(size, k, s):  # timm's get_same_padding: Python arithmetic and max() on sizes
+    return max((math.ceil(size / s) - 1) * s + (k - 1) + 1 - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """TF "same" padding computed from x.size() in forward (timm's tf_* models)."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        ph, pw = _same_pad(ih, self.kernel_size[0], self.stride[0]), _same_pad(iw, self.kernel_size[1], self.stride[1])
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MaxPool2dSame(nn.MaxPool2d):
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        ph, pw = _same_pad(ih, self.kernel_size, self.stride), _same_pad(iw, self.kernel_size, self.stride)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-float("inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class TFSameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = Conv2dSame(3, 8, 3, stride=2), _bn(8, 7)
+        self.pool = MaxPool2dSame(3, 2)
+        self.c2 = Conv2dSame(8, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = self.pool(F.relu6(self.bn1(self.c1(x))))
+        x = F.relu(self.c2(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_tf_same_padding_falls_back_to_concrete_shapes():
+    with pytest.raises(ConversionError, match="cannot trace"):  # symbolic tracing alone cannot follow it
+        trace(TFSameNet())
+    gm = trace(TFSameNet(), torch.rand(2, 3, 19, 19))
+    assert gm.meta["snn_concrete_shapes"]
+    snn = converts_and_agrees(TFSameNet(), shape=(3, 19, 19))
+    with pytest.raises(ConversionError, match=r"traced with concrete sizes .* \[N, 3, 19, 19\]"):
+        snn(torch.rand(2, 3, 21, 21))  # the padding was computed for 19 x 19
+
+
+class ScaledStdConv(nn.Conv2d):
+    """NFNet's weight standardisation in forward: a subgraph of parameters only."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 1.5))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class NFStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = ScaledStdConv(3, 8, 3, padding=1), ScaledStdConv(8, 8, 3, padding=1)
+        self.skip_gain = nn.Parameter(torch.tensor(0.7))
+        self.alpha = 0.2
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = h + F.relu(self.c2(h)) * self.alpha * self.skip_gain
+        return self.fc(h.mean((2, 3)))
+
+
+def test_parameter_only_subgraph():
+    converts_and_agrees(NFStyle())
+
+
+class Residual(nn.Module):
+    """`g(pool(h)) + h`: the left operand [N, C, 1, 1] broadcasts against h [N, C, H, W]."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.g, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        y = F.relu(self.g(self.pool(h)) + h)
+        y = F.relu(self.c2(y) + y)  # same shapes: this one may go in place
+        return self.fc(y.mean((2, 3)))
+
+
+def test_broadcasting_add_stays_out_of_place():
+    snn = converts_and_agrees(Residual())
+    code = snn.graph_module.code
+    assert "g = self.g" in code and "add_(" in code
+    assert code.count("add_(") == 1  # only the same-shape residual
+
+
+def test_unrepresentable_ops_listed_in_one_error():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.silu, self.gelu, self.leaky = nn.SiLU(), nn.GELU(), nn.LeakyReLU()
+            self.gn, self.ln = nn.GroupNorm(2, 8), nn.LayerNorm(16)
+
+        def forward(self, x):
+            h = self.ln(self.gn(self.leaky(self.gelu(self.silu(self.conv(x))))))
+            return torch.softmax(torch.sigmoid(h).mean((2, 3)), 1)
+
+    with pytest.raises(ConversionError) as info:
+        snnconv.convert(Net().eval(), T=4, calib=torch.rand(4, 3, 16, 16))
+    msg = str(info.value)
+    assert msg.count("snnconv") == 0 and "7 op(s)" in msg, msg
+    for op in ("SiLU", "GELU", "LeakyReLU", "GroupNorm", "LayerNorm", "sigmoid", "softmax"):
+        assert op in msg, op
+
+
+def test_batch_size_into_a_new_tensor_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            return h.flatten(1) + torch.zeros(x.size(0), 1)
+
+    with pytest.raises(ConversionError, match="zeros"):
+        snnconv.convert(Net().eval(), T=4, calib=torch.rand(4, 3, 8, 8))
+
+
+def test_facts_recorded_once():
+    gm = annotate(trace(LiteStyle().eval()), torch.rand(4, 3, 16, 16))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert nodes["size"].meta["snn_batch_value"] == "int"
+    assert nodes["inputs"].meta["snn_batched"] and nodes["inputs"].meta["snn_shape"] == (2, 3, 16, 16)
+    weights = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert all(not n.meta["snn_batched"] for n in weights)
