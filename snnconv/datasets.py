@@ -63,6 +63,9 @@ class ArrayFile(Dataset):
             return self._x, self._y
         p, y = self.path, None
         if p.suffix == ".npy":
+            from snnconv.io import _npy_header_check
+
+            _npy_header_check(p, str(p))
             try:
                 x = np.load(p, mmap_mode="r", allow_pickle=False)
             except ValueError as exc:
