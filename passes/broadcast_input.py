@@ -3,6 +3,7 @@ time-folded batch [steps * N, ...]. The baseline placement; hoist_static_input m
 
 import torch.fx as fx
 
+from snnconv.passes.contract import contract
 from snnconv.runtime.modules import TimeBroadcast
 
 
@@ -19,6 +20,7 @@ def insert_broadcast(gm: fx.GraphModule, settings, node: fx.Node, users: list[fx
     return b
 
 
+@contract(requires=("neurons_lowered", "maxpool_on_currents"), provides=("time_folded",))
 def broadcast_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "placeholder" and node.users:

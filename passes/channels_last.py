@@ -10,8 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from snnconv.passes.fold_batchnorm import FoldedBN
-from snnconv.runtime.modules import TimeBroadcast
+from snnconv.passes.contract import contract
 
 _SMALL_MAP = 64  # H * W below which a convolution stays NCHW (measured on oneDNN, 2 cores)
 
@@ -21,13 +20,14 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_of(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
+    """The Conv2d whose weights `node` applies: its own module, or the one named in node.meta['snn_layer']."""
     if node.op != "call_module":
         return None
-    m = gm.get_submodule(node.target)
-    m = m._layer if isinstance(m, FoldedBN) else m
+    m = gm.get_submodule(node.meta.get("snn_layer", node.target))
     return m if isinstance(m, nn.Conv2d) else None
 
 
+@contract(requires=("time_folded",), provides=("layout_planned",), after=("batchnorm_folded",))
 def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
     if (
@@ -46,6 +46,7 @@ def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
             continue
         small = meta.shape[-1] * meta.shape[-2] < _SMALL_MAP
         fmt = torch.contiguous_format if small else torch.channels_last
+        node.meta["layout"] = "nchw" if small else "channels_last"
         node.meta["memory_format"] = fmt  # the layout plan, read by integer_spikes
         with torch.no_grad():
             conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
@@ -62,20 +63,13 @@ def channels_last(gm: fx.GraphModule, settings) -> fx.GraphModule:
         if small:
             with gm.graph.inserting_before(node):
                 nchw = gm.graph.call_method("contiguous", (node.args[0],))
-            nchw.meta.update(snn_kind="linear", memory_format=fmt)
+            nchw.meta.update(snn_kind="layout_copy", memory_format=fmt)  # values unchanged
             node.replace_input_with(node.args[0], nchw)
     for node in list(gm.graph.nodes):
         if node.op == "call_method" and node.target in ("view", "view_as"):
             node.target = {"view": "reshape", "view_as": "reshape_as"}[node.target]
         elif node.op == "placeholder":
-            first = next(
-                (
-                    u
-                    for u in node.users
-                    if u.op == "call_module" and isinstance(gm.get_submodule(u.target), TimeBroadcast)
-                ),
-                node,
-            )
+            first = next((u for u in node.users if u.meta.get("snn_kind") == "broadcast"), node)
             with gm.graph.inserting_after(first):
                 cl = gm.graph.call_function(_to_channels_last, (first,))
             cl.meta.update(snn_kind="linear", memory_format=torch.channels_last)

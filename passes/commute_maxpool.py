@@ -9,8 +9,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from snnconv.passes.contract import contract
 from snnconv.passes.lower_activations import add_neuron
-from snnconv.runtime.modules import Neuron, SpikeMaxPool
+from snnconv.runtime.modules import SpikeMaxPool
 from snnconv.trace import MAXPOOL_MODULES
 
 _aten = torch.ops.aten
@@ -35,6 +36,7 @@ def _pool_spec(node: fx.Node, gm: fx.GraphModule) -> tuple[dict, int]:
     return kw, _FN_DIMS[node.target]
 
 
+@contract(requires=("ops_classified", "neurons_lowered"), provides=("maxpool_on_currents",))
 def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.meta.get("snn_kind") != "maxpool":
@@ -44,7 +46,7 @@ def commute_maxpool(gm: fx.GraphModule, settings) -> fx.GraphModule:
         gm.add_submodule(name, SpikeMaxPool(kwargs, dims))
         src = node.args[0]
         neuron, neuron_node = None, None
-        if src.op == "call_module" and isinstance(gm.get_submodule(src.target), Neuron):
+        if src.meta.get("snn_kind") == "neuron":
             neuron, neuron_node, src = gm.get_submodule(src.target), src, src.args[0]
         with gm.graph.inserting_after(node):
             pooled = gm.graph.call_module(name, (src,))

@@ -5,12 +5,15 @@ Reads the front end's facts (node.meta['snn_batch_value'], 'snn_batched')."""
 
 import torch.fx as fx
 
+from snnconv.passes.contract import contract
+
 
 def with_batch(size, n: int) -> tuple:
     """`size` (a torch.Size or tuple) with its first entry replaced by `n`."""
     return (n, *tuple(size)[1:])
 
 
+@contract(requires=("ops_classified",), provides=("batch_sizes_folded",))
 def fold_batch_sizes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):

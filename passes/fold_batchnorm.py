@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from snnconv.passes.contract import contract
 from snnconv.trace import BATCHNORM, CONV_LINEAR
 
 
@@ -57,6 +58,7 @@ class FoldedBN(nn.Module):
         return self._layer._conv_forward(x, w, b)
 
 
+@contract(requires=("ops_classified",), provides=("batchnorm_folded",))
 def fold_batchnorm(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for bn_node in list(gm.graph.nodes):
         if bn_node.op != "call_module" or not isinstance(gm.get_submodule(bn_node.target), BATCHNORM):
@@ -74,6 +76,8 @@ def fold_batchnorm(gm: fx.GraphModule, settings) -> fx.GraphModule:
         with gm.graph.inserting_before(bn_node):
             fused = gm.graph.call_module(name, src.args, src.kwargs)
         fused.meta.update(bn_node.meta)
+        fused.meta["snn_layer"] = src.target  # the conv/linear whose weights it applies (layout, int8 read it)
+        fused.meta["fresh_output"] = True  # a new tensor each call (inplace_add may write into it)
         fused.stack_trace = src.stack_trace
         bn_node.replace_all_uses_with(fused)
         gm.graph.erase_node(bn_node)

@@ -6,13 +6,20 @@ integrate a constant; the broadcast over time moves to where step-invariant tens
 import torch.fx as fx
 
 from snnconv.passes.broadcast_input import insert_broadcast
-from snnconv.runtime.modules import Neuron, SpikeMaxPool, TimeBroadcast
-from snnconv.trace import module_of
+from snnconv.passes.contract import contract
 
 
+def _is_neuron(node: fx.Node) -> bool:
+    return node.meta.get("snn_kind") == "neuron"
+
+
+@contract(
+    requires=("neurons_lowered", "maxpool_on_currents", "time_folded"),
+    provides=("static_region_marked",),
+)
 def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):  # undo the baseline placement
-        if module_of(gm, node, TimeBroadcast) is not None:
+        if node.meta.get("snn_kind") == "broadcast":
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     static: set[fx.Node] = set()  # step-invariant tensors that carry the batch (depend on the input)
@@ -20,31 +27,27 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
         ins = node.all_input_nodes
         if node.op == "placeholder":
             static.add(node)
-        elif (neuron := module_of(gm, node, Neuron)) is not None:
-            neuron.static_input = ins[0] in static
+        elif _is_neuron(node):  # a neuron and a spike max pool read `static_input` at run time
+            gm.get_submodule(node.target).static_input = ins[0] in static
         elif node.meta.get("snn_kind") in ("value", "constant") or node.op == "output":
             continue
         elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
-            if (pool := module_of(gm, node, SpikeMaxPool)) is not None:
-                pool.static_input = True
+            if node.meta.get("snn_kind") == "maxpool":
+                gm.get_submodule(node.target).static_input = True
     dynamic_seen: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        if (
-            node in static
-            or module_of(gm, node, Neuron) is not None
-            or node.meta.get("snn_kind") in ("value", "constant")
-        ):
+        if node in static or _is_neuron(node) or node.meta.get("snn_kind") in ("value", "constant"):
             continue
         for a in node.all_input_nodes:
             if a in static and a not in dynamic_seen:
                 users = [
-                    u
-                    for u in a.users
-                    if u not in static and module_of(gm, u, Neuron) is None and u.meta.get("snn_kind") != "value"
+                    u for u in a.users if u not in static and not _is_neuron(u) and u.meta.get("snn_kind") != "value"
                 ]
                 insert_broadcast(gm, settings, a, users)
                 dynamic_seen.add(a)
+    for node in gm.graph.nodes:
+        node.meta["step_invariant"] = node in static
     gm.recompile()
     return gm
 

@@ -9,20 +9,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from snnconv.passes.fold_batchnorm import FoldedBN
-from snnconv.runtime.integer_spikes import SpikeLayer
+from snnconv.passes.contract import contract
 
-_FRESH = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Linear,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    FoldedBN,
-    SpikeLayer,
-)
+# the ANN's layers that return a new tensor; layers other passes plant say so in node.meta['fresh_output']
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _fresh_private(gm: fx.GraphModule, node) -> bool:
@@ -31,7 +21,7 @@ def _fresh_private(gm: fx.GraphModule, node) -> bool:
         isinstance(node, fx.Node)
         and node.op == "call_module"
         and len(node.users) == 1
-        and isinstance(gm.get_submodule(node.target), _FRESH)
+        and (node.meta.get("fresh_output") or isinstance(gm.get_submodule(node.target), _FRESH))
     )
 
 
@@ -57,6 +47,7 @@ def _same_shape_sum(a, b) -> bool:
         return False
 
 
+@contract(requires=("ops_classified",), provides=("inplace_adds",), after=("batchnorm_folded", "int8_packed"))
 def inplace_add(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if (

@@ -1,6 +1,6 @@
 """Convolutions and linear layers that read binary spikes run as int8 ops (CPU, oneDNN): about 2x faster.
 
-Each 2-d convolution fed by a neuron (directly, or through the NCHW copy channels_last adds), and each
+Each 2-d convolution fed by a neuron (directly, or through a layout copy, snn_kind 'layout_copy'), and each
 linear layer fed by one (directly on [N, features], or through flatten(x, 1)), becomes a SpikeLayer:
 threshold folded into the weights, weights as 16-bit fixed point, spikes as uint8 (see
 runtime/integer_spikes.py). Only for binary spikes (max_spikes=1), float32 models on CPU, and where
@@ -13,10 +13,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from snnconv.passes.fold_batchnorm import FoldedBN
+from snnconv.passes.contract import contract
 from snnconv.runtime import integer_spikes as int8
-from snnconv.runtime.modules import Neuron
-from snnconv.trace import module_of
 
 
 def _flattens_channels(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
@@ -33,13 +31,15 @@ def _flattens_channels(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
 def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node, nn.Module, fx.Node] | None:
     """(layer node, its module, node it reads) if `user` leads to a supported layer reading `neuron`'s spikes."""
     via = neuron
-    if user.op == "call_method" and user.target == "contiguous" and user.args == (neuron,) and len(user.users) == 1:
-        user = next(iter(user.users))  # channels_last's NCHW copy: dropped, the layer reads the spikes
+    if user.meta.get("snn_kind") == "layout_copy" and user.args == (neuron,) and len(user.users) == 1:
+        user = next(iter(user.users))  # a copy in another memory format: dropped, the layer reads the spikes
     elif _flattens_channels(gm, user, neuron) and len(user.users) == 1:
         user, via = next(iter(user.users)), user
-    layer = module_of(gm, user, (nn.Conv2d, nn.Linear, FoldedBN))
-    inner = getattr(layer, "_layer", layer)
-    if layer is None or len(user.args) != 1 or user.kwargs or not int8.supports(inner):
+    if user.op != "call_module" or len(user.args) != 1 or user.kwargs:
+        return None
+    layer = gm.get_submodule(user.target)
+    inner = gm.get_submodule(user.meta.get("snn_layer", user.target))  # a folded BN names its conv/linear
+    if not isinstance(inner, (nn.Conv2d, nn.Linear)) or not int8.supports(inner):
         return None
     if isinstance(inner, nn.Linear) and via is neuron:  # directly: theta must be per feature, [N, features]
         meta = neuron.meta.get("tensor_meta")
@@ -48,6 +48,7 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
     return user, layer, via
 
 
+@contract(requires=("neurons_lowered",), provides=("int8_packed",), after=("batchnorm_folded", "layout_planned"))
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
     if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or settings.neuron.max_spikes != 1:
@@ -60,10 +61,8 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
             ShapeProp(gm).propagate(torch.rand(1, *settings.input_shape))
     except Exception:  # e.g. a model whose input is not a float tensor
         pass
-    neurons = [(node, module_of(gm, node, Neuron)) for node in gm.graph.nodes]
-    for node, neuron in neurons:
-        if neuron is None:
-            continue
+    for node in [n for n in gm.graph.nodes if n.meta.get("snn_kind") == "neuron"]:
+        neuron = gm.get_submodule(node.target)
         for user in list(node.users):
             reader = _reader(gm, node, user)
             if reader is None:
@@ -75,13 +74,14 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
             with gm.graph.inserting_before(layer_node):
                 new = gm.graph.call_module(name, (node,))
             new.meta.update(layer_node.meta)
+            new.meta.update(int8=True, fresh_output=True, snn_layer=layer_node.meta.get("snn_layer", layer_node.target))
             new.stack_trace = layer_node.stack_trace
             copy = layer_node.args[0]
             layer_node.replace_all_uses_with(new)
             gm.graph.erase_node(layer_node)
             if copy is not node and not copy.users:  # the NCHW copy before a convolution, or the flatten
                 gm.graph.erase_node(copy)
-            if isinstance(layer, FoldedBN):
-                gm.delete_submodule(layer_node.target)
+            if layer_node.meta.get("snn_layer", layer_node.target) != layer_node.target:
+                gm.delete_submodule(layer_node.target)  # a wrapper (folded BN) nothing calls any more
     gm.recompile()
     return gm

@@ -4,6 +4,7 @@ call of one Neuron module. In ANN mode the Neuron computes the same clamp, so ca
 import torch
 import torch.fx as fx
 
+from snnconv.passes.contract import contract
 from snnconv.qcfs import QCFS
 from snnconv.runtime.modules import Neuron
 from snnconv.trace import activation_clip
@@ -27,6 +28,7 @@ def add_neuron(gm: fx.GraphModule, settings, anchor: fx.Node, source: fx.Node, c
     return new
 
 
+@contract(requires=("ops_classified",), provides=("neurons_lowered",))
 def lower_activations(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.meta.get("snn_kind") != "activation":

@@ -5,6 +5,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from snnconv.passes.contract import contract
+
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.ops.aten.dropout.default}
 
@@ -15,6 +17,7 @@ def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS
 
 
+@contract(requires=("ops_classified",), provides=("identities_removed",))
 def remove_identity(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if _is_identity(node, gm):

@@ -122,7 +122,7 @@ def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = 
     if not isinstance(state, dict) or "settings" not in state:
         raise ConversionError(f"{where}settings is missing (not a complete snnconv checkpoint)")
     settings = Settings.from_dict(state["settings"], f"{where}settings.")
-    check_allocatable(settings.input_shape, 1, f"{path}: metadata conversion.settings.input_shape")
+    check_allocatable(settings.input_shape, 2, f"{path}: metadata conversion.settings.input_shape")
     snn = rebuild(model, settings)  # the graph only: thresholds come from the file, not from calibration
     snn.load_conversion_state(state, where)
     snn.source = source

@@ -230,10 +230,9 @@ def _steps(text: str | None) -> list[int] | None:
 
 def cmd_run(a) -> int:
     from snnconv import datasets
-    from snnconv.evaluate import evaluate
     from snnconv.memory import peak_bytes, plan_chunk
     from snnconv.settings import check_memory
-    from snnconv.stats import format_report
+    from snnconv.stats import evaluate, format_report
 
     Ts = _steps(a.T)
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +255,13 @@ def cmd_run(a) -> int:
     if labels:
         datasets.check_labels(ds, snn, a.labels or a.data)
     plan = plan_chunk(snn.settings, max(Ts) if Ts else snn.T, a.batch, device)
-    check_memory(plan.chunk * plan.bytes_per_step, f"--T {plan.T} with --batch {a.batch} (lower them)")
+    item = ds[0]
+    with torch.no_grad():  # ANN mode, one sample: the size of one step's output
+        out = snn.graph_module((item[0] if isinstance(item, tuple) else item).unsqueeze(0))
+    per_step = sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
+    # one chunk's activations, and a batch's per-step outputs over all T (kept, and their running sum)
+    need = plan.chunk * plan.bytes_per_step + 2 * plan.T * min(a.batch, len(ds)) * per_step * 4
+    check_memory(need, f"--T {plan.T} with --batch {a.batch} (lower them)")
     loader = datasets.loader(ds, a.batch, a.workers, limit=a.limit, pin=device.type == "cuda")
     r = evaluate(snn, loader, T=Ts, device=device, progress=sys.stderr.isatty())
     peak = distributed.all_reduce(torch.tensor(float(peak_bytes(device))), "max").item()
@@ -481,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 distributed.shutdown()
     except KeyboardInterrupt:
+        # objects torn down half-built by the interrupt (a DataLoader's worker iterator) would print
+        # "Exception ignored" tracebacks from __del__ after our line: the one line is the whole story
+        sys.unraisablehook = lambda _: None
         print(f"{verb}: interrupted", file=sys.stderr)
         return 130
     except ConversionError as exc:

@@ -169,6 +169,7 @@ def _prepare(ann: nn.Module, settings: Settings, example: torch.Tensor):
     """Trace the ANN (adopting its modules), record each node's facts on `example` (an input batch; only its
     shape matters) and run the prepare passes: (graph, pass log)."""
     gm = annotate(trace(ann, example), example)
+    pipeline.mark(gm, "ops_classified")  # the front end's fact: every node has its snn_kind
     _adopt(gm, ann)
     log = [("trace", gm.code)]
     return pipeline.run(pipeline.PREPARE, gm, settings, log), log

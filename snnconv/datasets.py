@@ -63,6 +63,9 @@ class ArrayFile(Dataset):
             return self._x, self._y
         p, y = self.path, None
         if p.suffix == ".npy":
+            from snnconv.io import _npy_header_check
+
+            _npy_header_check(p, str(p))  # a header that declares more than the file holds: one clear line
             try:
                 x = np.load(p, mmap_mode="r", allow_pickle=False)
             except ValueError as exc:
@@ -277,6 +280,13 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """Ctrl-C reaches the workers too; the main process stops them (an interrupted worker breaks shutdown)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader(ds: Dataset, batch: int, workers: int | None = None, limit: int | None = None, pin: bool = False):
     """Batches of ds (its first `limit` samples), this rank's shard under torch.distributed."""
     if limit is not None and limit < len(ds):
@@ -292,6 +302,7 @@ def loader(ds: Dataset, batch: int, workers: int | None = None, limit: int | Non
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=False,
+        worker_init_fn=_ignore_ctrl_c if workers else None,
         prefetch_factor=2 if workers else None,
     )
 

@@ -31,7 +31,7 @@ def _optional_passes(v) -> bool:
 
 
 RULES = {
-    "T": (lambda v: _int(v) and v > 0, "a positive integer number of time steps"),
+    "T": (lambda v: _int(v) and 0 < v <= 10**6, "a positive integer number of time steps (at most 1000000)"),
     "threshold_method": (lambda v: v in ("max", "percentile", "fixed"), "'max' or 'percentile' (or 'fixed')"),
     "percentile": (lambda v: _num(v) and 0 < v <= 100, "a number in (0, 100]"),
     "per_channel": (lambda v: isinstance(v, bool), "true or false"),

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from nets import randomize_bn
 
 import snnconv
 from snnconv.data import load_mnist
-from tests.nets import randomize_bn
 
 nir = pytest.importorskip("nir")
 
@@ -220,7 +220,7 @@ def test_cli_export_nir(tmp_path, monkeypatch, capsys):
     snn = snnconv.convert(mnist_cnn().eval(), T=4, calib=torch.rand(32, 1, 28, 28))
     snnconv.save(snn, tmp_path / "snn.safetensors")
     monkeypatch.chdir(tmp_path)
-    argv = ["export", "snn.safetensors", "--model", "tests.test_nir:mnist_cnn", "--format", "nir", "-o", "snn.nir"]
+    argv = ["export", "snn.safetensors", "--model", "test_nir:mnist_cnn", "--format", "nir", "-o", "snn.nir"]
     assert main(argv) == 0
     assert "NIR graph" in capsys.readouterr().out
     back = snnconv.from_nir(tmp_path / "snn.nir", T=4)

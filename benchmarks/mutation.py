@@ -1,0 +1,128 @@
+"""Mutation testing (mutmut 3): how many planted bugs in the neuron arithmetic, the runtime modules, the
+calibration and the passes do the fast tests catch? Too slow for CI (hours on 2 cores): run by hand.
+
+    pip install mutmut==3.8.1
+    python benchmarks/mutation.py [--work /tmp/snnconv-mutation] [--files runtime/torch_backend.py ...]
+
+mutmut wants one package under src/, so the script lays the tree out as installed (snnconv/, with
+passes/ and runtime/ inside) in a scratch folder, runs `mutmut run` there with only the fast test files
+that exercise these modules, and writes benchmarks/results/mutation.txt: the command, the score per file
+and every surviving mutant's diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = ["runtime/torch_backend.py", "runtime/modules.py", "snnconv/calibrate.py", "passes/*.py"]
+TESTS = [
+    "tests/test_neurons.py",
+    "tests/test_kernels.py",
+    "tests/test_methods.py",
+    "tests/test_passes.py",
+    "tests/test_convert.py",
+    "tests/test_threads.py",
+    "tests/test_contracts.py",
+    "tests/test_integer_spikes.py",
+]
+_INSTALLED = {"snnconv": "src/snnconv", "passes": "src/snnconv/passes", "runtime": "src/snnconv/runtime"}
+
+
+def _installed_path(path: str) -> str:
+    top, rest = path.split("/", 1)
+    return f"{_INSTALLED[top]}/{rest}"
+
+
+def _layout(work: Path, files: list[str], tests: list[str]) -> None:
+    if work.exists():
+        shutil.rmtree(work)
+    for src, dst in _INSTALLED.items():
+        shutil.copytree(ROOT / src, work / dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    toml = [
+        "[tool.pytest.ini_options]",
+        "addopts = \"-m 'not slow' -p no:cacheprovider\"",
+        'markers = ["slow: long", "gpu: needs a CUDA device"]',
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["src/"]',
+        f"only_mutate = {[_installed_path(f) for f in files]!r}",
+        f"pytest_add_cli_args_test_selection = {[t for t in tests if (ROOT / t).exists()]!r}",
+        'process_isolation = "forkserver"',  # torch is not fork-safe once it has run
+        "timeout_multiplier = 5.0",
+    ]
+    (work / "pyproject.toml").write_text("\n".join(toml) + "\n")
+
+
+def _results(work: Path, mutmut: str) -> tuple[Counter, dict[str, Counter], list[str], Counter]:
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
+    total, per_file, survivors, untested = Counter(), {}, [], Counter()
+    for line in out.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if not name:
+            continue
+        module = name.split(".x", 1)[0]  # snnconv.runtime.modules.xǁNeuronǁforward__mutmut_3 -> the module
+        total[status] += 1
+        per_file.setdefault(module, Counter())[status] += 1
+        if status == "survived":
+            survivors.append(name)
+        elif status == "no tests":
+            untested[name.rsplit("__mutmut_", 1)[0]] += 1
+    return total, per_file, survivors, untested
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/snnconv-mutation")
+    ap.add_argument("--files", nargs="+", default=FILES, help="repository paths (globs) to mutate")
+    ap.add_argument("--tests", nargs="+", default=TESTS)
+    ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutation.txt"))
+    ap.add_argument("--report-only", action="store_true", help="summarise a finished run in --work")
+    args = ap.parse_args()
+    work = Path(args.work)
+    mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
+    t0 = time.time()
+    if not args.report_only:
+        _layout(work, args.files, args.tests)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
+        subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)
+    total, per_file, survivors, untested = _results(work, mutmut)
+    lines = [
+        "command: python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
+        *([f"mutmut 3, tests: {' '.join(args.tests)}"] if not args.report_only else []),
+        f"wall time: {(time.time() - t0) / 60:.0f} min" if not args.report_only else "summary of a run in --work:",
+        *[f"    {line}" for line in (work / "pyproject.toml").read_text().splitlines() if args.report_only],
+        "",
+        "killed counts timeouts; score = killed / (killed + survived + no tests): a mutant no selected test",
+        "runs counts against the score. 'not checked': the run stopped before it (left out of the score).",
+        "",
+        "file | mutants | killed | survived | no tests | not checked | score",
+        "--- | --- | --- | --- | --- | --- | ---",
+    ]
+    for module, c in [*sorted(per_file.items()), ("all", total)]:
+        killed, survived, no_tests = c["killed"] + c["timeout"], c["survived"], c["no tests"]
+        tested = killed + survived + no_tests
+        score = f"{killed / tested:.1%}" if tested else "-"
+        row = f"{module} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {c['not checked']} | {score}"
+        lines.append(row)
+    lines += ["", "functions no selected test runs (their mutants count as not killed):"]
+    lines += [f"  {name}: {count} mutants" for name, count in sorted(untested.items())]
+    lines += ["", f"survivors ({len(survivors)}):"]
+    for name in survivors:
+        diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
+        lines += [f"--- {name}", diff.strip(), ""]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:30]))
+
+
+if __name__ == "__main__":
+    main()
