@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from snnconv import distributed
-from snnconv.data import load_idx
 from snnconv.errors import ConversionError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
@@ -189,19 +188,12 @@ class Labelled(Dataset):
     """Inputs from one data set, labels from a separate file (.npy or idx)."""
 
     def __init__(self, data: Dataset, labels: Path, data_path: Path):
-        from snnconv.io import _np_load, labels_tensor, need_file
+        from snnconv.io import load_labels
 
-        lp = need_file(labels)
-        if "idx" in lp.name:
-            raw = load_idx(lp)
-        elif lp.suffix == ".npy":
-            raw = _np_load(lp, str(lp))
-        else:
-            raise ConversionError(f"{lp}: unknown labels format {lp.suffix!r}; use .npy or an idx file")
-        self.labels = labels_tensor(raw, str(lp))
+        self.labels = load_labels(labels)
         if len(self.labels) != len(data):
             raise ConversionError(
-                f"{lp}: {len(self.labels)} labels for {len(data)} inputs in {data_path}; give one label per input"
+                f"{labels}: {len(self.labels)} labels for {len(data)} inputs in {data_path}; give one label per input"
             )
         self.data, self.has_labels = data, True
 

@@ -343,6 +343,18 @@ def _np_load(path: Path, what: str):
         raise ConversionError(f"{what}: not a readable {path.suffix} file ({_why(exc)})") from exc
 
 
+def load_labels(path) -> torch.Tensor:
+    """Class labels from a separate file: .npy or an idx file."""
+    lp = need_file(path)
+    if "idx" in lp.name:
+        raw = load_idx(lp)
+    elif lp.suffix == ".npy":
+        raw = _np_load(lp, str(lp))
+    else:
+        raise ConversionError(f"{lp}: unknown labels format {lp.suffix!r}; use .npy or an idx file")
+    return labels_tensor(raw, str(lp))
+
+
 def labels_tensor(y, what: str) -> torch.Tensor:
     """Class labels: a 1-d array of non-negative integers (integral floats accepted)."""
     if isinstance(y, np.ndarray) and y.dtype.kind not in "biuf":
@@ -493,14 +505,7 @@ def load_data(
         raise ConversionError(f"{path}: data has shape {tuple(x.shape)}; expected [N, ...] with N > 0")
     where = str(path)
     if labels is not None:
-        lp = need_file(labels)
-        if "idx" in lp.name:
-            raw = load_idx(lp)
-        elif lp.suffix == ".npy":
-            raw = _np_load(lp, str(lp))
-        else:
-            raise ConversionError(f"{lp}: unknown labels format {lp.suffix!r}; use .npy or an idx file")
-        y, where = labels_tensor(raw, str(lp)), str(lp)
+        y, where = load_labels(labels), str(labels)
     if y is not None and len(y) != len(x):
         raise ConversionError(f"{where}: {len(y)} labels for {len(x)} inputs in {path}; give one label per input")
     return x, y
