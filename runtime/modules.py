@@ -92,48 +92,18 @@ class Neuron(nn.Module):
             v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous(memory_format=fmt)
         call.state[self] = v
         cfg = self.config
+        # the dynamics every backend takes
+        dyn = dict(steps=steps, static=static, soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
-            out, call.state[self] = torch_backend.multistep_functional(
-                x_in,
-                v,
-                theta,
-                steps=steps,
-                static=static,
-                soft_reset=cfg.reset == "soft",
-                v_reset=cfg.v_reset,
-                decay=cfg.decay,
-                max_spikes=cfg.max_spikes,
-            )
+            out, call.state[self] = torch_backend.multistep_functional(x_in, v, theta, max_spikes=cfg.max_spikes, **dyn)
             return out.reshape(steps * shape[0], *shape[1:])
         # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
         out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         if cfg.max_spikes > 1:  # burst neurons: torch backend only
             self.calls["torch"] += 1
-            torch_backend.multistep_burst(
-                x_in,
-                v,
-                theta,
-                steps=steps,
-                static=static,
-                soft_reset=cfg.reset == "soft",
-                v_reset=cfg.v_reset,
-                decay=cfg.decay,
-                max_spikes=cfg.max_spikes,
-                out=out,
-            )
+            torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
             return out.view(steps * shape[0], *shape[1:])
-        get_backend(call.backend, x.device)(
-            x_in,
-            v,
-            theta,
-            steps=steps,
-            static=static,
-            soft_reset=cfg.reset == "soft",
-            v_reset=cfg.v_reset,
-            decay=cfg.decay,
-            out=out,
-            calls=self.calls,
-        )
+        get_backend(call.backend, x.device)(x_in, v, theta, out=out, calls=self.calls, **dyn)
         return out.view(steps * shape[0], *shape[1:])
 
 
