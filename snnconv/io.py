@@ -308,6 +308,7 @@ def _as_float(x, what: str) -> torch.Tensor:
 def _npy_header_check(path: Path, what: str) -> None:
     """Compare a .npy header's declared size with the file before numpy allocates it (a crafted header
     can declare terabytes)."""
+    _numpy_magic(path, what)
     try:
         with open(path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
@@ -326,10 +327,26 @@ def _npy_header_check(path: Path, what: str) -> None:
         )
 
 
+_NUMPY_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}  # NumPy's header; a zip archive
+
+
+def _numpy_magic(path: Path, what: str) -> None:
+    """A file without NumPy's own magic bytes would reach np.load's pickle fallback, whose refusal reads as an
+    object array: say what it is instead."""
+    magic = _NUMPY_MAGIC.get(path.suffix)
+    with open(path, "rb") as f:
+        head = f.read(len(magic or b""))
+    if magic and head and head != magic:
+        kind, writer = ("NumPy header", "save") if path.suffix == ".npy" else ("zip archive", "savez")
+        raise ConversionError(f"{what}: not a readable {path.suffix} file (no {kind}); write it with numpy.{writer}")
+
+
 def _np_load(path: Path, what: str):
     """np.load without pickle; an object array or an unreadable file is one ConversionError."""
     if path.suffix == ".npy":
         _npy_header_check(path, what)
+    else:
+        _numpy_magic(path, what)
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:

@@ -348,6 +348,20 @@ CASES = [
     # convert: calibration data
     ("empty npy file", _write("e.npy", b""), [*CONV, "--calib", "e.npy", *OUT], "convert", ["e.npy", "not a readable"]),
     (
+        "text file as npy",
+        _write("t.npy", b"garbage\n"),
+        [*CONV, "--calib", "t.npy", *OUT],
+        "convert",
+        ["t.npy", "not a readable"],
+    ),
+    (
+        "text file as npz",
+        _write("t.npz", b"garbage\n"),
+        [*CONV, "--calib", "t.npz", *OUT],
+        "convert",
+        ["t.npz", "not a readable"],
+    ),
+    (
         "empty array",
         _save("e.npy", np.zeros((0, 1, 8, 8), np.float32)),
         [*CONV, "--calib", "e.npy", *OUT],
