@@ -32,6 +32,13 @@ TESTS = [
     "tests/test_threads.py",
     "tests/test_contracts.py",
     "tests/test_integer_spikes.py",
+    "tests/test_mutants.py",
+]
+# left out of the selection: a subprocess run of the int8 path (80 s, and mutmut cannot see into the
+# subprocess) and a peak-memory measurement (profiler, 8 s); both are CI tests
+DESELECT = [
+    "tests/test_integer_spikes.py::test_integer_paths_without_vnni",
+    "tests/test_passes.py::test_peak_memory_falls_with_chunk_size",
 ]
 _INSTALLED = {"snnconv": "src/snnconv", "passes": "src/snnconv/passes", "runtime": "src/snnconv/runtime"}
 
@@ -39,6 +46,11 @@ _INSTALLED = {"snnconv": "src/snnconv", "passes": "src/snnconv/passes", "runtime
 def _installed_path(path: str) -> str:
     top, rest = path.split("/", 1)
     return f"{_INSTALLED[top]}/{rest}"
+
+
+def _selection(tests: list[str]) -> list[str]:
+    chosen = [t for t in tests if (ROOT / t).exists()]
+    return chosen + [a for d in DESELECT if d.split("::")[0] in chosen for a in ("--deselect", d)]
 
 
 def _layout(work: Path, files: list[str], tests: list[str]) -> None:
@@ -55,28 +67,26 @@ def _layout(work: Path, files: list[str], tests: list[str]) -> None:
         "[tool.mutmut]",
         'source_paths = ["src/"]',
         f"only_mutate = {[_installed_path(f) for f in files]!r}",
-        f"pytest_add_cli_args_test_selection = {[t for t in tests if (ROOT / t).exists()]!r}",
+        f"pytest_add_cli_args_test_selection = {_selection(tests)!r}",
         'process_isolation = "forkserver"',  # torch is not fork-safe once it has run
         "timeout_multiplier = 5.0",
     ]
     (work / "pyproject.toml").write_text("\n".join(toml) + "\n")
 
 
-def _results(work: Path, mutmut: str) -> tuple[Counter, dict[str, Counter], list[str], Counter]:
+def _results(work: Path, mutmut: str) -> dict[str, list[str]]:
+    """Mutant names by status ('killed', 'survived', 'no tests', 'timeout', 'not checked', ...)."""
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
-    total, per_file, survivors, untested = Counter(), {}, [], Counter()
+    by_status: dict[str, list[str]] = {}
     for line in out.splitlines():
         name, _, status = line.strip().rpartition(": ")
-        if not name:
-            continue
-        module = name.split(".x", 1)[0]  # snnconv.runtime.modules.xǁNeuronǁforward__mutmut_3 -> the module
-        total[status] += 1
-        per_file.setdefault(module, Counter())[status] += 1
-        if status == "survived":
-            survivors.append(name)
-        elif status == "no tests":
-            untested[name.rsplit("__mutmut_", 1)[0]] += 1
-    return total, per_file, survivors, untested
+        if name:
+            by_status.setdefault(status, []).append(name)
+    return by_status
+
+
+def _module(name: str) -> str:
+    return name.split(".x", 1)[0]  # snnconv.runtime.modules.xǁNeuronǁforward__mutmut_3 -> the module
 
 
 def main() -> None:
@@ -87,15 +97,34 @@ def main() -> None:
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutation.txt"))
     ap.add_argument("--report-only", action="store_true", help="summarise a finished run in --work")
+    ap.add_argument(
+        "--rerun",
+        action="store_true",
+        help="rerun a finished run's survivors and untested mutants in --work against the current tests/",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
     t0 = time.time()
-    if not args.report_only:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
+    if args.rerun:  # the new tests get their stats run; only the named mutants run again
+        before = _results(work, mutmut)
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        names = before.get("survived", []) + before.get("no tests", [])
+        cmd = [mutmut, "run", "--max-children", str(args.max_children), *names]
+        subprocess.run(cmd, cwd=work, env=env, check=False)
+    elif not args.report_only:
         _layout(work, args.files, args.tests)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
         subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)
-    total, per_file, survivors, untested = _results(work, mutmut)
+    by_status = _results(work, mutmut)
+    total, per_file = Counter(), {}
+    for status, names in by_status.items():
+        for name in names:
+            total[status] += 1
+            per_file.setdefault(_module(name), Counter())[status] += 1
+    survivors = by_status.get("survived", [])
+    untested = Counter(name.rsplit("__mutmut_", 1)[0] for name in by_status.get("no tests", []))
     lines = [
         "command: python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
         *([f"mutmut 3, tests: {' '.join(args.tests)}"] if not args.report_only else []),

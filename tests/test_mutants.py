@@ -114,3 +114,37 @@ def test_spike_maxpool_sums_half_inputs_in_float32():
     pooled = F.max_pool2d(x.float().cumsum(0).flatten(0, 1), 2).view(T, 2, 3, 2, 2)
     ref = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1])).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
+class _PoolNet(nn.Module):
+    """Two max pools on spiking input: a non-overlapping 2x2 one (the channels-last fast kernel) and an
+    overlapping 3x3 one (max_pool2d on the running sums)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.p1, self.p2 = nn.MaxPool2d(2), nn.MaxPool2d(3, stride=1)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = self.p2(torch.relu(self.c2(self.p1(torch.relu(self.c1(x))))))
+        return self.fc(torch.relu(x).flatten(1))
+
+
+def test_traced_graph_equals_the_eager_run():
+    """Under graph capture (torch.jit.trace, what ONNX export records) neurons and spike max pools run their
+    out-of-place forms; the traced SNN computes what the eager one does, in float64 to the last bits."""
+    import warnings
+
+    torch.manual_seed(6)
+    ann = _PoolNet().double().eval()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    for kw in (dict(), dict(neuron="lif", reset="hard"), dict(max_spikes=3), dict(passes=[])):
+        snn = snnconv.convert(ann, T=5, calib=x, **kw)
+        ref = snn(x)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(snn, (x,), check_trace=False)
+            y = traced(x)
+        assert torch.allclose(y, ref, rtol=0, atol=1e-12), kw
+        assert not torch.allclose(ref, ann(x), rtol=0, atol=1e-3)  # spikes, not the ANN's values
