@@ -13,6 +13,7 @@ and every surviving mutant's diff.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +60,10 @@ def _layout(work: Path, files: list[str], tests: list[str]) -> None:
     for src, dst in _INSTALLED.items():
         shutil.copytree(ROOT / src, work / dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    _config(work, files, tests)
+
+
+def _config(work: Path, files: list[str], tests: list[str]) -> None:
     toml = [
         "[tool.pytest.ini_options]",
         "addopts = \"-m 'not slow' -p no:cacheprovider\"",
@@ -69,7 +74,10 @@ def _layout(work: Path, files: list[str], tests: list[str]) -> None:
         f"only_mutate = {[_installed_path(f) for f in files]!r}",
         f"pytest_add_cli_args_test_selection = {_selection(tests)!r}",
         'process_isolation = "forkserver"',  # torch is not fork-safe once it has run
+        # mutmut's timeouts are wall-clock: generous, so that a run starved by other jobs on the machine
+        # (nice -n 19) does not count slow-but-passing test runs as killed
         "timeout_multiplier = 5.0",
+        "timeout_constant = 30.0",
     ]
     (work / "pyproject.toml").write_text("\n".join(toml) + "\n")
 
@@ -83,6 +91,16 @@ def _results(work: Path, mutmut: str) -> dict[str, list[str]]:
         if name:
             by_status.setdefault(status, []).append(name)
     return by_status
+
+
+def _forget(work: Path, names: set[str]) -> None:
+    """Mark these mutants unchecked, so that the next `mutmut run` tests them again."""
+    for meta in (work / "mutants").rglob("*.meta"):
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        if names & codes.keys():
+            codes.update({k: None for k in names & codes.keys()})
+            meta.write_text(json.dumps(data))
 
 
 def _module(name: str) -> str:
@@ -107,13 +125,13 @@ def main() -> None:
     mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
-    if args.rerun:  # the new tests get their stats run; only the named mutants run again
+    if args.rerun:  # the new tests get their stats run; survivors and untested mutants run again
         before = _results(work, mutmut)
+        _forget(work, set(before.get("survived", []) + before.get("no tests", [])))
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-        names = before.get("survived", []) + before.get("no tests", [])
-        cmd = [mutmut, "run", "--max-children", str(args.max_children), *names]
-        subprocess.run(cmd, cwd=work, env=env, check=False)
+        _config(work, args.files, args.tests)  # the same selection (a new one would reset every result)
+        subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)
     elif not args.report_only:
         _layout(work, args.files, args.tests)
         subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)

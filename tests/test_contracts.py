@@ -89,3 +89,30 @@ def test_layout_and_fold_facts_on_nodes():
     assert layouts["stem.0"] == "channels_last" and layouts["a2"] == "nchw"  # 8x8 input maps; 4x4 after the pool
     copies = [n for n in nodes if n.meta.get("snn_kind") == "layout_copy"]
     assert copies and all(n.target == "contiguous" for n in copies)
+
+
+def test_contract_declares_checks_and_marks():
+    """A pass declared with contract(): its contract is recorded as given, unknown facts are refused when it
+    is declared, a missing fact when it runs, and what it provides is marked on the graph after it ran."""
+    from snnconv.passes.contract import Contract, contract
+
+    ran = []
+
+    def toy(gm, settings):
+        """A pass that only records that it ran."""
+        ran.append(gm)
+        return gm
+
+    declared = contract(requires=("neurons_lowered",), provides=("inplace_adds",), after=("int8_packed",))(toy)
+    assert declared.contract == Contract(("neurons_lowered",), ("inplace_adds",), ("int8_packed",))
+    assert declared.__name__ == "toy" and declared.__doc__ == toy.__doc__
+    for where in ("requires", "provides", "after"):
+        with pytest.raises(ValueError, match="unknown fact 'no_such_fact'"):
+            contract(**{where: ("no_such_fact",)})
+    gm, settings = _graph()
+    with pytest.raises(ConversionError, match=r"pass toy needs the fact\(s\) \['neurons_lowered'\]"):
+        declared(gm, settings)
+    assert ran == [] and "inplace_adds" not in passes.facts(gm)
+    passes.mark(gm, "neurons_lowered")
+    assert declared(gm, settings) is gm and ran == [gm]
+    assert passes.facts(gm) >= {"neurons_lowered", "inplace_adds"}

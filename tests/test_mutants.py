@@ -39,13 +39,15 @@ def test_functional_neurons_equal_the_in_place_ones():
     g = torch.Generator().manual_seed(5)
     T, n = 7, 29
     theta = torch.rand(n, generator=g, dtype=torch.float64) + 0.3
-    for decay, soft, static, k in [
-        (1.0, True, False, 1),
-        (0.7, False, False, 1),
-        (1.0, True, True, 1),
-        (0.8, True, False, 3),
+    for decay, soft, static, k, scale in [
+        (1.0, True, False, 1, 1.4),
+        (0.7, False, False, 1, 1.4),
+        (1.0, True, True, 1, 1.4),
+        (0.8, True, False, 3, 1.4),
+        (1.0, True, False, 2, 1.4),
+        (1.0, False, False, 3, 6.0),  # inputs of several thresholds: the clamp at max_spikes bites
     ]:
-        x = torch.rand(T, n, generator=g, dtype=torch.float64) * 1.4 - 0.2
+        x = torch.rand(T, n, generator=g, dtype=torch.float64) * scale - 0.2
         x_in = x[0] if static else x
         v0 = 0.5 * theta
         kw = dict(steps=T, static=static, soft_reset=soft, v_reset=0.1, decay=decay)
@@ -57,6 +59,18 @@ def test_functional_neurons_equal_the_in_place_ones():
             torch_backend.multistep_burst(x_in, v, theta, max_spikes=k, out=out, **kw)
         assert torch.allclose(out_f, out, rtol=0, atol=1e-12) and torch.allclose(v_f, v, rtol=0, atol=1e-12)
         assert 0 < (out != 0).double().mean() < 1  # spikes and silences both happen
+        if k > 1:
+            assert (out / theta).round().max() == k  # some steps fire the most spikes a step can carry
+    # binary by default; float16 currents into a float32 membrane under a float64 threshold: the output
+    # keeps the input's dtype, the membrane its own, and the threshold is taken in the membrane's dtype
+    x = (torch.rand(T, n, generator=g) * 1.4 - 0.2).half()
+    th = torch.full((n,), 0.1, dtype=torch.float64)  # 0.1 is not a float32: rounding shows
+    kw = dict(steps=T, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+    out_f, v_f = torch_backend.multistep_functional(x, torch.zeros(n), th, **kw)
+    v, out = torch.zeros(n), torch.empty(T, n, dtype=torch.float16)
+    torch_backend.multistep(x, v, th, out=out, **kw)
+    assert out_f.dtype == torch.float16 and v_f.dtype == torch.float32
+    assert torch.equal(out_f, out) and torch.equal(v_f, v)
 
 
 class _StaticMeetsSpikes(nn.Module):
@@ -148,3 +162,45 @@ def test_traced_graph_equals_the_eager_run():
             y = traced(x)
         assert torch.allclose(y, ref, rtol=0, atol=1e-12), kw
         assert not torch.allclose(ref, ann(x), rtol=0, atol=1e-3)  # spikes, not the ANN's values
+
+
+def test_channel_sums_are_per_channel_float64():
+    """Bias calibration's per-channel sums (dim 1) and counts, against float64 sums of the same values;
+    a tensor without a channel dim is one channel."""
+    from snnconv.calibrate import _channel_sums
+
+    g = torch.Generator().manual_seed(8)
+    for shape in [(5, 3), (4, 3, 2, 6), (7,), ()]:
+        t = torch.rand(shape, generator=g) * 1e4 + 1e-3  # float32: float32 sums would round
+        sums, count = _channel_sums(t)
+        d = t.double()
+        ref = d.transpose(0, 1).reshape(shape[1], -1).sum(1) if t.dim() > 1 else d.sum().reshape(1)
+        assert sums.dtype == torch.float64 and sums.shape == ref.shape
+        assert torch.allclose(sums, ref, rtol=1e-13, atol=0)
+        assert count == (t.numel() // shape[1] if t.dim() > 1 else t.numel())
+
+
+def test_one_rank_distributed_calibration_matches_the_plain_one(tmp_path):
+    """Calibration under a one-process gloo group (what mutmut can follow; tests/test_distributed.py runs
+    two processes): max thresholds all-reduced to the same values, percentiles from the mergeable
+    histograms within their stated bound (2 * max / 1024) of torch.quantile's."""
+    import torch.distributed as dist
+
+    ann = _mlp()
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(12))
+    plain = {m: snnconv.convert(ann, T=4, calib=x, method=m, percentile=99.0) for m in ("max", "percentile")}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for method, ref in plain.items():
+            snn = snnconv.convert(ann, T=4, calib=[x[:50], x[50:]], method=method, percentile=99.0)
+            for name, n in snn.neurons().items():
+                th, th_ref = n.threshold, ref.neurons()[name].threshold
+                assert th.shape == th_ref.shape and th.dim() == 1  # per channel
+                if method == "max":
+                    assert torch.equal(th, th_ref), name
+                else:
+                    bound = 2 * plain["max"].neurons()[name].threshold / 1024
+                    assert ((th - th_ref).abs() <= bound + 1e-6).all(), name
+                    assert not torch.equal(th, th_ref)  # the histogram's estimate, not the sample quantile
+    finally:
+        dist.destroy_process_group()
