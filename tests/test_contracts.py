@@ -116,3 +116,28 @@ def test_contract_declares_checks_and_marks():
     passes.mark(gm, "neurons_lowered")
     assert declared(gm, settings) is gm and ran == [gm]
     assert passes.facts(gm) >= {"neurons_lowered", "inplace_adds"}
+
+
+def test_describe_lists_each_stage_in_order_with_its_contract():
+    import sys
+
+    lines = passes.describe().splitlines()
+    for stage, stage_passes in (("prepare", passes.PREPARE), ("lower", passes.LOWER)):
+        for i, p in enumerate(stage_passes, 1):
+            opt = " (optional)" if p.__name__ in passes.OPTIONAL else ""
+            summary = sys.modules[p.__module__].__doc__.strip().splitlines()[0]
+            at = lines.index(f"{stage} {i}. {p.__name__}{opt}: {summary}")
+            c = p.contract
+            assert lines[at + 1] == f"    requires: {', '.join(c.requires) or '-'}; provides: {', '.join(c.provides)}"
+            if c.after:
+                assert lines[at + 2] == f"    after (reads when present): {', '.join(c.after)}"
+    assert lines[lines.index("facts:") + 1 :] == [f"  {f}: {meaning}" for f, meaning in FACTS.items()]
+
+
+def test_folded_batchnorm_names_its_layers_and_sizes_keep_their_tail():
+    from snnconv.passes.fold_batch_sizes import with_batch
+
+    snn = snnconv.convert(randomize_bn(ResCatNet()), T=2, calib=torch.rand(4, 3, 8, 8), passes=["fold_batchnorm"])
+    folded = [m for m in snn.graph_module.modules() if type(m).__name__ == "FoldedBN"]
+    assert sorted(m.extra_repr() for m in folded) == ["a1 + bn1", "stem.0 + stem.1"]
+    assert with_batch(torch.Size([3, 4, 5]), 12) == (12, 4, 5) and with_batch((2,), 6) == (6,)

@@ -153,3 +153,21 @@ def test_bias_calibration_streams_sub_batches_within_the_memory_budget():
     # one sample per SNN call (T steps at once: the budget holds less than one sample); the ANN pass before
     # each call sees that one sample too
     assert seen == [1, 4] * 6, seen
+
+
+def test_bias_calibration_sub_batches_hold_what_the_budget_fits():
+    """Without a model budget, budget_mb (MiB) sets the sub-batch: as many samples as have their T steps of
+    activations (settings.step_bytes_per_sample each step) within it."""
+    torch.manual_seed(0)
+    snn = snnconv.convert(randomize_bn(ResCatNet()), T=4, calib=torch.rand(16, 3, 16, 16))
+    per_sample = snn.settings.step_bytes_per_sample * snn.T
+    assert per_sample > 0 and snn.settings.memory_budget_mb is None
+    first = next(iter(snn.neurons().values()))
+    for fits in (2, 3):
+        seen = []
+        h = first.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape[0]))
+        snnconv.calibrate.calibrate_bias(
+            snn, [torch.rand(6, 3, 16, 16)], None, budget_mb=(fits + 0.5) * per_sample / 2**20
+        )
+        h.remove()
+        assert seen == [fits, 4 * fits] * (6 // fits), seen

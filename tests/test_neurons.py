@@ -140,3 +140,123 @@ def test_burst_conversion_is_closer_at_small_T():
         snn = snnconv.convert(ann, T=2, calib=x, max_spikes=k)
         errs[k] = ((snn(x) - ref).norm() / ref.norm()).item()
     assert errs[4] < errs[1], errs
+
+
+def _module_reference(x, theta, bias, cfg):
+    """The Neuron module's SNN mode on x [T, N, C, ...]: per-channel threshold and bias current, in Python
+    floats, one neuron at a time."""
+    T, N, C = x.shape[:3]
+    flat = x.reshape(T, N, C, -1)
+    out = torch.zeros(flat.shape, dtype=torch.float64)
+    for n, c, i in itertools.product(range(N), range(C), range(flat.shape[3])):
+        th = theta[c].item()
+        v = cfg.v_init * th
+        for t in range(T):
+            h = cfg.decay * v + flat[t, n, c, i].item() + bias[c].item()
+            s = h >= th
+            out[t, n, c, i] = th if s else 0.0
+            v = (h - th if cfg.reset == "soft" else cfg.v_reset) if s else h
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind,reset", [("if", "soft"), ("lif", "hard")])
+def test_neuron_module_matches_float64_loop(kind, reset):
+    """The module as the graph calls it: time folded into the batch [T * N, C, H, W], per-channel threshold
+    and calibrated bias, v_init and v_reset, state carried from one call of the same Call to the next."""
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import Neuron, NeuronConfig
+
+    g = torch.Generator().manual_seed(21 + len(kind))
+    T, N, C = 6, 2, 3
+    cfg = NeuronConfig(kind=kind, reset=reset, v_reset=0.15, v_init=0.3, tau=3.0)
+    neuron = Neuron(cfg)
+    neuron.threshold = torch.rand(C, generator=g) + 0.4  # float32, as calibration leaves it
+    neuron.bias = torch.rand(C, generator=g) * 0.4 - 0.2
+    x = torch.rand(T, N, C, 4, 5, generator=g, dtype=torch.float64) * 1.5 - 0.3
+    ref = _module_reference(x, neuron.threshold.double(), neuron.bias.double(), cfg)
+    with running(Call(steps=T, input_static=False, backend="torch")):
+        out = neuron(x.flatten(0, 1)).view(x.shape).clone()
+    assert out.dtype == torch.float64 and torch.equal(out, ref)
+    assert 0 < (out != 0).double().mean() < 1 and neuron.calls == {"kernel": 0, "torch": 1}
+    with running(Call(steps=2, input_static=False, backend="torch")) as call:  # two chunks: 2 + 4 steps
+        first = neuron(x[:2].flatten(0, 1)).view(2, *x.shape[1:]).clone()
+        call.steps = 4
+        rest = neuron(x[2:].flatten(0, 1)).view(4, *x.shape[1:]).clone()
+    assert call.state[neuron].dtype == torch.float64 and torch.equal(torch.cat([first, rest]), ref)
+
+
+def test_neuron_module_static_input_and_layouts():
+    """A neuron marked static (hoisted) integrates its one [N, ...] input at every step when the call's input
+    is static, and reads [T * N, ...] when it is not (time-major input); channels-last stays channels-last."""
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import Neuron, NeuronConfig
+
+    g = torch.Generator().manual_seed(31)
+    T, N, C = 5, 2, 3
+    neuron = Neuron(NeuronConfig())
+    neuron.threshold, neuron.static_input = torch.rand(C, generator=g) + 0.4, True
+    no_bias = torch.zeros(C, dtype=torch.float64)
+    x0 = (torch.rand(N, C, 4, 4, generator=g, dtype=torch.float64) * 1.2 - 0.1).contiguous(
+        memory_format=torch.channels_last
+    )
+    ref = _module_reference(x0.expand(T, *x0.shape), neuron.threshold.double(), no_bias, neuron.config)
+    with running(Call(steps=T, input_static=True, backend="torch")):
+        out = neuron(x0)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out.view(T, *x0.shape), ref)
+    xs = torch.rand(T, N, C, 4, 4, generator=g, dtype=torch.float64)
+    ref = _module_reference(xs, neuron.threshold.double(), no_bias, neuron.config)
+    with running(Call(steps=T, input_static=False, backend="torch")):
+        out = neuron(xs.flatten(0, 1))
+    assert out.is_contiguous() and torch.equal(out.view(xs.shape), ref)
+
+
+def test_float32_neurons_keep_float32_membranes():
+    """float32 currents integrate in a float32 membrane: the spikes equal a loop of float32 roundings (a
+    float64 membrane would round differently and, over many steps, fire at other steps)."""
+    import numpy as np
+
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import Neuron, NeuronConfig
+
+    g = torch.Generator().manual_seed(41)
+    T, n = 64, 400
+    neuron = Neuron(NeuronConfig(v_init=0.0))
+    neuron.threshold = torch.tensor(0.7)
+    x = torch.randint(1, 5, (T, n), generator=g) * 0.1  # sums land on the threshold: roundings decide
+    with running(Call(steps=T, input_static=False, backend="torch")):
+        out = neuron(x.flatten(0, 1)).view(T, n)
+    th, xs = np.float32(0.7), x.numpy()
+    v = np.zeros(n, dtype=np.float32)
+    ref = np.zeros((T, n), dtype=np.float32)
+    for t in range(T):
+        v = v + xs[t]  # float32 + float32: one rounding, as torch's in-place add
+        s = v >= th
+        ref[t] = np.where(s, th, np.float32(0))
+        v = np.where(s, v - th, v).astype(np.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.from_numpy(ref))
+    # the float64 sums of the same currents cross the threshold at other steps somewhere
+    v64, fired64 = np.zeros(n), []
+    for t in range(T):
+        v64 = v64 + xs[t].astype(np.float64)
+        s = v64 >= np.float64(th)
+        fired64.append(s)
+        v64 = np.where(s, v64 - np.float64(th), v64)
+    assert (np.array(fired64) != (ref > 0)).any()
+
+
+def test_neuron_outside_a_call_is_the_ann_activation():
+    """No call open: the module is the ANN's activation (ReLU6 with its clip, else ReLU) and shows each
+    output to its observer (calibration)."""
+    import torch.nn.functional as F
+
+    from snnconv.runtime.modules import Neuron, NeuronConfig
+
+    x = torch.linspace(-4, 11, 61, dtype=torch.float64).view(1, 61)
+    seen = []
+    for clip, ref in ((6.0, F.relu6(x)), (None, F.relu(x))):
+        n = Neuron(NeuronConfig(), clip=clip)
+        n.observer = seen.append
+        y = n(x)
+        assert torch.equal(y, ref) and seen[-1] is y
+    assert len(seen) == 2
