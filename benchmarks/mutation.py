@@ -33,6 +33,9 @@ TESTS = [
     "tests/test_contracts.py",
     "tests/test_integer_spikes.py",
     "tests/test_mutants.py",
+    "tests/test_frontend.py",
+    "tests/test_errors.py",
+    "tests/test_streaming.py",
 ]
 # left out of the selection (all run in CI): tests/test_threads.py (more than half of the selection's time,
 # it checks concurrency, not arithmetic), a subprocess run of the int8 path (80 s, and mutmut cannot see

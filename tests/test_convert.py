@@ -274,3 +274,47 @@ def test_conversion_state_roundtrip():
     assert not torch.allclose(other(x), snn(x))
     other.load_conversion_state(state)
     assert other.T == 5 and torch.equal(other(x), snn(x))
+
+
+_GEOMETRIES = [
+    (2, {"kernel_size": 2, "stride": 1}),  # overlapping windows
+    (2, {"kernel_size": 2, "stride": 2, "padding": 1}),
+    (2, {"kernel_size": 2, "stride": 2, "dilation": 2}),
+    (2, {"kernel_size": 2, "stride": 2, "ceil_mode": True}),  # a partial window at the edge
+    (2, {"kernel_size": (3, 2), "stride": None}),  # stride defaults to the kernel
+    (2, {"kernel_size": 9, "stride": 9, "ceil_mode": True}),  # the window is larger than the map
+    (1, {"kernel_size": 2, "stride": 2}),
+    (3, {"kernel_size": 2, "stride": 2}),
+]
+
+
+@pytest.mark.parametrize(
+    "dims,kw,channels_last", [(d, kw, cl) for d, kw in _GEOMETRIES for cl in ((False, True) if d == 2 else (False,))]
+)
+def test_spike_maxpool_every_geometry(dims, kw, channels_last):
+    """Every pooling geometry, in either layout, equals the float64 cumsum + max pool reference, whole and
+    in chunks; on a static input (call.input_static and marked static) it is the plain max pool."""
+    fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+    g = torch.Generator().manual_seed(9 + dims)
+    T, N, C = 5, 2, 3
+    x = torch.randn(T, N, C, *(7, 5, 6)[3 - dims :], generator=g, dtype=torch.float64)
+    ref = fn(x.cumsum(0).flatten(0, 1), **kw).unflatten(0, (T, N))
+    ref = torch.diff(ref, dim=0, prepend=torch.zeros_like(ref[:1]))
+    flat = x.flatten(0, 1)
+    if channels_last:
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    pool = SpikeMaxPool(kw, dims)
+    with running(Call(steps=T, input_static=False)):
+        whole = pool(flat).clone()
+    assert whole.dtype == torch.float64 and torch.allclose(whole.unflatten(0, (T, N)), ref, rtol=0, atol=1e-12)
+    call, parts = Call(steps=2, input_static=False), []
+    for start, steps in ((0, 2), (2, 3)):
+        call.steps = steps
+        with running(call):
+            parts.append(pool(flat[N * start : N * (start + steps)]).clone())
+    assert torch.equal(torch.cat(parts), whole)
+    pool.static_input = True
+    with running(Call(steps=T, input_static=True)):
+        assert torch.equal(pool(flat[:N]), fn(flat[:N], **kw))
+    with running(Call(steps=T, input_static=False)):  # time-varying input: running sums again
+        assert torch.equal(pool(flat), whole)

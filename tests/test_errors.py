@@ -141,3 +141,36 @@ def test_calibration_loader_forms():
     ths = [snnconv.convert(model, T=4, calib=c).thresholds() for c in (x, list(x.split(128)), loader)]
     for th in ths[1:]:
         assert all(torch.allclose(th[k], ths[0][k]) for k in th)
+
+
+def test_calibration_batches_name_the_bad_one():
+    """The calibration reader: x from (x, y) pairs, empty batches skipped, `limit` batches at most, and each
+    bad batch refused with its index."""
+    from snnconv.calibrate import batches
+
+    a, b = torch.randn(3, 4), torch.randn(2, 4)
+    got = list(batches([(a, 0), torch.empty(0, 4), [b, 1], a], None))
+    assert len(got) == 3 and got[0] is a and got[1] is b and got[2] is a
+    assert [len(x) for x in batches(torch.randn(300, 4), None)] == [128, 128, 44]
+    assert len(list(batches([a, b, a], 2))) == 2 and len(list(batches([a, b, a], 0))) == 0
+    for bad, message in (
+        ([a, {"x": a}], "calibration batches that are dicts are not supported; yield x or (x, y)"),
+        ([a, b, "text"], "calibration batch 2 is a str, not a tensor"),
+        ([a, torch.tensor([[1.0, float("inf")]])], "calibration batch 1 contains NaN or Inf; clean the data first"),
+        (3.5, "calib must be a tensor, an iterable of tensors or a DataLoader, got float"),
+    ):
+        with pytest.raises(ConversionError) as info:
+            list(batches(bad, None))
+        assert str(info.value) == message
+
+
+def test_calibration_batch_the_graph_cannot_run_is_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ConversionError) as info:
+        snnconv.convert(model, T=4, calib=[torch.randn(3, 4), torch.randn(2, 5)])
+    with pytest.raises(RuntimeError) as direct:
+        model(torch.randn(2, 5))
+    assert str(info.value) == (
+        f"the converted graph fails on calibration batch 1 of shape (2, 5): RuntimeError: {direct.value} (if the "
+        "model itself runs on this input, this is an snnconv bug: please report it with `snnconv inspect`)"
+    )
