@@ -383,3 +383,46 @@ def test_one_channel_stem_feeds_the_neurons_channels_last():
         _, spikes = record_spikes(snn, lambda snn=snn: snn(x))
         first = spikes[next(iter(snn.neurons()))]
         assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+
+
+class _Flattens(nn.Module):
+    """Each form of flatten, on the input `s` or on another tensor, with what _flattens_channels says of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat, self.flat2, self.flat12, self.other = nn.Flatten(), nn.Flatten(2), nn.Flatten(1, 2), nn.Flatten()
+
+    def forward(self, s):
+        t = s + 1
+        return {
+            "module": self.flat(s),
+            "module_from_2": self.flat2(s),
+            "module_to_2": self.flat12(s),
+            "module_other": self.other(t),
+            "fn": torch.flatten(s, 1),
+            "fn_end": torch.flatten(s, 1, -1),
+            "fn_kw": torch.flatten(s, start_dim=1),
+            "fn_end_kw": torch.flatten(s, 1, end_dim=-1),
+            "fn_both_kw": torch.flatten(s, start_dim=1, end_dim=-1),
+            "method": s.flatten(1),
+            "fn_all": torch.flatten(s),
+            "fn_from_2": torch.flatten(s, 2),
+            "fn_to_1": torch.flatten(s, 1, 1),
+            "fn_to_2": torch.flatten(s, 1, -2),
+            "method_other": t.flatten(1),
+            "view": s.view(s.shape[0], -1),
+        }
+
+
+_FLATTENS_CHANNELS = {"module", "fn", "fn_end", "fn_kw", "fn_end_kw", "fn_both_kw", "method"}
+
+
+def test_which_flattens_keep_channels_in_features():
+    """Only flatten(s, 1) in its module, function and method forms (end_dim -1, positional or keyword) makes
+    every feature one channel's value at one position of s."""
+    from snnconv.passes.integer_spikes import _flattens_channels
+
+    gm = torch.fx.symbolic_trace(_Flattens())
+    src = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert {name for name, node in out.items() if _flattens_channels(gm, node, src)} == _FLATTENS_CHANNELS

@@ -135,3 +135,41 @@ def _torch_peak(snn, x) -> int:
         live += e.cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+@pytest.mark.parametrize(
+    "layer,bn",
+    [
+        (lambda: nn.Conv2d(3, 5, 3, bias=False), lambda: nn.BatchNorm2d(5)),
+        (lambda: nn.Conv2d(3, 5, 3), lambda: nn.BatchNorm2d(5, affine=False)),
+        (lambda: nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last), lambda: nn.BatchNorm2d(5)),
+        (lambda: nn.Conv1d(3, 5, 3), lambda: nn.BatchNorm1d(5)),
+        (lambda: nn.Linear(3, 5), lambda: nn.BatchNorm1d(5)),
+    ],
+)
+def test_folded_batchnorm_equals_layer_then_bn(layer, bn):
+    """FoldedBN against the two modules it folds (float64), for every form of either, and refolded after a
+    parameter or statistic changes in place; folded once while nothing changes."""
+    from snnconv.passes.fold_batchnorm import FoldedBN
+
+    torch.manual_seed(4)
+    lay, norm = layer().double().eval(), bn().double().eval()
+    with torch.no_grad():
+        for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias):
+            if t is not None:
+                t.copy_(torch.rand(5) + 0.5)
+    norm.eps = 0.25  # large enough that a wrong sign shows
+    x = torch.randn(4, 3, *([6, 6] if isinstance(lay, nn.Conv2d) else [7] if isinstance(lay, nn.Conv1d) else []))
+    x = x.double()
+    fold = FoldedBN(lay, norm, ("layer", "bn"))
+    with torch.no_grad():
+        assert torch.allclose(fold(x), norm(lay(x)), rtol=0, atol=1e-12)
+        w, b = fold.folded()
+        assert fold.folded()[0] is w and b.dtype == w.dtype == torch.float64
+        if isinstance(lay, nn.Conv2d):
+            cl = not lay.weight.is_contiguous()
+            assert w.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        norm.running_mean.add_(0.5)
+        lay.weight.mul_(-1.5)
+        assert fold.folded()[0] is not w
+        assert torch.allclose(fold(x), norm(lay(x)), rtol=0, atol=1e-12)
