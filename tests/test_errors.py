@@ -167,10 +167,10 @@ def test_calibration_batches_name_the_bad_one():
 def test_calibration_batch_the_graph_cannot_run_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(ConversionError) as info:
-        snnconv.convert(model, T=4, calib=[torch.randn(3, 4), torch.randn(2, 5)])
+        snnconv.convert(model, T=4, calib=[torch.randn(3, 4), torch.randn(1, 4), torch.randn(2, 5)])
     with pytest.raises(RuntimeError) as direct:
         model(torch.randn(2, 5))
     assert str(info.value) == (
-        f"the converted graph fails on calibration batch 1 of shape (2, 5): RuntimeError: {direct.value} (if the "
+        f"the converted graph fails on calibration batch 2 of shape (2, 5): RuntimeError: {direct.value} (if the "
         "model itself runs on this input, this is an snnconv bug: please report it with `snnconv inspect`)"
     )

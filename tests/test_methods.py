@@ -171,3 +171,35 @@ def test_bias_calibration_sub_batches_hold_what_the_budget_fits():
         )
         h.remove()
         assert seen == [fits, 4 * fits] * (6 // fits), seen
+
+
+def test_stats_observer_against_torch_reductions():
+    """The calibration observer: per-channel (dim 1) or per-layer max over every batch, and the percentile
+    as the mean of each batch's torch.quantile; a row longer than the quantile's sample size is sampled."""
+    from snnconv.calibrate import _SAMPLE, Stats, by_channel
+
+    g = torch.Generator().manual_seed(13)
+    y4, y2, y1 = torch.rand(6, 3, 4, 5, generator=g), torch.rand(7, 3, generator=g), torch.rand(9, generator=g)
+    assert torch.equal(by_channel(y4), y4.permute(1, 0, 2, 3).reshape(3, -1))
+    assert torch.equal(by_channel(y2), y2.T) and torch.equal(by_channel(y1), y1.view(1, 9))
+    batches = [torch.rand(5, 3, 4, 4, generator=g) * (i + 1) for i in range(3)]
+    for per_channel in (True, False):
+        stats = Stats(per_channel, 0.9)
+        for b in batches:
+            stats(b)
+        rows = [by_channel(b) if per_channel else b.reshape(1, -1) for b in batches]
+        mx = torch.stack([r.amax(1) for r in rows]).amax(0)
+        q = torch.stack([torch.quantile(r, 0.9, dim=1) for r in rows]).mean(0)
+        if not per_channel:
+            mx, q = mx.reshape(()), q.reshape(())
+        assert torch.equal(stats.threshold("max"), mx) and torch.allclose(stats.threshold("percentile"), q)
+        assert stats.threshold("max").shape == ((3,) if per_channel else ())
+    exact = torch.rand(1, _SAMPLE, generator=g)  # exactly the sample size: every value counts
+    stats = Stats(False, 0.5)
+    stats(exact)
+    assert torch.equal(stats.threshold("percentile"), torch.quantile(exact, 0.5, dim=1).reshape(()))
+    long = torch.rand(1, 2 * _SAMPLE, generator=g)  # sampled: near, not at, the exact median
+    stats = Stats(False, 0.5)
+    stats(long)
+    assert abs(stats.threshold("percentile") - 0.5) < 0.01
+    assert stats.threshold("max") == long.max()

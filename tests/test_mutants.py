@@ -204,3 +204,25 @@ def test_one_rank_distributed_calibration_matches_the_plain_one(tmp_path):
                     assert not torch.equal(th, th_ref)  # the histogram's estimate, not the sample quantile
     finally:
         dist.destroy_process_group()
+
+
+def test_calibration_progress_bar_only_on_a_terminal(capsys, monkeypatch):
+    """tqdm's bar, named 'calibration' and counting batches, is drawn on a terminal only and cleared when
+    calibration ends."""
+    import io
+    import sys
+
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(8, 4)
+    snnconv.convert(model, T=2, calib=[x, x])
+    assert "calibration" not in capsys.readouterr().err  # stderr is not a terminal here
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    snnconv.convert(model, T=2, calib=[x, x])
+    text = term.getvalue()
+    assert "calibration: 0batch [" in text and "batch/s]" in text
+    assert text.endswith("\r") and text.rsplit("\r", 2)[-2].strip() == ""  # the line is blanked at the end
