@@ -123,10 +123,11 @@ class _Exporter:
     def run(self):
         nir, gm, s = self.nir, self.gm, self.snn.settings
         cfg = s.neuron
-        if cfg.kind != "if" or cfg.reset != "soft" or cfg.max_spikes != 1:
+        if cfg.kind != "if" or cfg.reset != "soft" or cfg.max_spikes != 1 or cfg.signed:
             raise ConversionError(
-                "NIR export: only IF neurons with reset by subtraction and binary spikes are exported "
-                f"(this SNN has neuron={cfg.kind!r}, reset={cfg.reset!r}, max_spikes={cfg.max_spikes})"
+                "NIR export: only IF neurons with reset by subtraction and binary, unsigned spikes are exported "
+                f"(this SNN has neuron={cfg.kind!r}, reset={cfg.reset!r}, max_spikes={cfg.max_spikes}, "
+                f"signed_spikes={cfg.signed}); convert with signed_spikes=False for NIR"
             )
         self._shapes(torch.rand(1, *s.input_shape, generator=torch.Generator().manual_seed(0)))
         for node in gm.graph.nodes:
@@ -453,8 +454,16 @@ def from_nir(graph, T: int = 8, **options):
     ann = fx.GraphModule(root, g)
     shape = next(iter(shapes.values()))
     v_init = float(meta.get("v_init", 0.0))
-    kwargs = {"readout_delay": int(meta.get("readout_delay", 0)), **options}
-    snn = snnconv.convert(ann, T=T, threshold=1.0, example_input=torch.zeros(1, *shape), v_init=v_init, **kwargs)
+    # NIR's IF neurons emit unsigned spikes
+    kwargs = {"readout_delay": int(meta.get("readout_delay", 0)), "signed_spikes": False, **options}
+    snn = snnconv.convert(
+        ann,
+        T=T,
+        threshold=1.0,
+        example_input=torch.zeros(1, *shape),
+        v_init=v_init,
+        **{"signed_spikes": False, **kwargs},
+    )
     neurons = list(snn.neurons().values())
     if len(neurons) != len(thresholds):
         raise ConversionError(f"NIR import: {len(thresholds)} IF nodes became {len(neurons)} neuron layers")

@@ -45,9 +45,9 @@ def make_data():
 
 
 CASES = {  # name -> convert options
-    "max": {"method": "max"},
-    "percentile": {"method": "percentile", "percentile": 99.0},
-    "per_layer": {"method": "percentile", "percentile": 99.9, "per_channel": False},
+    "max": {"method": "max", "bias_calibration": False},
+    "percentile": {"method": "percentile", "percentile": 99.0, "bias_calibration": False},
+    "per_layer": {"method": "percentile", "percentile": 99.9, "per_channel": False, "bias_calibration": False},
     "bias": {"method": "max", "bias_calibration": True, "bias_batches": 100},
 }
 
@@ -135,7 +135,7 @@ def test_bias_calibration_equals_one_process_on_the_gathered_batches(two_ranks):
 
 def test_merged_evaluation_equals_one_process(two_ranks):
     x, y = make_data()
-    snn = snnconv.convert(make_net(), T=4, calib=x, method="max")
+    snn = snnconv.convert(make_net(), T=4, calib=x, method="max", bias_calibration=False)
     one = snnconv.evaluate(snn, x, y, T=[2, 6], batch=8, progress=False)
     merged = two_ranks[0]["eval"]
     assert merged["samples"] == one["samples"] == SAMPLES  # the sampler's padding counted once

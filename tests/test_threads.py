@@ -58,10 +58,11 @@ def _concurrent_equals_sequential(snn, device: str) -> None:
         assert torch.equal(y, expected[i]), (k, r, i, (y - expected[i]).abs().max().item())
 
 
-def _model(chunk, passes_, device="cpu"):
+def _model(chunk, passes_, device="cpu", **options):
     torch.manual_seed(0)
     ann = randomize_bn(ResCatNet(c=16)).to(device)
-    return snnconv.convert(ann, T=6, calib=torch.rand(32, 3, 16, 16, device=device), chunk=chunk, passes=passes_)
+    calib = torch.rand(32, 3, 16, 16, device=device)
+    return snnconv.convert(ann, T=6, calib=calib, chunk=chunk, passes=passes_, **options)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -72,10 +73,16 @@ def test_threads_float_path(chunk):
     _concurrent_equals_sequential(snn, "cpu")
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_threads_signed_spikes(chunk):
+    """Signed neurons carry a net spike count besides the membrane: it lives in the call too."""
+    _concurrent_equals_sequential(_model(chunk, FLOAT32_PASSES, signed_spikes=True), "cpu")
+
+
 @pytest.mark.skipif(not int8.available(), reason="oneDNN int8 ops not exact on this CPU (no VNNI)")
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_threads_int8_path(chunk):
-    snn = _model(chunk, None)
+    snn = _model(chunk, None, signed_spikes=False)  # the int8 layers take binary spikes
     assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3
     _concurrent_equals_sequential(snn, "cpu")
 
@@ -107,7 +114,7 @@ def test_step_with_explicit_state_equals_multistep(int8_path):
     # float path in float64: float32 sums would round differently over T * N and over N samples
     dtype = torch.float32 if int8_path else torch.float64
     ann = randomize_bn(ResCatNet(c=16)).to(dtype)
-    snn = snnconv.convert(ann, T=6, calib=torch.rand(32, 3, 16, 16, dtype=dtype))
+    snn = snnconv.convert(ann, T=6, calib=torch.rand(32, 3, 16, 16, dtype=dtype), signed_spikes=not int8_path)
     assert any(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == int8_path
     x = torch.rand(6, 3, 3, 16, 16, dtype=dtype)
     ref = snn(x, time_major=True, per_step=True)
