@@ -1,13 +1,17 @@
 """Mutation testing (mutmut 3): how many planted bugs in the neuron arithmetic, the runtime modules, the
-calibration and the passes do the fast tests catch? Too slow for CI (hours on 2 cores): run by hand.
+calibration and the passes do the fast tests catch? Too slow for CI (an hour or more on 2 shared cores): run
+by hand, niced.
 
     pip install mutmut==3.8.1
-    python benchmarks/mutation.py [--work /tmp/snnconv-mutation] [--files runtime/torch_backend.py ...]
+    nice -n 19 python benchmarks/mutation.py [--work /tmp/snnconv-mutation] [--files runtime/torch_backend.py ...]
+    nice -n 19 python benchmarks/mutation.py --work ... --rerun   # after adding tests: survivors again
 
 mutmut wants one package under src/, so the script lays the tree out as installed (snnconv/, with
 passes/ and runtime/ inside) in a scratch folder, runs `mutmut run` there with only the fast test files
-that exercise these modules, and writes benchmarks/results/mutation.txt: the command, the score per file
-and every surviving mutant's diff.
+that exercise these modules (mutmut runs, for each mutant, the selected tests that call its function), and
+writes benchmarks/results/mutation.txt: the commands, the score per file, the survivors judged equivalent
+(EQUIVALENT below, with the reason) and every other survivor's diff. mutmut does not mutate decorated
+functions, so the bodies of the passes themselves (@contract) are not mutated, only their helpers.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ DESELECT = [
     "tests/test_kernels.py::test_every_variant_compiles_to_ptx",
 ]
 _INSTALLED = {"snnconv": "src/snnconv", "passes": "src/snnconv/passes", "runtime": "src/snnconv/runtime"}
+
+
+# Survivors judged equivalent: (function, a fragment of the mutated line, why no test can tell them apart).
+# Matched on the mutated text, not mutmut's numbers, so the list survives renumbering.
+EQUIVALENT: list[tuple[str, str, str]] = []
 
 
 def _installed_path(path: str) -> str:
@@ -147,32 +156,74 @@ def main() -> None:
             per_file.setdefault(_module(name), Counter())[status] += 1
     survivors = by_status.get("survived", [])
     untested = Counter(name.rsplit("__mutmut_", 1)[0] for name in by_status.get("no tests", []))
+    command = "python benchmarks/mutation.py " + " ".join(sys.argv[1:])
+    history = work / "runs.txt"  # every run in this --work folder: the results merge them all
+    if not args.report_only:
+        with history.open("a") as f:
+            f.write(f"{command}  ({(time.time() - t0) / 60:.0f} min)\n")
+    diffs = {name: _diff(work, mutmut, name) for name in survivors}
+    equivalent = {name: why for name in survivors if (why := _equivalent(name, diffs[name]))}
     lines = [
-        "command: python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
-        *([f"mutmut 3, tests: {' '.join(args.tests)}"] if not args.report_only else []),
-        f"wall time: {(time.time() - t0) / 60:.0f} min" if not args.report_only else "summary of a run in --work:",
-        *[f"    {line}" for line in (work / "pyproject.toml").read_text().splitlines() if args.report_only],
+        f"command: {command}",
+        f"mutmut 3, tests: {' '.join(args.tests)} (deselected: {' '.join(DESELECT)})",
+        "runs in this work folder, in order (the results are the latest verdict of each mutant):",
+        *[f"    {line}" for line in history.read_text().splitlines()],
         "",
         "killed counts timeouts; score = killed / (killed + survived + no tests): a mutant no selected test",
         "runs counts against the score. 'not checked': the run stopped before it (left out of the score).",
+        "equivalent: survivors judged equivalent (listed below with the reason); 'score w/o equiv.' leaves",
+        "them out of the denominator.",
         "",
-        "file | mutants | killed | survived | no tests | not checked | score",
-        "--- | --- | --- | --- | --- | --- | ---",
+        "file | mutants | killed | survived | of them equivalent | no tests | not checked | score | score w/o equiv.",
+        "--- | --- | --- | --- | --- | --- | --- | --- | ---",
     ]
+    eq_by_module = Counter(_module(name) for name in equivalent)
     for module, c in [*sorted(per_file.items()), ("all", total)]:
         killed, survived, no_tests = c["killed"] + c["timeout"], c["survived"], c["no tests"]
+        eq = sum(eq_by_module.values()) if module == "all" else eq_by_module[module]
         tested = killed + survived + no_tests
         score = f"{killed / tested:.1%}" if tested else "-"
-        row = f"{module} | {sum(c.values())} | {killed} | {survived} | {no_tests} | {c['not checked']} | {score}"
-        lines.append(row)
+        score_eq = f"{killed / (tested - eq):.1%}" if tested > eq else "-"
+        lines.append(
+            f"{module} | {sum(c.values())} | {killed} | {survived} | {eq} | {no_tests} | {c['not checked']} | "
+            f"{score} | {score_eq}"
+        )
     lines += ["", "functions no selected test runs (their mutants count as not killed):"]
     lines += [f"  {name}: {count} mutants" for name, count in sorted(untested.items())]
-    lines += ["", f"survivors ({len(survivors)}):"]
-    for name in survivors:
-        diff = subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout
-        lines += [f"--- {name}", diff.strip(), ""]
+    lines += ["", f"survivors judged equivalent ({len(equivalent)}):"]
+    for why in sorted(set(equivalent.values())):
+        lines += [f"  {why}"]
+        lines += [f"    {name}: {_one_line(diffs[name])}" for name in survivors if equivalent.get(name) == why]
+    rest = [name for name in survivors if name not in equivalent]
+    lines += ["", f"survivors not judged equivalent ({len(rest)}):"]
+    for name in rest:
+        lines += [f"--- {name}", diffs[name], ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:30]))
+    print("\n".join(lines[:40]))
+
+
+def _diff(work: Path, mutmut: str, name: str) -> str:
+    return subprocess.run([mutmut, "show", name], cwd=work, capture_output=True, text=True).stdout.strip()
+
+
+def _changed(diff: str) -> tuple[list[str], list[str]]:
+    lines = [line for line in diff.splitlines() if line[:1] in "-+" and line[:3] not in ("---", "+++")]
+    return [x[1:].strip() for x in lines if x[0] == "-"], [x[1:].strip() for x in lines if x[0] == "+"]
+
+
+def _one_line(diff: str) -> str:
+    old, new = _changed(diff)
+    return f"{' / '.join(old)}  ->  {' / '.join(new)}"
+
+
+def _equivalent(name: str, diff: str) -> str | None:
+    """The reason a surviving mutant is judged equivalent, if one of EQUIVALENT's rules matches it."""
+    function = name.rsplit("__mutmut_", 1)[0]
+    _, new = _changed(diff)
+    for func, fragment, why in EQUIVALENT:
+        if function.endswith(func) and any(fragment in line for line in new):
+            return why
+    return None
 
 
 if __name__ == "__main__":
