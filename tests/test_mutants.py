@@ -1,5 +1,7 @@
 """Tests added for mutants that survived benchmarks/mutation.py: behaviour the other tests left unpinned."""
 
+import itertools
+
 import torch
 import torch.nn as nn
 
@@ -113,7 +115,9 @@ def test_module_reprs_name_their_settings():
 
 
 def test_spike_maxpool_sums_half_inputs_in_float32():
-    """Running sums of bfloat16 currents are kept in float32 (in bfloat16 they would stop growing)."""
+    """Running sums of bfloat16 and float32 currents are kept in float32 (in bfloat16 they would stop
+    growing; in float64 they would round differently): equal to float32 cumsums, max-pooled and differenced
+    in float32, in either layout."""
     import torch.nn.functional as F
 
     from snnconv.runtime.context import Call, running
@@ -121,13 +125,19 @@ def test_spike_maxpool_sums_half_inputs_in_float32():
 
     g = torch.Generator().manual_seed(4)
     T = 64
-    x = (torch.rand(T, 2, 3, 4, 4, generator=g) * 0.1).to(torch.bfloat16)
-    pool = SpikeMaxPool({"kernel_size": 2, "stride": 2}, 2)
-    with running(Call(steps=T, input_static=False)):
-        out = pool(x.flatten(0, 1)).view(T, 2, 3, 2, 2)
-    pooled = F.max_pool2d(x.float().cumsum(0).flatten(0, 1), 2).view(T, 2, 3, 2, 2)
-    ref = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1])).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    for dtype, fmt in itertools.product(
+        (torch.bfloat16, torch.float32), (torch.contiguous_format, torch.channels_last)
+    ):
+        x = (torch.rand(T, 2, 3, 4, 4, generator=g) * 0.1).to(dtype)
+        pool = SpikeMaxPool({"kernel_size": 2, "stride": 2}, 2)
+        with running(Call(steps=T, input_static=False)):
+            out = pool(x.flatten(0, 1).contiguous(memory_format=fmt)).view(T, 2, 3, 2, 2)
+        sums = x.float().clone()
+        for t in range(1, T):  # float32 adds step by step (torch.cumsum accumulates float32 in float64)
+            sums[t] = sums[t - 1] + sums[t]
+        pooled = F.max_pool2d(sums.flatten(0, 1), 2).view(T, 2, 3, 2, 2)
+        ref = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1])).to(dtype)
+        assert out.dtype == dtype and torch.equal(out, ref), (dtype, fmt)
 
 
 class _PoolNet(nn.Module):
