@@ -133,6 +133,12 @@ def main() -> None:
         action="store_true",
         help="rerun a finished run's survivors and untested mutants in --work against the current tests/",
     )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        help="in an existing --work folder: run only the mutants matching these name globs "
+        "(e.g. 'snnconv.runtime.torch_backend*'): a slow machine measures file by file",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
@@ -145,6 +151,8 @@ def main() -> None:
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         _config(work, args.files, args.tests)  # the same selection (a new one would reset every result)
         subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)
+    elif args.only:
+        subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *args.only], cwd=work, env=env)
     elif not args.report_only:
         _layout(work, args.files, args.tests)
         subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env, check=False)
