@@ -54,7 +54,37 @@ _INSTALLED = {"snnconv": "src/snnconv", "passes": "src/snnconv/passes", "runtime
 
 # Survivors judged equivalent: (function, a fragment of the mutated line, why no test can tell them apart).
 # Matched on the mutated text, not mutmut's numbers, so the list survives renumbering.
-EQUIVALENT: list[tuple[str, str, str]] = []
+_ONE = "multiplying by a decay of exactly 1.0 is exact (x * 1.0 == x), and decay = 1 - 1/tau is never 2"
+_CPU = "a device move that is a no-op when input, bias and threshold share one device (CPU-only run; test_gpu.py)"
+EQUIVALENT: list[tuple[str, str, str]] = [
+    ("multistep_functional", "(decay != 1.0) or True", _ONE),
+    ("multistep", "decay != 2.0", _ONE),
+    ("multistep_burst", "decay != 2.0", _ONE),
+    ("multistep_signed", "decay != 2.0", _ONE),
+    ("multistep_functional", "decay != 2.0", _ONE),
+    (
+        "multistep_functional",
+        "(max_spikes == 1) and False",
+        "for theta > 0, floor(h / theta) clamped to [0, 1] is (h >= theta): division is correctly rounded",
+    ),
+    ("multistep_functional", "(h >= theta).to(None)", "boolean spikes give the same s * theta and s > 0"),
+    ("xǁNeuronǁforward", "(self.clip is not None) or True", "clamp(x, 0, None) is relu(x)"),
+    ("xǁNeuronǁforward", "b.dim() >= 0", "a 0-d bias viewed as [1, 1, ...] adds the same"),
+    ("xǁNeuronǁforward", "theta.dim() >= 0", "a 0-d threshold viewed as [1, ...]: the same comparisons and resets"),
+    ("xǁNeuronǁforward", "self.bias.to(None, x.dtype)", _CPU),
+    ("xǁNeuronǁforward", "self.bias.to(x.dtype)", _CPU),
+    ("xǁNeuronǁforward", "theta.device == x.device", _CPU),
+    ("xǁNeuronǁforward", "self.threshold = theta = theta.to(None)", _CPU),
+    ("xǁStatsǁ__call__", "(_SAMPLE,), device=None)", _CPU),
+    ("xǁStatsǁ__call__", "(_SAMPLE,), )", _CPU),
+    (
+        "calibrate_bias",
+        "max(2, settings.step_bytes_per_sample",
+        "the floor matters only for an unmeasured model (0 bytes), where any floor leaves every batch in one sub-batch",
+    ),
+    ("calibrate_bias", "int(budget / per_sample)", "int() of a positive float truncates like //"),
+    ("_channel_sums", "t.numel() / t.shape[1]", "an exact quotient either way, only dividing float64 sums"),
+]
 
 
 def _installed_path(path: str) -> str:
