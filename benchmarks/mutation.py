@@ -205,7 +205,7 @@ def main() -> None:
         f"command: {command}",
         f"mutmut 3, tests: {' '.join(args.tests)} (deselected: {' '.join(DESELECT)})",
         "runs in this work folder, in order (the results are the latest verdict of each mutant):",
-        *[f"    {line}" for line in history.read_text().splitlines()],
+        *[f"    {line}" for line in (history.read_text().splitlines() if history.exists() else [])],
         "",
         "killed counts timeouts; score = killed / (killed + survived + no tests): a mutant no selected test",
         "runs counts against the score. 'not checked': the run stopped before it (left out of the score).",
