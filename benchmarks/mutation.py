@@ -207,24 +207,27 @@ def main() -> None:
         "runs in this work folder, in order (the results are the latest verdict of each mutant):",
         *[f"    {line}" for line in (history.read_text().splitlines() if history.exists() else [])],
         "",
-        "killed counts timeouts; score = killed / (killed + survived + no tests): a mutant no selected test",
-        "runs counts against the score. 'not checked': the run stopped before it (left out of the score).",
+        "score = killed / (killed + timeout + survived + no tests): a mutant no selected test runs counts",
+        "against the score, and so does a timeout (mutmut's timeouts are wall-clock: on a machine busy with other",
+        "jobs a slow but passing run times out, so a timeout is not counted as a kill). 'not checked': the run",
+        "stopped before it (left out of the score).",
         "equivalent: survivors judged equivalent (listed below with the reason); 'score w/o equiv.' leaves",
         "them out of the denominator.",
         "",
-        "file | mutants | killed | survived | of them equivalent | no tests | not checked | score | score w/o equiv.",
-        "--- | --- | --- | --- | --- | --- | --- | --- | ---",
+        "file | mutants | killed | timeout | survived | of them equivalent | no tests | not checked | score | "
+        "score w/o equiv.",
+        "--- | --- | --- | --- | --- | --- | --- | --- | --- | ---",
     ]
     eq_by_module = Counter(_module(name) for name in equivalent)
     for module, c in [*sorted(per_file.items()), ("all", total)]:
-        killed, survived, no_tests = c["killed"] + c["timeout"], c["survived"], c["no tests"]
+        killed, timeout, survived, no_tests = c["killed"], c["timeout"], c["survived"], c["no tests"]
         eq = sum(eq_by_module.values()) if module == "all" else eq_by_module[module]
-        tested = killed + survived + no_tests
+        tested = killed + timeout + survived + no_tests
         score = f"{killed / tested:.1%}" if tested else "-"
         score_eq = f"{killed / (tested - eq):.1%}" if tested > eq else "-"
         lines.append(
-            f"{module} | {sum(c.values())} | {killed} | {survived} | {eq} | {no_tests} | {c['not checked']} | "
-            f"{score} | {score_eq}"
+            f"{module} | {sum(c.values())} | {killed} | {timeout} | {survived} | {eq} | {no_tests} | "
+            f"{c['not checked']} | {score} | {score_eq}"
         )
     lines += ["", "functions no selected test runs (their mutants count as not killed):"]
     lines += [f"  {name}: {count} mutants" for name, count in sorted(untested.items())]
@@ -232,6 +235,8 @@ def main() -> None:
     for why in sorted(set(equivalent.values())):
         lines += [f"  {why}"]
         lines += [f"    {name}: {_one_line(diffs[name])}" for name in survivors if equivalent.get(name) == why]
+    timeouts = by_status.get("timeout", [])
+    lines += ["", f"timeouts ({len(timeouts)}): " + " ".join(timeouts)]
     rest = [name for name in survivors if name not in equivalent]
     lines += ["", f"survivors not judged equivalent ({len(rest)}):"]
     for name in rest:
