@@ -192,6 +192,8 @@ def main() -> None:
         for name in names:
             total[status] += 1
             per_file.setdefault(_module(name), Counter())[status] += 1
+            if _module(name).startswith("snnconv.passes"):
+                per_file.setdefault("snnconv.passes (all files)", Counter())[status] += 1
     survivors = by_status.get("survived", [])
     untested = Counter(name.rsplit("__mutmut_", 1)[0] for name in by_status.get("no tests", []))
     command = "python benchmarks/mutation.py " + " ".join(sys.argv[1:])
@@ -219,6 +221,8 @@ def main() -> None:
         "--- | --- | --- | --- | --- | --- | --- | --- | --- | ---",
     ]
     eq_by_module = Counter(_module(name) for name in equivalent)
+    in_passes = [v for k, v in eq_by_module.items() if k.startswith("snnconv.passes")]
+    eq_by_module["snnconv.passes (all files)"] = sum(in_passes)
     for module, c in [*sorted(per_file.items()), ("all", total)]:
         killed, timeout, survived, no_tests = c["killed"], c["timeout"], c["survived"], c["no tests"]
         eq = sum(eq_by_module.values()) if module == "all" else eq_by_module[module]
