@@ -27,19 +27,12 @@ PLAIN = {"method": "percentile", "bias_calibration": False, "signed_spikes": Fal
 FITTED = {  # converted for each T
     "snnconv default (search + bias cal. + signed)": {},
     "  without signed spikes": {"signed_spikes": False},
-    "  without bias calibration": {"bias_calibration": False},
     "  without threshold search (p99.99)": {"method": "percentile"},
-    "  threshold search only": {"bias_calibration": False, "signed_spikes": False},
     "  bias calibration only (p99.99)": {"method": "percentile", "signed_spikes": False},
-    "  bias calibration + readout delay 1 (p99.99)": {"method": "percentile", "signed_spikes": False,
-                                                      "readout_delay": 1},
-}  # fmt: skip
+}
 ONE_RUN = {  # one conversion, every T from one run
     "snnconv plain: channel p99.99 (v0.1 default)": PLAIN,
     "snnconv plain, signed spikes": {**PLAIN, "signed_spikes": True},
-    "snnconv plain, layer p99.99": {**PLAIN, "per_channel": False},
-    "snnconv plain, channel max": {**PLAIN, "method": "max"},
-    "snnconv plain, v0 = 0": {**PLAIN, "v_init": 0.0},
     "snnconv burst <=4 spikes/step (non-binary)": {**PLAIN, "max_spikes": 4},
 }
 
@@ -148,9 +141,12 @@ def main(argv=None):
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--methods", nargs="+", help="only the snnconv rows whose name contains one of these")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, snnconv defaults: {FITTED}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows fitted per T: {FITTED}", flush=True)
     for net in args.nets:
         data, arch = net.split(":")
         print(evaluate(data, arch, args), flush=True)
