@@ -49,6 +49,7 @@ CASES = {  # name -> convert options
     "percentile": {"method": "percentile", "percentile": 99.0, "bias_calibration": False},
     "per_layer": {"method": "percentile", "percentile": 99.9, "per_channel": False, "bias_calibration": False},
     "bias": {"method": "max", "bias_calibration": True, "bias_batches": 100},
+    "search": {"method": "search", "percentile": 99.0, "bias_calibration": False},
 }
 
 
@@ -108,6 +109,18 @@ def test_max_thresholds_equal_one_process(two_ranks):
     assert one.keys() == two_ranks[0]["max"]["thresholds"].keys()
     for k, th in one.items():
         assert torch.equal(two_ranks[0]["max"]["thresholds"][k], th), k
+
+
+def test_threshold_search_merges_across_ranks(two_ranks):
+    """The search's histograms merge exactly; its top (the merged percentile) is within one bin of one
+    process's, so the chosen thresholds agree with one process's up to one step of the candidate grid."""
+    x, _ = make_data()
+    one = snnconv.convert(make_net(), T=4, calib=x, method="search", percentile=99.0, bias_calibration=False)
+    tops = snnconv.convert(make_net(), T=4, calib=x, method="percentile", percentile=99.0, bias_calibration=False)
+    for k, th in one.thresholds().items():
+        step = 0.05 * tops.thresholds()[k]  # two steps of 0.025 x the top: the top moved by up to one bin
+        assert ((two_ranks[0]["search"]["thresholds"][k] - th).abs() <= step + 1e-6).all(), k
+        assert (th < tops.thresholds()[k]).any(), k  # at T = 4 the search does clip below the percentile
 
 
 def test_percentile_within_the_stated_bound_of_the_exact_percentile(two_ranks):
