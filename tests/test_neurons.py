@@ -329,3 +329,59 @@ def test_signed_count_is_the_rate_code_of_the_running_input():
     )
     final_err = lambda o: (o.sum(0) - ideal[-1]).abs().sum()  # noqa: E731
     assert final_err(out) == 0 < final_err(plain)
+
+
+def test_exact_ties_fire():
+    """Inputs on a grid of quarters, threshold 0.5, decay 0.5: every sum is exact, so membranes land exactly
+    on the threshold (and on 0): H == theta fires (H >= theta), in every backend form, like the loops."""
+    g = torch.Generator().manual_seed(17)
+    T, n, theta = 16, 64, 0.5
+    x = torch.randint(-2, 5, (T, n), generator=g).double() / 4
+    th = torch.tensor(theta, dtype=torch.float64)
+
+    def run(fn, **kw):
+        out = torch.empty(T, n, dtype=torch.float64)
+        fn(x, torch.full((n,), 0.5 * theta, dtype=torch.float64), th=th, steps=T, static=False, out=out, **kw)
+        return out.tolist()
+
+    def fwd(x, v, th, **kw):  # the out-of-place form, written into out
+        out = kw.pop("out")
+        out.copy_(torch_backend.multistep_functional(x, v, th, **kw)[0])
+
+    ties = 0
+    for kind, reset in itertools.product(["if", "lif"], ["soft", "hard"]):
+        ref = reference(x.tolist(), theta, kind, reset, 0.5, 2.0)
+        decay = 0.5 if kind == "lif" else 1.0
+        kw = dict(soft_reset=reset == "soft", v_reset=0.0, decay=decay)
+        assert run(lambda x, v, th, **k: torch_backend.multistep(x, v, th, **k), **kw) == ref, (kind, reset)
+        assert run(fwd, **kw) == ref, (kind, reset)
+        v = torch.full((n,), 0.5 * theta, dtype=torch.float64)
+        for t in range(T):  # count the exact ties the case contains
+            h = decay * v + x[t]
+            ties += int((h == theta).sum())
+            s = h >= theta
+            v = torch.where(s, h - theta if reset == "soft" else torch.zeros_like(h), h)
+    assert ties > 50
+    burst = []
+    for i in range(n):  # up to 3 spikes a step: floor(H / theta) clamped, soft reset
+        v, col = 0.5 * theta, []
+        for t in range(T):
+            h = v + x[t, i].item()
+            c = min(max(math.floor(h / theta), 0), 3)
+            col.append(c * theta)
+            v = h - c * theta
+        burst.append(col)
+    burst = torch.tensor(burst).T.tolist()
+    kw = dict(soft_reset=True, v_reset=0.0, decay=1.0, max_spikes=3)
+    assert run(lambda x, v, th, **k: torch_backend.multistep_burst(x, v, th, **k), **kw) == burst
+    assert run(fwd, **kw) == burst
+    signed = signed_reference(x.tolist(), theta, 0.5, None)
+    out = torch.empty(T, n, dtype=torch.float64)
+    v, count = torch.full((n,), 0.5 * theta, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    torch_backend.multistep_signed(x, v, count, th, steps=T, static=False, decay=1.0, out=out)
+    assert out.tolist() == signed and (out < 0).any()
+    out_f = torch_backend.multistep_functional(
+        x, torch.full((n,), 0.5 * theta, dtype=torch.float64), th, steps=T, static=False, soft_reset=True,
+        v_reset=0.0, decay=1.0, count=torch.zeros(n, dtype=torch.float64),
+    )[0]  # fmt: skip
+    assert out_f.tolist() == signed
