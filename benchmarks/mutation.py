@@ -55,6 +55,7 @@ _INSTALLED = {"snnconv": "src/snnconv", "passes": "src/snnconv/passes", "runtime
 # Survivors judged equivalent: (function, a fragment of the mutated line, why no test can tell them apart).
 # Matched on the mutated text, not mutmut's numbers, so the list survives renumbering.
 _ONE = "multiplying by a decay of exactly 1.0 is exact (x * 1.0 == x), and decay = 1 - 1/tau is never 2"
+_FALSY = "a flag only ever read for its truth: None is as false as False"
 _CPU = "a device move that is a no-op when input, bias and threshold share one device (CPU-only run; test_gpu.py)"
 EQUIVALENT: list[tuple[str, str, str]] = [
     ("multistep_functional", "(decay != 1.0) or True", _ONE),
@@ -83,6 +84,9 @@ EQUIVALENT: list[tuple[str, str, str]] = [
         "the floor matters only for an unmeasured model (0 bytes), where any floor leaves every batch in one sub-batch",
     ),
     ("calibrate_bias", "int(budget / per_sample)", "int() of a positive float truncates like //"),
+    ("xǁNeuronǁ__init__", "self.fixed = None", _FALSY),
+    ("xǁNeuronǁ__init__", "self.static_input = None", _FALSY),
+    ("xǁSpikeMaxPoolǁ__init__", "self.static_input = None", _FALSY),
     ("_channel_sums", "t.numel() / t.shape[1]", "an exact quotient either way, only dividing float64 sums"),
 ]
 
