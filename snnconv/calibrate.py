@@ -161,7 +161,9 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
 
 
-SEARCH_SCALES = torch.linspace(0.2, 1.0, 33, dtype=torch.float64)  # candidate thresholds / the percentile one
+# candidate thresholds / the percentile one; below half the percentile, clipping cost more accuracy than the
+# finer steps gained on the MNIST VGG (T = 4: 98.27% with a floor of 0.2, 98.42% with 0.5, ANN 98.58%)
+SEARCH_SCALES = torch.linspace(0.5, 1.0, 21, dtype=torch.float64)
 
 
 class ClipError:
