@@ -47,7 +47,6 @@ from snnconv.runtime.context import current
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
-_QMAX = 127 * _HI + 127
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
 ENV = "SNNCONV_INT8"  # 'auto' (default), 'off', or a mode to force: one of MODES
 MODES = ("vnni", "binary", "vnni-emulated", "binary-emulated")
