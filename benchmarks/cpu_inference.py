@@ -33,7 +33,8 @@ THREADS = [os.cpu_count() or 1]
 NETS = ("vgg_mnist", "resnet18_cifar", "torchvision_resnet18")
 # snnconv_<mode>: every pass, the int8 layers forced to that mode ($SNNCONV_INT8); run where exact here
 METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_binary", "spikingjelly")
-EXTRA = ("snnconv_vnni", "snnconv_passes_off", "snnconv_chunk1")
+# snnconv_unsigned*: binary spikes (0/theta) instead of the default signed ones (-theta too)
+EXTRA = ("snnconv_vnni", "snnconv_passes_off", "snnconv_chunk1", "snnconv_unsigned", "snnconv_unsigned_float32")
 FLAGS = {
     "AVX2": "avx2",
     "AVX-512F": "avx512f",
@@ -130,7 +131,12 @@ def build(net: str, method: str, T: int, batch: int):
         from snnconv.runtime import integer_spikes as int8
 
         float32 = sorted(snnconv.passes.OPTIONAL - {"integer_spikes"})  # every pass but the int8 layers
-        opts = {"snnconv_passes_off": {"passes": []}, "snnconv_float32": {"passes": float32}}.get(method, {})
+        opts = {
+            "snnconv_passes_off": {"passes": []},
+            "snnconv_float32": {"passes": float32},
+            "snnconv_unsigned": {"signed_spikes": False},
+            "snnconv_unsigned_float32": {"signed_spikes": False, "passes": float32},
+        }.get(method, {})
         if method == "snnconv_chunk1":
             opts = {"chunk": 1}
         forced = {"snnconv_vnni": "vnni", "snnconv_binary": "binary"}.get(method)

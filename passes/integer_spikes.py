@@ -1,9 +1,10 @@
-"""Convolutions and linear layers that read binary spikes run as int8 ops (CPU, oneDNN): about 2x faster.
+"""Convolutions and linear layers that read spikes run as int8 ops (CPU, oneDNN): about 2x faster.
 
 Each 2-d convolution fed by a neuron (directly, or through a layout copy, snn_kind 'layout_copy'), and each
 linear layer fed by one (directly on [N, features], or through flatten(x, 1)), becomes a SpikeLayer:
 threshold folded into the weights, weights as 16-bit fixed point, spikes as uint8 (see
-runtime/integer_spikes.py). Only for binary spikes (max_spikes=1), float32 models on CPU, and where
+runtime/integer_spikes.py; signed spikes go in shifted by one, the layer over ones taken off). Only for
+spikes of one threshold (max_spikes=1, signed or not), float32 models on CPU, and where
 oneDNN's int8 ops sum exactly and fast (int8.mode(): 'vnni', or 'binary' on AVX2 where measured faster
 than float32). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
 """
@@ -51,7 +52,7 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
 @contract(requires=("neurons_lowered",), provides=("int8_packed",), after=("batchnorm_folded", "layout_planned"))
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
-    binary = settings.neuron.max_spikes == 1 and not settings.neuron.signed  # spikes 0 or theta: u8 inputs
+    binary = settings.neuron.max_spikes == 1  # spikes 0 or theta (signed: or -theta): u8 inputs
     if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or not binary:
         return gm
     mode = int8.mode()  # which exact int8 arithmetic runs fast here, if any ($SNNCONV_INT8 forces one)

@@ -29,8 +29,8 @@ def check_available() -> None:
     _kernel("float32", 1, False, True, False, False)  # compile once: NVRTC problems surface here
 
 
-def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: bool):
-    key = (cp.cuda.runtime.getDevice(), dtype, vec, static, soft, leak, count)
+def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: bool, signed: bool = False):
+    key = (cp.cuda.runtime.getDevice(), dtype, vec, static, soft, leak, count, signed)
     if key not in _kernels:
         dev = key[0]
         if dev not in _modules:  # one module per device holds every variant, compiled together
@@ -38,7 +38,7 @@ def _kernel(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: b
             _modules[dev] = cp.RawModule(
                 code=kernel_source.SOURCE.read_text(), options=("-std=c++17",), name_expressions=names
             )
-        _kernels[key] = _modules[dev].get_function(kernel_source.name(dtype, vec, static, soft, leak, count))
+        _kernels[key] = _modules[dev].get_function(kernel_source.name(*key[1:]))
     return _kernels[key]
 
 
@@ -89,15 +89,19 @@ def multistep(
     out: torch.Tensor,
     count: torch.Tensor | None = None,
     calls: dict | None = None,
+    signed: bool = False,
 ) -> torch.Tensor:
     """Same contract as torch_backend.multistep; `count` (float32, shape of v) accumulates spike counts;
     `calls` (a dict) counts the calls the kernel served ('kernel') and those left to torch ('torch').
+    `signed`: signed spikes (soft reset; torch_backend.multistep_signed), `count` their net count (needed).
 
     The kernel indexes x[t], out[t], v and count by one flat neuron index, so they must share one dense
     layout (any dim order): v's, or a dense copy of v. x and out in another layout (channels-last beside
     NCHW, a strided view, a misaligned offset) are copied into it, and out back, so nothing is ever
     written in the wrong order. Only dtypes the kernel lacks (float64) go to the torch backend."""
     kw = dict(steps=steps, static=static, soft_reset=soft_reset, v_reset=v_reset, decay=decay)
+    if signed and (count is None or not soft_reset):
+        raise ValueError("signed spikes need soft reset and their net count (count=)")
     shape = tuple(v.shape)
     served = (
         x.dtype in _DTYPES
@@ -111,6 +115,9 @@ def multistep(
     if calls is not None:
         calls["kernel" if served else "torch"] = calls.get("kernel" if served else "torch", 0) + 1
     if not served:
+        if signed:
+            torch_backend.multistep_signed(x, v, count, theta, steps=steps, static=static, decay=decay, out=out)
+            return out
         torch_backend.multistep(x, v, theta, out=out, **kw)
         if count is not None:
             count += (out != 0).sum(0)
@@ -129,7 +136,7 @@ def multistep(
     align = 4 * x.element_size()  # VEC = 4 loads and stores 4 elements of x and out at once
     vec = 4 if M % 4 == 0 and xk.data_ptr() % align == 0 and ok.data_ptr() % align == 0 else 1
     with cp.cuda.Device(v.device.index):
-        kern = _kernel(_DTYPES[x.dtype], vec, static, soft_reset, decay != 1.0, count is not None)
+        kern = _kernel(_DTYPES[x.dtype], vec, static, soft_reset, decay != 1.0, count is not None, signed)
         stream = _external_stream(torch.cuda.current_stream(v.device))
         args = (
             xk.data_ptr(),

@@ -1,4 +1,4 @@
-"""Convolutions and linear layers fed by binary spikes, run as 8-bit integer ops on CPU (oneDNN u8 x s8).
+"""Convolutions and linear layers fed by spikes, run as 8-bit integer ops on CPU (oneDNN u8 x s8).
 
 A spike is 0 or theta, so as an integer it is 0 or 1 and the layer over it is a sum of weights.
 The threshold theta folds into the weights per input channel, and the float weights become 16-bit
@@ -13,6 +13,15 @@ exactly, one per kind of CPU (the *mode*, chosen once per process by a probe, se
   'binary'  the 0/1 spikes as they are, against hi and against lo, the second op adding its result
             into the first's output (oneDNN's sum post-op): s * (255 * conv(x, hi) + conv(x, lo)).
             With 0/1 inputs an int16 pair sum is at most 2 * 127: exact on AVX2 without VNNI too.
+
+Signed spikes (-theta, 0 or theta, NeuronConfig.signed) go in shifted by one, u = spike / theta + 1 in
+{0, 1, 2} (uint8 has no -1), and the layer over the all-ones map, an exact integer sum of the same int8
+weights, comes off again: layer(s) = layer(u) - layer(1). Its interior value (every tap inside the map) is
+folded into the bias; where zero padding cuts taps off (the borders) the difference is a small per-shape
+map subtracted from the output. oneDNN's own input zero point does the same job but was measured 2-3x
+slower. In 'binary' u <= 2 keeps an int16 pair sum at 2 * 2 * 127; in 'vnni' 255 * u would not fit uint8,
+so signed weights split as 127 * hi + lo ([127 * u, u] against [hi, lo]): 15-bit fixed point (16192
+steps), each weight off by at most 3.1e-5 of its channel's largest.
 
 Where neither op is exact, or to test the arithmetic on any machine, each mode also runs *emulated*
 ('vnni-emulated', 'binary-emulated'): the same integers, layouts and scales, multiplied in float64
@@ -37,7 +46,7 @@ from snnconv.errors import ConversionError
 from snnconv.runtime.context import current
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
-_QMAX = 127 * _HI + 127
+_HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
 ENV = "SNNCONV_INT8"  # 'auto' (default), 'off', or a mode to force: one of MODES
 MODES = ("vnni", "binary", "vnni-emulated", "binary-emulated")
@@ -148,7 +157,8 @@ def exact(mode: str) -> bool:
         return True
     try:
         g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 2, (2, 16, 5, 5), generator=g, dtype=torch.uint8)
+        # inputs up to 2: signed spikes shifted by one; 'vnni' probes 255 * {0, 1} (signed: 127 * {0, 1, 2})
+        x = torch.randint(0, 3 if mode == "binary" else 2, (2, 16, 5, 5), generator=g, dtype=torch.uint8)
         w = torch.randint(-127, 128, (8, 16, 3, 3), generator=g, dtype=torch.int8)
         w[0].fill_(127)
         w[1].fill_(-127)
@@ -225,14 +235,15 @@ def available() -> bool:
 # ---- weights -------------------------------------------------------------------------------------------
 
 
-def split_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_weight(w: torch.Tensor, base: int = _HI) -> tuple[torch.Tensor, torch.Tensor]:
     """w [C_out, C_in, ...] (float64) -> (int8 [C_out, 2 C_in, ...] = [hi, lo], s [C_out]) with
-    w ~= s * (255 * hi + lo) to within s / 2."""
+    w ~= s * (base * hi + lo) to within s / 2 (base 255, or 127 for signed spikes in 'vnni'). The largest
+    step count 127 * base + base // 2 keeps hi = round(q / base) <= 127 and |lo| <= base // 2."""
     peak = w.abs().flatten(1).amax(1)
-    s = torch.where(peak > 0, peak / _QMAX, torch.ones_like(peak))
+    s = torch.where(peak > 0, peak / (127 * base + base // 2), torch.ones_like(peak))
     q = torch.round(w / s.view(-1, *([1] * (w.dim() - 1))))
-    hi = torch.round(q / _HI)
-    return torch.cat([hi, q - _HI * hi], 1).to(torch.int8), s
+    hi = torch.round(q / base)
+    return torch.cat([hi, q - base * hi], 1).to(torch.int8), s
 
 
 def fold_input_scale(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -271,10 +282,20 @@ def _input_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return buf
 
 
+def _encode(x: torch.Tensor, out: torch.Tensor, signed: bool) -> None:
+    """Spikes x as integers into the uint8 view `out` (x's shape): 0/1, or signed spikes shifted by one, 0/1/2."""
+    if signed:
+        torch.ge(x, 0, out=out.view(torch.bool))
+        out.add_(x > 0)
+    else:
+        torch.ne(x, 0, out=out.view(torch.bool))
+
+
 class SpikeLayer(nn.Module):
-    """`layer` (a Conv2d or Linear, or a FoldedBN around one) reading the binary spikes of `neuron`. In
-    spiking mode on CPU it runs as int8 ops in `mode` (see the module doc); otherwise (ANN mode, CUDA,
-    graph capture) it is `layer`. Holds both by reference, unregistered: no state_dict keys."""
+    """`layer` (a Conv2d or Linear, or a FoldedBN around one) reading the spikes of `neuron` (binary, or signed
+    where its config says so). In spiking mode on CPU it runs as int8 ops in `mode` (see the module doc);
+    otherwise (ANN mode, CUDA, graph capture) it is `layer`. Holds both by reference, unregistered: no
+    state_dict keys."""
 
     def __init__(
         self, layer: nn.Module, neuron: nn.Module, names: tuple[str, str], mode: str = "vnni", flatten: bool = False
@@ -284,6 +305,7 @@ class SpikeLayer(nn.Module):
             raise ValueError(f"mode {mode!r}: one of {MODES}")
         self.__dict__["_layer"], self.__dict__["_neuron"] = layer, neuron
         self.names, self.mode = names, mode
+        self.signed = bool(getattr(getattr(neuron, "config", None), "signed", False))  # spikes -theta too
         self.flatten = flatten  # a Linear reading flatten(x, 1) of [N, C, H, W] spikes: it takes x itself
         self._cache = (None, None, {})  # (key of weights and threshold, derived weights, packed by input shape)
 
@@ -300,47 +322,78 @@ class SpikeLayer(nn.Module):
         return getattr(self._layer, "_layer", self._layer)
 
     def extra_repr(self) -> str:
-        return f"{self.names[0]} as int8 ({self.mode}) on the spikes of {self.names[1]}"
+        kind = "signed spikes" if self.signed else "spikes"
+        return f"{self.names[0]} as int8 ({self.mode}) on the {kind} of {self.names[1]}"
+
+    def _derive(self, theta: torch.Tensor, hwc: tuple[int, ...] | None):
+        """(int8 weights, scales, bias, integer weights as float64, s as float64) for this mode: 'vnni' [hi, lo]
+        along the inputs with scales s; 'binary' (hi, lo) with scales (255 s, s). Signed spikes: the bias less
+        s * (sum of the integer weights), the interior of layer(1)."""
+        inner = self.inner
+        w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
+        with torch.no_grad():
+            w = fold_input_scale(w.double(), theta.detach().double().cpu())
+            if hwc is not None:
+                w = w.view(w.shape[0], *hwc).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+            base = _HI_SIGNED if self.signed and self.mode.startswith("vnni") else _HI
+            q, s = split_weight(w, base)
+            c = q.shape[1] // 2
+            whole = base * q[:, :c].double() + q[:, c:].double()  # the integers the op sums, exactly
+            bias = b.detach().float().contiguous() if b is not None else None
+            if self.signed:
+                off = s * whole.flatten(1).sum(1)
+                bias = (-off if b is None else b.detach().double() - off).float().contiguous()
+            if self.mode.startswith("binary"):
+                scales = ((s * _HI).float(), s.float())
+                q = (q[:, :c].contiguous(), q[:, c:].contiguous())
+            else:
+                scales = s.float()
+        return q, scales, bias, whole, s
+
+    def _border(self, whole: torch.Tensor, s: torch.Tensor, chw: tuple[int, int, int]) -> torch.Tensor | None:
+        """Signed spikes into a padded convolution: s * (layer(1) - its interior value), the taps zero padding
+        cuts off, [1, C_out, H_out, W_out] float32 (zero inside), subtracted from each output; None without
+        padding. Exact integers until the scale: the ones map against the weights summed over input channels."""
+        inner = self.inner
+        if not any(inner.padding):
+            return None
+        taps = whole.sum(1, keepdim=True)
+        ones = torch.ones(1, 1, *chw[1:], dtype=torch.float64)
+        layer1 = F.conv2d(ones, taps, None, inner.stride, inner.padding, inner.dilation)
+        d = (layer1 - taps.flatten(1).sum(1).view(1, -1, 1, 1)) * s.view(1, -1, 1, 1)
+        return d.float().contiguous(memory_format=torch.channels_last)
 
     def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
-        """(packed weights for inputs of x_shape, scales, bias) for this mode: 'vnni' [hi, lo] along the
-        inputs with scales s; 'binary' (hi, lo) with scales (255 s, s). hwc = (C, H, W): a Linear reading a
-        channels-last map in its memory order, H, W, C. Re-derived when the weights, bias or threshold
-        change, packed once per input shape. Concurrent calls may both derive or pack: the cache is one
-        tuple, replaced whole, never changed under a reader."""
+        """(packed weights for inputs of x_shape, scales, bias, border map or None) for this mode (see
+        `_derive`, `_border`). hwc = (C, H, W): a Linear reading a channels-last map in its memory order,
+        H, W, C. Re-derived when the weights, bias or threshold change, packed once per input shape.
+        Concurrent calls may both derive or pack: the cache is one tuple, replaced whole, never changed
+        under a reader."""
         inner = self.inner
         w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
         key = (*((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta)), hwc)
         cached_key, weights, packed_by_shape = self._cache
         if key != cached_key:
-            with torch.no_grad():
-                w = fold_input_scale(w.double(), theta.detach().double().cpu())
-                if hwc is not None:
-                    w = w.view(w.shape[0], *hwc).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-                q, s = split_weight(w)
-                bias = b.detach().float().contiguous() if b is not None else None
-                if self.mode.startswith("binary"):
-                    c = q.shape[1] // 2
-                    q = (q[:, :c].contiguous(), q[:, c:].contiguous())
-                    s = ((s * _HI).float(), s.float())
-                else:
-                    s = s.float()
-            weights, packed_by_shape = (q, s, bias), {}
+            weights, packed_by_shape = self._derive(theta, hwc), {}
             self._cache = (key, weights, packed_by_shape)
-        packed = packed_by_shape.get(x_shape)
-        q, s, bias = weights
-        if packed is None:
+        entry = packed_by_shape.get(x_shape)
+        q, s, bias, whole, s64 = weights
+        if entry is None:
             emulated = self.mode.endswith("-emulated")
+            border = None
             if isinstance(inner, nn.Linear):
                 pack = lambda q, s: _pack_linear(q, emulated, x_shape)  # noqa: E731
             else:
                 pack = lambda q, s: _pack_conv(q, s, inner.stride, inner.padding, inner.dilation, emulated, x_shape)  # noqa: E731
+                if self.signed:
+                    border = self._border(whole, s64, (whole.shape[1], *x_shape[2:]))
             packed = tuple(map(pack, q, s)) if isinstance(q, tuple) else pack(q, s)
+            entry = (packed, border)
             # many batch sizes: keep the recent ones only
             kept = dict(list(packed_by_shape.items())[-7:]) if len(packed_by_shape) >= 8 else dict(packed_by_shape)
-            kept[x_shape] = packed
+            kept[x_shape] = entry
             self._cache = (key, weights, kept)
-        return packed, s, bias
+        return entry[0], s, bias, entry[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -355,8 +408,9 @@ class SpikeLayer(nn.Module):
         return self.run(x, self._neuron.threshold)
 
     def run(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """The int8 layer on spikes x (each 0 or its channel's theta), float32 out."""
-        inner, vnni = self.inner, self.mode.startswith("vnni")
+        """The int8 layer on spikes x (each 0 or its channel's theta; signed: or -theta), float32 out."""
+        inner, vnni, signed = self.inner, self.mode.startswith("vnni"), self.signed
+        base = _HI_SIGNED if signed else _HI
         if isinstance(inner, nn.Linear):
             hwc = None
             if self.flatten:  # read a channels-last map in its own order (weights permuted), not a copy
@@ -365,27 +419,29 @@ class SpikeLayer(nn.Module):
                 x = x.reshape(x.shape[0], -1)
             lead, k = x.shape[:-1], x.shape[-1]
             m = lead.numel()
-            packed, s, bias = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
+            packed, s, bias, _ = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
             if vnni:
-                buf = _input_buffer((m, 2, k))  # [255 * spikes, spikes] along the features
-                torch.ne(x.reshape(-1, k), 0, out=buf[:, 1].view(torch.bool))
-                torch.mul(buf[:, 1], _HI, out=buf[:, 0])
+                buf = _input_buffer((m, 2, k))  # [base * spikes, spikes] along the features
+                _encode(x.reshape(-1, k), buf[:, 1], signed)
+                torch.mul(buf[:, 1], base, out=buf[:, 0])
                 y = _qlinear(packed, buf.view(-1, 2 * k), s, bias)
             else:
                 buf = _input_buffer((m, k))
-                torch.ne(x.reshape(-1, k), 0, out=buf.view(torch.bool))
+                _encode(x.reshape(-1, k), buf, signed)
                 y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
-            return y.view(*lead, -1)
+            return y.view(*lead, -1)  # no border: a linear layer's layer(1) is all interior, in the bias
         n, c, h, w = x.shape
         geometry = (inner.stride, inner.padding, inner.dilation)
         if vnni:
-            packed, s, bias = self._packed_for((n, 2 * c, h, w), theta)
-            buf = _input_buffer((n, h, w, 2, c))  # [255 * spikes, spikes] along the channels, channels-last
-            torch.ne(x, 0, out=buf[:, :, :, 1].permute(0, 3, 1, 2).view(torch.bool))
-            torch.mul(buf[:, :, :, 1], _HI, out=buf[:, :, :, 0])
-            return _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
-        packed, s, bias = self._packed_for((n, c, h, w), theta)
-        buf = _input_buffer((n, h, w, c)).permute(0, 3, 1, 2)  # the 0/1 spikes, channels-last
-        torch.ne(x, 0, out=buf.view(torch.bool))
-        lo = _qconv(packed[1], buf, s[1], bias, *geometry)
-        return _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
+            packed, s, bias, border = self._packed_for((n, 2 * c, h, w), theta)
+            buf = _input_buffer((n, h, w, 2, c))  # [base * spikes, spikes] along the channels, channels-last
+            _encode(x, buf[:, :, :, 1].permute(0, 3, 1, 2), signed)
+            torch.mul(buf[:, :, :, 1], base, out=buf[:, :, :, 0])
+            y = _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
+        else:
+            packed, s, bias, border = self._packed_for((n, c, h, w), theta)
+            buf = _input_buffer((n, h, w, c)).permute(0, 3, 1, 2)  # the spikes as integers, channels-last
+            _encode(x, buf, signed)
+            lo = _qconv(packed[1], buf, s[1], bias, *geometry)
+            y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
+        return y if border is None else y.sub_(border)

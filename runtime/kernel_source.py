@@ -13,14 +13,17 @@ DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 VECS = (1, 4)
 
 
-def name(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: bool) -> str:
+def name(dtype: str, vec: int, static: bool, soft: bool, leak: bool, count: bool, signed: bool = False) -> str:
     b = lambda f: "true" if f else "false"  # noqa: E731
-    return f"snn_neuron<{DTYPES[dtype]}, {vec}, {b(static)}, {b(soft)}, {b(leak)}, {b(count)}>"
+    return f"snn_neuron<{DTYPES[dtype]}, {vec}, {b(static)}, {b(soft)}, {b(leak)}, {b(count)}, {b(signed)}>"
 
 
 def all_variants() -> list[tuple]:
-    """(dtype, vec, static, soft, leak, count) for every compiled kernel."""
-    return [(d, vec, *flags) for d in DTYPES for vec in VECS for flags in itertools.product((False, True), repeat=4)]
+    """(dtype, vec, static, soft, leak, count, signed) for every compiled kernel: signed spikes only with
+    soft reset and the count (their net count)."""
+    binary = [(*f, False) for f in itertools.product((False, True), repeat=4)]
+    signed = [(static, True, leak, True, True) for static in (False, True) for leak in (False, True)]
+    return [(d, vec, *flags) for d in DTYPES for vec in VECS for flags in binary + signed]
 
 
 def instantiations() -> str:
@@ -106,12 +109,13 @@ def host_library_source(names: list[str] | None = None) -> str:
     out = [
         "#define SNN_HOST 1",
         '#include "neuron.cu"',
-        "template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT>",
+        "template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT, bool SIGNED>",
         "static void snn_host_run(const void* x, void* out, float* v, const float* th, float* count, long long M,",
         "                         int steps, int C, long long inner, float v_reset, float decay, unsigned blocks,",
         "                         unsigned threads) {",
         "  typedef typename SnnStorage<DT>::type T;",
-        "  SNN_HOST_LAUNCH((snn_neuron<DT, VEC, STATIC, SOFT, LEAK, COUNT>), blocks, threads, (const T*)x, (T*)out,",
+        "  SNN_HOST_LAUNCH((snn_neuron<DT, VEC, STATIC, SOFT, LEAK, COUNT, SIGNED>), blocks, threads, (const T*)x,",
+        "                  (T*)out,",
         "                  v, th, count, M, steps, C, inner, v_reset, decay);",
         "}",
         'extern "C" long long snn_host_take_misaligned() {',

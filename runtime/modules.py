@@ -115,7 +115,11 @@ class Neuron(nn.Module):
             return state[0].reshape(steps * shape[0], *shape[1:])
         # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
         out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
-        if cfg.max_spikes > 1 or cfg.signed:  # burst and signed neurons: torch backend only
+        backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
+        if cfg.signed and backend is not torch_backend.multistep:  # the fused kernel, the net count its state
+            backend(x_in, v, theta, out=out, calls=self.calls, count=count, signed=True, **dyn)
+            return out.view(steps * shape[0], *shape[1:])
+        if cfg.max_spikes > 1 or cfg.signed:  # burst neurons, and signed ones off the kernel: torch backend
             self.calls["torch"] += 1
             if cfg.signed:
                 torch_backend.multistep_signed(
@@ -124,7 +128,7 @@ class Neuron(nn.Module):
             else:
                 torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
             return out.view(steps * shape[0], *shape[1:])
-        get_backend(call.backend, x.device)(x_in, v, theta, out=out, calls=self.calls, **dyn)
+        backend(x_in, v, theta, out=out, calls=self.calls, **dyn)
         return out.view(steps * shape[0], *shape[1:])
 
 

@@ -105,15 +105,28 @@ def multistep_signed(
     is floor((sum of inputs + v_init) / theta) clipped to [0, t]: the rate code of the running input at
     every step, not only at the end. `count` (the net count, same shape as v) is updated in place."""
     theta = theta.to(v.dtype)
+    scalar = theta.dim() == 0
+    th = theta.item() if scalar else theta
+    # in place, no allocation per step (measured: the allocating form cost more than the int8 layers):
+    # out[t] holds the -1/0/1 spike until one multiply by theta at the end, as in `multistep`
+    spikes = out if out.dtype == v.dtype else torch.empty(out.shape, dtype=v.dtype, device=v.device)
+    neg, positive = torch.empty_like(v), torch.empty_like(v)
     for t in range(steps):
         if decay != 1.0:
             v.mul_(decay)
         v.add_(x if static else x[t])
-        s = (v >= theta).to(v.dtype) - ((v < 0) & (count > 0)).to(v.dtype)
-        count.add_(s)
-        spikes = s * theta
-        v.sub_(spikes)
-        out[t].copy_(spikes)
+        st = torch.ge(v, theta, out=spikes[t])
+        torch.lt(v, 0, out=neg)
+        torch.gt(count, 0, out=positive)
+        st.sub_(neg.mul_(positive))
+        count.add_(st)
+        if scalar:  # v - s * theta, s * theta exact: as v.sub_(s * theta)
+            v.sub_(st, alpha=th)
+        else:
+            v.addcmul_(st, theta, value=-1)
+    spikes.mul_(theta)
+    if spikes is not out:
+        out.copy_(spikes)
     return out
 
 

@@ -31,11 +31,13 @@ def _cupy():
 @cuda
 @pytest.mark.parametrize("variant", [v for v in ks.all_variants() if v[1] == 1], ids=lambda v: ks.name(*v))
 def test_cupy_matches_torch_backend_on_device(variant):
-    """Shapes with M % 4 == 0 take the 4-wide kernels, the others the scalar ones."""
+    """Shapes with M % 4 == 0 take the 4-wide kernels, the others the scalar ones; signed variants against
+    torch_backend.multistep_signed, net counts starting at 0 or 1."""
     cupy_backend = _cupy()
-    dtype_name, _, static, soft, leak, count = variant
+    dtype_name, _, static, soft, leak, count, signed = variant
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device="cuda").manual_seed(3)
+    negatives = 0
     for steps, shape, per_channel in [
         (1, (3, 5, 7, 11), False),
         (8, (4, 16, 9, 9), True),
@@ -54,18 +56,39 @@ def test_cupy_matches_torch_backend_on_device(variant):
         v0 = (0.5 * th_b).expand(shape).contiguous().float()
         decay = 0.8 if leak else 1.0
         ref_v, ref_out = v0.clone(), torch.empty((steps, *shape), dtype=dtype, device="cuda")
-        torch_backend.multistep(
-            x_in, ref_v, th_b, steps=steps, static=static, soft_reset=soft, v_reset=0.05, decay=decay, out=ref_out
-        )
+        net0 = torch.randint(0, 2, shape, device="cuda", generator=g).float()
+        ref_net = net0.clone()
+        if signed:
+            torch_backend.multistep_signed(
+                x_in, ref_v, ref_net, th_b, steps=steps, static=static, decay=decay, out=ref_out
+            )
+        else:
+            torch_backend.multistep(
+                x_in, ref_v, th_b, steps=steps, static=static, soft_reset=soft, v_reset=0.05, decay=decay, out=ref_out
+            )
         v, out = v0.clone(), torch.full((steps, *shape), 7.0, dtype=dtype, device="cuda")
-        cnt = torch.zeros(shape, device="cuda") if count else None
+        cnt = (net0.clone() if signed else torch.zeros(shape, device="cuda")) if count else None
         cupy_backend.multistep(
-            x_in, v, th_b, steps=steps, static=static, soft_reset=soft, v_reset=0.05, decay=decay, out=out, count=cnt
+            x_in,
+            v,
+            th_b,
+            steps=steps,
+            static=static,
+            soft_reset=soft,
+            v_reset=0.05,
+            decay=decay,
+            out=out,
+            count=cnt,
+            signed=signed,
         )
         torch.cuda.current_stream().synchronize()
         assert torch.equal(out, ref_out) and torch.equal(v, ref_v)
-        if count:
+        if signed:
+            assert torch.equal(cnt, ref_net)
+            negatives += int((ref_out < 0).sum())
+        elif count:
             assert torch.equal(cnt, (ref_out != 0).sum(0).float())
+    assert negatives > 0 or not signed
 
 
 def _layout(t, kind, lead=0):

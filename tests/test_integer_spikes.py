@@ -25,12 +25,14 @@ from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import Call, running
 from snnconv.runtime.modules import Neuron, NeuronConfig
 
-# binary spikes (what the int8 layers, the CUDA kernel and NIR take) and no bias calibration: fitted by
+# binary spikes (signed ones have their own tests here) and no bias calibration: fitted by
 # each conversion's own SNN run, biases would differ between the paths these tests compare bit for bit
 convert_binary = functools.partial(snnconv.convert, signed_spikes=False, bias_calibration=False)
 
 # each layout through oneDNN where exact here, else emulated: never a skip
 MODES = [m if int8.exact(m) else f"{m}-emulated" for m in ("vnni", "binary")]
+# signed spikes: each layout emulated too, so their shifted-by-one arithmetic is checked on every machine
+SIGNED_MODES = sorted(set(MODES) | {"vnni-emulated", "binary-emulated"})
 FLOAT32_PASSES = sorted(passes.OPTIONAL - {"integer_spikes"})
 
 
@@ -81,10 +83,33 @@ def test_supports_linear_and_plain_wide_kernels():
     assert not int8.supports(nn.Conv1d(4, 8, 3))
 
 
-def _spike_layer(conv: nn.Module, theta: torch.Tensor, mode: str = MODES[0]) -> int8.SpikeLayer:
-    neuron = Neuron(NeuronConfig())
+def test_split_weight_base_127_for_signed_vnni():
+    """Signed spikes in 'vnni' feed 127 * (spike + 1) <= 254: weights split as 127 * hi + lo, 15-bit."""
+    w = torch.randn(8, 6, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    q, s = int8.split_weight(w, 127)
+    back = s.view(-1, 1, 1, 1) * (127 * q[:, :6].double() + q[:, 6:].double())
+    assert q.abs().max() <= 127 and torch.all((back - w).abs() <= s.view(-1, 1, 1, 1) / 2 + 1e-18)
+    assert torch.allclose(s, w.abs().flatten(1).amax(1) / (127 * 127 + 63), rtol=1e-12)  # hi <= 127: no overflow
+
+
+def _spikes(shape, theta: torch.Tensor, signed: bool, rate: float = 0.3) -> torch.Tensor:
+    """Random spikes of theta (per channel of [N, C, H, W] maps, else per feature, the last dim) at `rate`;
+    signed: as many again of -theta."""
+    r = torch.rand(shape)
+    sign = (r < rate).float() - ((r >= rate) & (r < 2 * rate) & signed).float()
+    return sign * (theta.view(-1, 1, 1) if len(shape) == 4 else theta)
+
+
+def _base(mode: str, signed: bool) -> int:
+    return 127 if signed and mode.startswith("vnni") else 255
+
+
+def _spike_layer(conv: nn.Module, theta: torch.Tensor, mode: str = MODES[0], signed: bool = False) -> int8.SpikeLayer:
+    neuron = Neuron(NeuronConfig(signed=signed))
     neuron.threshold = theta
-    return int8.SpikeLayer(conv, neuron, ("conv", "neuron"), mode)
+    layer = int8.SpikeLayer(conv, neuron, ("conv", "neuron"), mode)
+    assert layer.signed is signed
+    return layer
 
 
 def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -109,15 +134,17 @@ def mode(request, monkeypatch):
         dict(kernel_size=(1, 3), padding=(0, 1), bias=False),
     ],
 )
-def test_spike_conv_within_its_error_bound(geometry, mode):
+@pytest.mark.parametrize("signed", [False, True])
+def test_spike_conv_within_its_error_bound(geometry, signed, mode):
     """Against float64: each output is off by at most (active inputs) x s/2 (the weights' rounding)
-    plus float32 rounding of the result."""
+    plus float32 rounding of the result. Signed spikes (-theta too), shifted by one into uint8 with the
+    layer over the ones map taken off again: the same bound, plus float32 rounding of that offset
+    (in the bias and the border map), at every position, padded borders included."""
     torch.manual_seed(0)
     conv = nn.Conv2d(24, 40, **{"kernel_size": 3, **geometry})
     theta = torch.rand(24) + 0.2
-    x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
-    x = x.contiguous(memory_format=torch.channels_last)
-    out = _spiking(_spike_layer(conv, theta, mode), x)
+    x = _spikes((6, 24, 11, 13), theta, signed).contiguous(memory_format=torch.channels_last)
+    out = _spiking(_spike_layer(conv, theta, mode, signed), x)
     ref = F.conv2d(
         x.double(),
         conv.weight.double(),
@@ -126,31 +153,35 @@ def test_spike_conv_within_its_error_bound(geometry, mode):
         conv.padding,
         conv.dilation,
     )
-    _, s = int8.split_weight(int8.fold_input_scale(conv.weight.double(), theta.double()))
-    active = F.conv2d(
-        (x != 0).double(),
-        torch.ones_like(conv.weight, dtype=torch.float64),
-        None,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-    )
+    w = int8.fold_input_scale(conv.weight.double(), theta.double())
+    _, s = int8.split_weight(w, _base(mode, signed))
+    ones = torch.ones_like(conv.weight, dtype=torch.float64)
+    active = F.conv2d((x != 0).double(), ones, None, conv.stride, conv.padding, conv.dilation)
     bound = active * s.view(1, -1, 1, 1) / 2 + ref.abs() * 2**-23 + 1e-6
+    if signed:  # layer(u) and layer(1) each up to the sum of |weights|: their float32 rounding
+        bound = bound + w.abs().flatten(1).sum(1).view(1, -1, 1, 1) * 2**-21
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert torch.all((out.double() - ref).abs() <= bound)
     assert not torch.equal(out.double(), ref)  # it is the int8 path, not a float32 fallback
+    if signed and any(conv.padding):  # the borders are where a constant offset would be wrong
+        edge = (out.double() - ref).abs()[..., 0, :]
+        assert torch.all(edge <= bound[..., 0, :]) and torch.all(ref[..., 0, :].abs() > 0)
 
 
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])
-def test_spike_linear_within_its_error_bound(lead, mode):
+@pytest.mark.parametrize("signed", [False, True])
+def test_spike_linear_within_its_error_bound(lead, signed, mode):
     torch.manual_seed(0)
-    lin = nn.Linear(40, 12)
+    lin = nn.Linear(40, 12, bias=not signed or len(lead) == 1)  # signed and no bias: the offset is the bias
     theta = torch.rand(40) + 0.2
-    x = (torch.rand(*lead, 40) < 0.3).float() * theta
-    out = _spiking(_spike_layer(lin, theta, mode), x)
-    ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
+    x = _spikes((*lead, 40), theta, signed)
+    out = _spiking(_spike_layer(lin, theta, mode, signed), x)
+    ref = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    w = int8.fold_input_scale(lin.weight.double(), theta.double())
+    _, s = int8.split_weight(w, _base(mode, signed))
     bound = (x != 0).double().sum(-1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
+    if signed:
+        bound = bound + w.abs().sum(1) * 2**-21
     assert out.shape == ref.shape and torch.all((out.double() - ref).abs() <= bound)
     assert not torch.equal(out.double(), ref)
 
@@ -183,27 +214,27 @@ def test_spike_conv_is_the_layer_outside_spiking_cpu_mode():
     assert list(sc.state_dict()) == []
 
 
-def _layer_pair(mode: str, geometry: dict | None):
+def _layer_pair(mode: str, geometry: dict | None, signed: bool = False):
     """A conv (geometry) or linear layer (None) in `mode` and in its emulation, with spikes for both."""
     torch.manual_seed(3)
     theta = torch.rand(24) + 0.2
     if geometry is None:
-        layer, x = nn.Linear(24, 40), (torch.rand(20, 24) < 0.3).float() * theta
+        layer, x = nn.Linear(24, 40), _spikes((20, 24), theta, signed)
     else:
         layer = nn.Conv2d(24, 40, **{"kernel_size": 3, **geometry})
-        x = (torch.rand(6, 24, 11, 13) < 0.3).float() * theta.view(1, -1, 1, 1)
-        x = x.contiguous(memory_format=torch.channels_last)
-    return _spike_layer(layer, theta, mode), _spike_layer(layer, theta, f"{mode}-emulated"), x
+        x = _spikes((6, 24, 11, 13), theta, signed).contiguous(memory_format=torch.channels_last)
+    return _spike_layer(layer, theta, mode, signed), _spike_layer(layer, theta, f"{mode}-emulated", signed), x
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None])
-def test_onednn_ops_match_their_emulation(geometry):
+def test_onednn_ops_match_their_emulation(geometry, signed):
     """Where oneDNN's op is exact its integer sums are the emulation's: the outputs differ only by the
     float32 rounding of scale * sum (+ the other half, + bias)."""
     modes = [m for m in ("vnni", "binary") if int8.exact(m)]
     assert modes or not _x86(), "u8 x s8 on 0/1 inputs is exact on every x86 CPU with oneDNN (AVX2's int16 sums)"
     for mode in modes:
-        fast, emulated, x = _layer_pair(mode, geometry)
+        fast, emulated, x = _layer_pair(mode, geometry, signed)
         a, b = _spiking(fast, x), _spiking(emulated, x)
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item()), mode
 
@@ -221,8 +252,9 @@ import test_integer_spikes as t
 
 out = {"vnni": int8.exact("vnni"), "binary": int8.exact("binary"), "diff": []}
 if out["binary"]:
-    for geometry in (dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None):
-        fast, emulated, x = t._layer_pair("binary", geometry)
+    for geometry, signed in [(g, s) for g in (dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None)
+                             for s in (False, True)]:
+        fast, emulated, x = t._layer_pair("binary", geometry, signed)
         a, b = t._spiking(fast, x), t._spiking(emulated, x)
         out["diff"].append(((a - b).abs().max() / b.abs().max()).item())
 try:
@@ -238,7 +270,8 @@ print(json.dumps(out))
 
 def test_integer_paths_without_vnni():
     """oneDNN capped at AVX2 (no VNNI) in a fresh process, as on such a CPU: the probe finds 'vnni'
-    inexact and refuses to force it, while 'binary' is exact and equals its emulation."""
+    inexact and refuses to force it, while 'binary' is exact and equals its emulation, on binary and on
+    signed spikes (inputs 0/1/2: a pair sum 2 * 2 * 127 fits AVX2's int16)."""
     if not _x86():
         pytest.xfail("ONEDNN_MAX_CPU_ISA caps x86 instruction sets only")  # pragma: no cover
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.path.dirname(__file__)}
@@ -247,7 +280,7 @@ def test_integer_paths_without_vnni():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["vnni"] is False and out["binary"] is True, out
-    assert len(out["diff"]) == 3 and max(out["diff"]) < 1e-6, out
+    assert len(out["diff"]) == 6 and max(out["diff"]) < 1e-6, out
     assert "not exact" in out["forced"] and "SNNCONV_INT8" in out["forced"], out
 
 
@@ -263,25 +296,48 @@ def test_int8_mode_setting(monkeypatch):
         convert_binary(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
 
 
-def _float_and_int8(ann, calib):
-    return (convert_binary(ann, T=6, calib=calib, passes=FLOAT32_PASSES), convert_binary(ann, T=6, calib=calib))
+@pytest.fixture(params=SIGNED_MODES)
+def signed_mode(request, monkeypatch):
+    """Each int8 layout for signed spikes: through oneDNN where exact here, and emulated everywhere."""
+    monkeypatch.setenv(int8.ENV, request.param)
+    return request.param
+
+
+def _float_and_int8(ann, calib, signed=False):
+    return (
+        convert_binary(ann, T=6, calib=calib, passes=FLOAT32_PASSES, signed_spikes=signed),
+        convert_binary(ann, T=6, calib=calib, signed_spikes=signed),
+    )
 
 
 def test_integer_spikes_pass_keeps_spikes_outputs_and_keys(mode):
+    _pass_keeps_spikes_outputs_and_keys(mode, signed=False)
+
+
+def test_integer_spikes_pass_on_signed_spikes(signed_mode):
+    """Signed spikes (+-theta): the same agreement, in every layout, emulated ones included; a neuron's
+    negative spikes reach the int8 layers (padded 3x3 convolutions: the borders' offsets)."""
+    _pass_keeps_spikes_outputs_and_keys(signed_mode, signed=True)
+
+
+def _pass_keeps_spikes_outputs_and_keys(mode, signed):
     """Same network, float32 with and without the pass: every spike train nearly identical, outputs
     within float tolerance of the layer scale, keys the ANN's."""
     torch.manual_seed(0)
     ann = randomize_bn(ResCatNet(c=16))
     calib, x = torch.rand(64, 3, 16, 16), torch.rand(16, 3, 16, 16)
-    plain, fast = _float_and_int8(ann, calib)
+    plain, fast = _float_and_int8(ann, calib, signed)
     assert list(fast.state_dict()) == list(plain.state_dict()) == list(ann.state_dict())
     convs = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
     assert [m.mode for m in convs] == [
         mode
     ] * 3  # a1, a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input, fc a cat
     assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
+    assert all(m.signed is signed for m in convs)
     y_plain, s_plain = record_spikes(plain, lambda: plain(x, per_step=True))
     y_fast, s_fast = record_spikes(fast, lambda: fast(x, per_step=True))
+    if signed:  # a2 and b2 read negative spikes (a1's neuron, on the pooled stem, measured none)
+        assert sum(bool((s_plain[m.names[1]] < 0).any()) for m in convs) >= 2
     for n in plain.neurons():  # measured: 0 to 3e-4 of the spikes flip (float64 vs float32: none)
         flips = (s_plain[n] != s_fast[n]).float().mean().item()
         assert flips < 1e-3, (n, flips)
@@ -290,11 +346,9 @@ def test_integer_spikes_pass_keeps_spikes_outputs_and_keys(mode):
     assert (y_fast.argmax(1) == y_plain.argmax(1)).all()
 
 
-def test_integer_spikes_step_modes_and_chunks_agree(mode):
-    """Integer sums do not depend on how the batch is grouped: with every layer after the stem in int8,
-    the spikes and outputs of 's', 'm' and chunked runs are identical."""
+def _conv_linear_net() -> nn.Sequential:
     torch.manual_seed(0)
-    ann = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1),
@@ -304,10 +358,18 @@ def test_integer_spikes_step_modes_and_chunks_agree(mode):
         nn.Flatten(),
         nn.Linear(8 * 64, 10),
     )
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_integer_spikes_step_modes_and_chunks_agree(signed, mode):
+    """Integer sums do not depend on how the batch is grouped: with every layer after the stem in int8,
+    the spikes and outputs of 's', 'm' and chunked runs are identical (signed spikes: the per-shape
+    border maps too)."""
+    ann = _conv_linear_net()
     x = torch.rand(8, 3, 16, 16)
     runs = {}
     for tag, chunk, mode in (("m", None, "m"), ("s", None, "s"), ("chunk", 2, "m")):
-        snn = convert_binary(ann, T=6, calib=x, chunk=chunk)
+        snn = convert_binary(ann, T=6, calib=x, chunk=chunk, signed_spikes=signed)
         assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3  # 2 convs, the linear head
         snn.step_mode = mode
         runs[tag] = record_spikes(
@@ -321,21 +383,51 @@ def test_integer_spikes_step_modes_and_chunks_agree(mode):
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
         assert torch.equal(runs[tag][0], runs["m"][0])
     # the head reads the 8x8 channels-last map in its own order (weights permuted), not a flattened copy
-    snn = convert_binary(ann, T=6, calib=x)
+    snn = convert_binary(ann, T=6, calib=x, signed_spikes=signed)
     head = [m for m in snn.modules() if isinstance(m, int8.SpikeLayer) and m.flatten]
     assert len(head) == 1 and "flatten" not in snn.graph_module.code
 
 
-def test_flattening_linear_reads_either_layout(mode):
+def test_signed_conv_linear_net_with_and_without_the_pass(signed_mode):
+    """Signed spikes through padded 3x3 convolutions (borders) into a linear head reading a channels-last
+    map: the SNN with and without the pass, every layout emulated included: spike trains nearly identical
+    (the weights' fixed point moves a membrane by ~1e-5 of a layer's scale), and at every step the int8
+    head's output is the float64 head on the spikes it read, within the weights' rounding bound."""
+    ann, x = _conv_linear_net(), torch.rand(16, 3, 16, 16)
+    plain, fast = _float_and_int8(ann, x, True)
+    layers = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
+    assert [m.mode for m in layers] == [signed_mode] * 3 and all(m.signed for m in layers)
+    _, s_plain = record_spikes(plain, lambda: plain(x, per_step=True))
+    y_fast, s_fast = record_spikes(fast, lambda: fast(x, per_step=True))
+    assert sum(bool((s < 0).any()) for s in s_plain.values()) >= 2
+    for n in plain.neurons():  # measured: 0 to 1.4e-4 flip
+        flips = (s_plain[n] != s_fast[n]).float().mean().item()
+        assert flips < 1e-3, (n, flips)
+    last, head = list(fast.neurons())[-1], ann[-1]
+    spikes = s_fast[last].double().flatten(1)  # NCHW order, whatever layout the head read
+    ref = F.linear(spikes, head.weight.double(), head.bias.double()).view(y_fast.shape)
+    w = int8.fold_input_scale(head.weight.double(), fast.neurons()[last].threshold.double())
+    _, step = int8.split_weight(w, _base(signed_mode, True))
+    active = (spikes != 0).sum(1).view(*y_fast.shape[:2], 1)
+    bound = active * step / 2 + w.abs().sum(1) * 2**-21 + ref.abs() * 2**-23 + 1e-6
+    assert torch.all((y_fast.double() - ref).abs() <= bound)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_flattening_linear_reads_either_layout(signed, mode):
     """A linear layer on flatten(spikes [N, C, H, W], 1): the same result from an NCHW and a channels-last
     map (read in its memory order against permuted weights), within the weights' rounding bound."""
     torch.manual_seed(0)
     lin, theta = nn.Linear(8 * 6 * 5, 10), torch.rand(8) + 0.2
-    x = (torch.rand(12, 8, 6, 5) < 0.3).float() * theta.view(1, -1, 1, 1)
+    x = _spikes((12, 8, 6, 5), theta, signed)
     ref = F.linear(x.double().flatten(1), lin.weight.double(), lin.bias.double())
-    _, s = int8.split_weight(int8.fold_input_scale(lin.weight.double(), theta.double()))
+    w = int8.fold_input_scale(lin.weight.double(), theta.double())
+    _, s = int8.split_weight(w, _base(mode, signed))
     bound = (x != 0).double().flatten(1).sum(1, keepdim=True) * s / 2 + ref.abs() * 2**-23 + 1e-6
-    layer = int8.SpikeLayer(lin, _spike_layer(lin, theta)._neuron, ("lin", "neuron"), mode, flatten=True)
+    if signed:
+        bound = bound + w.abs().sum(1) * 2**-21
+    neuron = _spike_layer(lin, theta, signed=signed)._neuron
+    layer = int8.SpikeLayer(lin, neuron, ("lin", "neuron"), mode, flatten=True)
     for xin in (x, x.contiguous(memory_format=torch.channels_last)):
         out = _spiking(layer, xin)
         assert out.shape == ref.shape and torch.all((out.double() - ref).abs() <= bound)

@@ -6,7 +6,8 @@
   the GPU's launch and alignment rules. Results are compared with a float32 numpy loop (independent of
   both backends): every variant, inputs landing exactly on the threshold, per-channel shapes whose channel
   boundary falls inside a 4-wide group, channels-last and mixed layouts, misaligned and strided views,
-  empty inputs, the caller's stream, and a whole converted network.
+  empty inputs, the caller's stream, and a whole converted network; signed spikes (their net count the
+  kernel's second state array) against a float32 numpy loop of their own and a converted signed network.
 """
 
 import functools
@@ -20,7 +21,7 @@ import torch
 import snnconv
 from snnconv.runtime import kernel_source as ks
 
-# binary spikes (what the int8 layers, the CUDA kernel and NIR take) and no bias calibration: fitted by
+# binary spikes (signed ones have their own tests here) and no bias calibration: fitted by
 # each conversion's own SNN run, biases would differ between the paths these tests compare bit for bit
 convert_binary = functools.partial(snnconv.convert, signed_spikes=False, bias_calibration=False)
 
@@ -50,7 +51,7 @@ def test_every_variant_compiles_to_ptx(arch, compiler):
         if not _has_nvrtc():
             pytest.skip("nvidia-cuda-nvrtc-cu12 not installed")
         ptx = ks.ptx_with_nvrtc(arch)
-    assert ptx.count(".entry") == len(VARIANTS) == 96
+    assert ptx.count(".entry") == len(VARIANTS) == 120  # 96 binary, 24 signed
     assert f".target {arch}" in ptx
     assert "cvt.rn.f16.f32" in ptx  # float16 stores round to nearest even
     assert ".local" not in ptx  # the membrane lives in registers, nothing spills
@@ -82,10 +83,13 @@ def launcher(monkeypatch):
 # ---- an independent reference: float32 numpy, logical order (layouts play no part) ----
 
 
-def reference(x, v, theta, *, steps, static, soft_reset, v_reset, decay):
-    """(outputs [steps, ...] float32, final membrane, how many charges H landed exactly on the threshold)."""
+def reference(x, v, theta, *, steps, static, soft_reset, v_reset, decay, net=None):
+    """(outputs [steps, ...] float32, final membrane, how many charges H landed exactly on the threshold);
+    `net` given (a net spike count): signed spikes, -theta where H < 0 while the net count is positive,
+    and the final net count as a fourth item."""
     xs, vv = x.float().numpy(), v.numpy().astype(np.float32)
     th = np.broadcast_to(theta.float().numpy(), vv.shape)
+    n = None if net is None else net.numpy().astype(np.float32)
     outs, ties = [], 0
     for t in range(steps):
         xt = xs if static else xs[t]
@@ -93,9 +97,14 @@ def reference(x, v, theta, *, steps, static, soft_reset, v_reset, decay):
         s = h >= th
         ties += int((h == th).sum())
         o = np.where(s, th, np.float32(0.0))
+        if n is not None:
+            neg = ~s & (h < 0) & (n > 0)
+            o = np.where(neg, -th, o)
+            n = n + s.astype(np.float32) - neg.astype(np.float32)
         vv = h - o if soft_reset else np.where(s, np.float32(v_reset), h)
         outs.append(o)
-    return torch.from_numpy(np.stack(outs)), torch.from_numpy(np.ascontiguousarray(vv)), ties
+    res = torch.from_numpy(np.stack(outs)), torch.from_numpy(np.ascontiguousarray(vv)), ties
+    return res if n is None else (*res, torch.from_numpy(np.ascontiguousarray(n)))
 
 
 def make_case(shape, steps, per_channel, dtype, static, seed):
@@ -131,16 +140,21 @@ def layout(t: torch.Tensor, kind: str, lead: int = 0) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def run_and_check(cb, x, v, theta, out, count=None, **kw):
-    """Launch through the real launcher; compare out, v (and count) with the reference; return the ties."""
-    ref_out, ref_v, ties = reference(x, v.clone(), theta, **kw)
+def run_and_check(cb, x, v, theta, out, count=None, signed=False, **kw):
+    """Launch through the real launcher; compare out, v (and count) with the reference; return the ties
+    (signed: and how many negative spikes the reference fired)."""
+    ref = reference(x, v.clone(), theta, **kw, net=count.clone() if signed else None)
+    ref_out, ref_v, ties = ref[:3]
     count0 = count.clone() if count is not None else None
     calls = {}
-    got = cb.multistep(x, v, theta, out=out, count=count, calls=calls, **kw)
+    got = cb.multistep(x, v, theta, out=out, count=count, calls=calls, signed=signed, **kw)
     assert got is out
     assert calls == {"kernel": 1}
     assert torch.equal(out, ref_out.to(out.dtype)), f"{(out != ref_out.to(out.dtype)).sum()} outputs differ"
     assert torch.equal(v, ref_v)
+    if signed:
+        assert torch.equal(count, ref[3])
+        return ties, int((ref_out < 0).sum())
     if count is not None:
         assert torch.equal(count, count0 + (ref_out != 0).sum(0).float())
     return ties
@@ -157,9 +171,9 @@ def _variant_shapes(vec):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[ks.name(*v) for v in VARIANTS])
 def test_launcher_runs_every_variant_as_the_reference(launcher, variant):
-    dtype_name, vec, static, soft, leak, count = variant
+    dtype_name, vec, static, soft, leak, count, signed = variant
     dtype = getattr(torch, dtype_name)
-    ties = 0
+    ties = negatives = 0
     for i, (shape, steps, per_channel) in enumerate(_variant_shapes(vec)):
         x, v, theta = make_case(shape, steps, bool(per_channel), dtype, static, seed=VARIANTS.index(variant) * 7 + i)
         if per_channel == "cl":
@@ -167,14 +181,21 @@ def test_launcher_runs_every_variant_as_the_reference(launcher, variant):
         out = torch.full((steps, *shape), 7.0, dtype=dtype)  # poisoned: every element must be written
         out = layout(out, "cl", 1) if per_channel == "cl" else out
         cnt = torch.full(shape, 2.0) if count else None
+        if signed:  # net counts of 2 (negative spikes possible at once) and of 0
+            cnt[..., ::2] = 0.0
         cnt = layout(cnt, "cl") if count and per_channel == "cl" else cnt
         kw = dict(steps=steps, static=static, soft_reset=soft, v_reset=0.25, decay=0.5 if leak else 1.0)
-        ties += run_and_check(launcher, x, v, theta, out, cnt, **kw)
+        if signed:
+            t, n = run_and_check(launcher, x, v, theta, out, cnt, signed=True, **kw)
+            ties, negatives = ties + t, negatives + n
+        else:
+            ties += run_and_check(launcher, x, v, theta, out, cnt, **kw)
         rec = launcher.cp.RawModule.launches[-1]
         assert rec["name"] == ks.name(*variant)  # the launcher chose this variant (and this vector width)
         if per_channel == "cl":
             assert rec["inner"] == 1 and rec["x"] == x.data_ptr() and rec["out"] == out.data_ptr()  # zero-copy
     assert ties > 0  # charges landed exactly on thresholds: `>=` against `>` is tested
+    assert negatives > 0 or not signed
 
 
 LAYOUT_CASES = {
@@ -195,18 +216,22 @@ LAYOUT_CASES = {
 @pytest.mark.parametrize("case", LAYOUT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("static", [False, True])
-def test_launcher_layouts(launcher, case, dtype, static):
-    """Every layout combination gives the reference's values in the caller's tensors, in their layouts."""
+@pytest.mark.parametrize("signed", [False, True])
+def test_launcher_layouts(launcher, case, dtype, static, signed):
+    """Every layout combination gives the reference's values in the caller's tensors, in their layouts
+    (signed spikes: the net count, in its layout, too)."""
     kx, kv, ko, kc = LAYOUT_CASES[case]
     shape, steps = (4, 6, 5, 3), 4  # M = 360 (4-wide groups possible), inner 15 / channels-last C = 6
     x, v, theta = make_case(shape, steps, True, dtype, static, seed=11)
     x = layout(x, kx, 0 if static else 1)
     v = layout(v, kv)
     out = layout(torch.full((steps, *shape), 7.0, dtype=dtype), ko, 1)
-    cnt = layout(torch.zeros(shape), kc)
+    cnt = layout(torch.randint(0, 3, shape).float() if signed else torch.zeros(shape), kc)
     strides = (out.stride(), v.stride(), cnt.stride())
     ptrs = (out.data_ptr(), v.data_ptr(), cnt.data_ptr())
-    run_and_check(launcher, x, v, theta, out, cnt, steps=steps, static=static, soft_reset=True, v_reset=0.0, decay=1.0)
+    kw = dict(steps=steps, static=static, soft_reset=True, v_reset=0.0, decay=1.0)
+    got = run_and_check(launcher, x, v, theta, out, cnt, signed=signed, **kw)
+    assert not signed or got[1] > 0  # negative spikes fired
     assert (out.stride(), v.stride(), cnt.stride()) == strides and (
         out.data_ptr(),
         v.data_ptr(),
@@ -295,6 +320,35 @@ def test_converted_net_runs_every_neuron_on_the_kernel(launcher, monkeypatch):
     snn.step_mode = "m"
     assert torch.equal(torch.stack(steps), want)
     assert all(n.calls["torch"] == 0 for n in snn.neurons().values())
+
+
+def test_converted_signed_net_runs_on_the_kernel(launcher, monkeypatch):
+    """A signed conversion (the default) driven through the launcher: bit for bit the torch backend's
+    spikes and outputs, in 'm' and in 's' step mode (the net count carried between calls), every neuron
+    call on the kernel, negative spikes among them."""
+    from nets import ResCatNet, randomize_bn, record_spikes
+
+    from snnconv.runtime import modules
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    snn = snnconv.convert(randomize_bn(ResCatNet()), T=6, calib=x, signed_spikes=True, backend="torch")
+    want, want_spikes = record_spikes(snn, lambda: snn(x, per_step=True))
+    assert sum(bool((s < 0).any()) for s in want_spikes.values()) >= 2
+    for n in snn.neurons().values():
+        n.calls.update(kernel=0, torch=0)
+    monkeypatch.setattr(modules, "get_backend", lambda name, device: launcher.multistep)
+    got, got_spikes = record_spikes(snn, lambda: snn(x, per_step=True))
+    assert torch.equal(got, want)
+    for name in want_spikes:
+        assert torch.equal(got_spikes[name], want_spikes[name]), name
+    assert all(n.calls == {"kernel": 1, "torch": 0} for n in snn.neurons().values())
+    assert all("true>" in rec["name"] for rec in launcher.cp.RawModule.launches)  # the signed variants
+    snn.step_mode = "s"
+    snn.reset()
+    steps = [snn(x) for _ in range(snn.T)]
+    snn.step_mode = "m"
+    assert torch.equal(torch.stack(steps), want)
 
 
 def test_run_report_and_inspect_give_the_kernel_share(launcher, monkeypatch):

@@ -4,7 +4,9 @@
 //
 // Template parameters: DT storage dtype of x and out (0 float32, 1 float16, 2 bfloat16; state is float32),
 // STATIC input fed at every step, SOFT reset (else hard, to v_reset), LEAK (LIF: v = decay * v + x),
-// COUNT adds each neuron's spike count to `count` (firing rates, rate decoding).
+// COUNT adds each neuron's spike count to `count` (firing rates, rate decoding). SIGNED (with SOFT and
+// COUNT only): signed spikes, -theta where H < 0 while the net count is positive; `count` is then the net
+// count itself, read at the start, updated every step, written back (runtime/torch_backend.py multistep_signed).
 // Compiled by NVRTC through CuPy at run time, by nvcc to PTX in CI, and by g++ through host_shim.h.
 
 #ifdef SNN_HOST
@@ -72,7 +74,7 @@ template <typename V, typename T> __device__ __forceinline__ void snn_vstore(T* 
 // channels-last, ...); its channel is (i / inner) % C, inner being the channel dim's stride (1 for
 // channels-last). VEC consecutive neurons per thread (VEC = 4: 16-byte float32 / 8-byte 16-bit accesses);
 // the launcher picks VEC = 4 only when M % 4 == 0 and x and out are aligned, so every access is aligned.
-template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT>
+template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT, bool SIGNED>
 __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
                            typename SnnStorage<DT>::type* __restrict__ out, float* __restrict__ v,
                            const float* __restrict__ theta, float* __restrict__ count, long long M, int steps,
@@ -85,7 +87,7 @@ __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
   for (int k = 0; k < VEC; ++k) {
     th[k] = theta[C == 1 ? 0 : (int)(((i0 + k) / inner) % C)];
     vi[k] = v[i0 + k];
-    n[k] = 0.0f;
+    n[k] = SIGNED ? count[i0 + k] : 0.0f;  // SIGNED: the net count so far; else this call's spikes
   }
   if (STATIC) {
     const Vec xv = snn_vload<Vec>(x + i0);
@@ -101,16 +103,17 @@ __global__ void snn_neuron(const typename SnnStorage<DT>::type* __restrict__ x,
       const float xt = STATIC ? xs[k] : snn_load<DT>(xv.v[k]);
       const float h = LEAK ? __fadd_rn(__fmul_rn(vi[k], decay), xt) : __fadd_rn(vi[k], xt);
       const bool s = h >= th[k];
-      const float o = s ? th[k] : 0.0f;
+      const bool neg = SIGNED && !s && h < 0.0f && n[k] > 0.0f;  // take back an earlier spike
+      const float o = s ? th[k] : (neg ? -th[k] : 0.0f);
       ov.v[k] = snn_store<DT>(o);
       vi[k] = SOFT ? __fsub_rn(h, o) : (s ? v_reset : h);
-      if (COUNT) n[k] += s ? 1.0f : 0.0f;
+      if (COUNT) n[k] += s ? 1.0f : (neg ? -1.0f : 0.0f);
     }
     snn_vstore<Vec>(out + (long long)t * M + i0, ov);
   }
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     v[i0 + k] = vi[k];
-    if (COUNT) count[i0 + k] += n[k];
+    if (COUNT) count[i0 + k] = SIGNED ? n[k] : count[i0 + k] + n[k];
   }
 }
