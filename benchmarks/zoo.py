@@ -11,7 +11,7 @@ Also runs the zoo tests marked slow: `pytest -m slow tests/test_zoo.py`.
 from __future__ import annotations
 
 import argparse
-import gc
+import re
 import statistics
 import sys
 import time
@@ -97,64 +97,126 @@ def timm_candidates(refresh: bool = False) -> list[tuple[str, int]]:
     return out
 
 
-class _Timeout(BaseException):  # not an Exception: no `except Exception` inside torch or snnconv may swallow it
-    pass
+def _phase(name: str) -> None:
+    print(f"phase {name}", flush=True)  # the driver reads the last one when it has to kill the process
 
 
-def _alarm(signum, frame):
-    raise _Timeout
-
-
-def timm_row(name: str, size: int, T: int, cap: int) -> tuple[str, str]:
-    """(status, line): status 'converted', 'refused', 'failed', 'crash' (inside snn(x)) or 'timeout'."""
-    import signal
-
+def timm_one(name: str, size: int, T: int) -> None:
+    """Measure one model in this (fresh) process; print 'phase ...' lines as it goes, then one line
+    'row STATUS|LINE' with STATUS 'converted' or 'refused'. Any other exception escapes: the driver records
+    it as a crash in the last phase printed."""
     import timm
 
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(cap)
-    stage = "build"
-    try:
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval()
-        cfg_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        stage = "ann"
-        for hw in dict.fromkeys((size, 2 * size, cfg_size)):  # the smallest size the model accepts
-            g = torch.Generator().manual_seed(3)
-            calib, x = torch.rand(4, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
-            try:
-                with torch.no_grad():
-                    ref = model(x)
-                break
-            except Exception as exc:
-                err = exc
-        else:
-            return "failed", f"{name:<34} ANN fails on inputs up to {hw}x{hw}: {type(err).__name__}"
-        stage = "convert"
-        t0 = time.perf_counter()
+    _phase("build")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    cfg_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    _phase("ann")
+    err = None
+    for hw in sorted({size, 2 * size, 4 * size, cfg_size}):  # the smallest size the model accepts
+        g = torch.Generator().manual_seed(3)
+        calib, x = torch.rand(4, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
         try:
-            snn = snnconv.convert(model, T=T, calib=calib, calib_batches=2)
-        except snnconv.ConversionError as exc:
-            first = str(exc).splitlines()[0]
-            why = first[first.find("network (") + 9 : first.rfind(")")] if "network (" in first else first[:150]
-            return "refused", f"{name:<34} {hw:>4} refused: {why}"
-        t_conv = time.perf_counter() - t0
-        keys = list(snn.state_dict()) == list(model.state_dict())
-        snn.load_state_dict(model.state_dict(), strict=True)
-        model.load_state_dict(snn.state_dict(), strict=True)
-        stage = "snn"
-        with torch.no_grad():
-            out = snn(x)
-        rel = ((out - ref).norm() / ref.norm()).item()
-        return "converted", f"{name:<34} {hw:>4} {t_conv:8.1f} {rel:9.4f}  keys {'same' if keys else 'CHANGED'}"
-    except _Timeout:
-        return "timeout", f"{name:<34} timeout after {cap} s (in {stage})"
-    except Exception as exc:
-        status = "crash" if stage == "snn" else "failed"
-        msg = str(exc).splitlines()[0][:150] if str(exc) else ""
-        return status, f"{name:<34} {status} in {stage}: {type(exc).__name__}: {msg}"
-    finally:
-        signal.alarm(0)
+            with torch.no_grad():
+                ref = model(x)
+            break
+        except Exception as exc:
+            err = exc
+    else:
+        raise RuntimeError(f"the ANN itself fails on inputs up to {hw}x{hw}: {type(err).__name__}: {err}")
+    _phase(f"convert {hw}")
+    t0 = time.perf_counter()
+    try:
+        snn = snnconv.convert(model, T=T, calib=calib, calib_batches=2)
+    except snnconv.ConversionError as exc:
+        first = str(exc).splitlines()[0]
+        why = first[first.find("network (") + 9 : first.rfind(")")] if "network (" in first else first[:200]
+        print(f"row refused|{name:<34} {hw:>4} refused: {why}", flush=True)
+        return
+    t_conv = time.perf_counter() - t0
+    _phase("keys")
+    keys = list(snn.state_dict()) == list(model.state_dict())
+    snn.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(snn.state_dict(), strict=True)
+    _phase("snn")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = snn(x)
+    t_snn = time.perf_counter() - t0
+    rel = ((out - ref).norm() / ref.norm()).item()
+    keys = "same, strict load both ways" if keys else "CHANGED"
+    line = f"{name:<34} {hw:>4} {t_conv:8.1f} {t_snn:7.1f} {rel:9.4f}  keys {keys}"
+    print(f"row converted|{line}", flush=True)
+
+
+def timm_run(name: str, size: int, T: int, cap: int) -> tuple[str, str]:
+    """Run timm_one(name) in a fresh Python, killed after cap seconds: (status, line) with status
+    'converted', 'refused', 'timeout' (and the phase it was in) or 'crash' (the exception's first line
+    and the phase: 'snn' is a crash inside snn(x))."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--timm-one", name, "--size", str(size), "--T", str(T)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=cap)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        timed_out = True
+    lines = out.splitlines()
+    phase = next((ln[6:] for ln in reversed(lines) if ln.startswith("phase ")), "start")
+    for ln in lines:
+        if ln.startswith("row "):
+            status, line = ln[4:].split("|", 1)
+            return status, line
+    if timed_out:
+        return "timeout", f"{name:<34} timeout after {cap} s (in {phase})"
+    tb = [ln for ln in err.splitlines() if ln and not ln.startswith((" ", "Traceback", "During", "The above"))]
+    last = tb[-1][:200] if tb else f"exit code {proc.returncode}"
+    where = "inside snn(x)" if phase == "snn" else f"in {phase}"
+    return "crash", f"{name:<34} crash {where}: {last}"
+
+
+def _read_rows(path: Path) -> dict[str, tuple[str, str]]:
+    done = {}
+    if path.exists():
+        for ln in path.read_text().splitlines():
+            if ln.startswith("| ") and not ln.startswith("| status"):
+                status, rest = ln[2:].split(" | ", 1)
+                done[rest.split()[0]] = (status, rest)
+    return done
+
+
+def timm_summary(cands, done, head) -> list[str]:
+    """The summary block at the top of the results file: counts, refusal reasons, median error."""
+    rows = [done[n] for n, _ in cands if n in done]
+    counts: dict[str, int] = {}
+    for status, _ in rows:
+        counts[status] = counts.get(status, 0) + 1
+    reasons: dict[str, int] = {}
+    for status, line in rows:
+        if status == "refused":  # 'mul x6' -> 'mul': group by the ops, not their counts
+            why = line.split("refused: ", 1)[1]
+            key = ", ".join(sorted({re.sub(r" x\d+$", "", w.strip()) for w in why.split(",")}))
+            reasons[key] = reasons.get(key, 0) + 1
+    rels = [float(line.split()[4]) for status, line in rows if status == "converted"]
+    tally = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("converted", "refused", "timeout", "crash"))
+    out = [*head, f"summary: {len(rows)} of {len(cands)} models run: {tally}"]
+    if rels:
+        out.append(
+            f"median relative error at T of the converted: {statistics.median(rels):.4f} "
+            f"(min {min(rels):.4f}, max {max(rels):.4f})"
+        )
+    for why, k in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        out.append(f"refused ({k}): {why}")
+    for status in ("timeout", "crash"):
+        for s, line in rows:
+            if s == status:
+                out.append(f"{status}: {line.strip()}")
+    if len(rows) < len(cands):
+        out.append(f"{len(cands) - len(rows)} models not run yet: rerun the command (it resumes)")
+    return out
 
 
 def timm_sweep(args) -> None:
@@ -164,37 +226,34 @@ def timm_sweep(args) -> None:
     if args.models:
         cands = [c for c in cands if c[0] in args.models]
     out = Path(args.out)
-    done = {}
-    if args.resume and out.exists():
-        for ln in out.read_text().splitlines():
-            if ln.startswith("| "):
-                status, rest = ln[2:].split(" | ", 1)
-                if status in ("converted", "refused", "timeout"):  # failures run again
-                    done[rest.split()[0]] = (status, rest)
+    done = _read_rows(out) if args.resume else {}
+    if args.retry:
+        done = {n: r for n, r in done.items() if r[0] not in args.retry}
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:])
     head = [
         cmd,
-        f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights,",
-        f"input {args.size}x{args.size} (or the smallest size the model accepts), T={args.T}, batch 2, "
-        f"calibration 4 inputs, cap {args.cap} s per model; {len(cands)} timm models whose activations are all "
-        "ReLU/ReLU6",
-        "| status | model | input | convert s | rel err | state_dict keys  (or the reason)",
+        f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights, "
+        f"one fresh process per model, input {args.size}x{args.size} (or the smallest multiple/size the model "
+        f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s per model; {len(cands)} timm "
+        "models whose activations are all ReLU/ReLU6",
     ]
-    counts: dict[str, int] = {}
-    rows = []
-    with open(out, "w") as f:
-        f.write("\n".join(head) + "\n")
-        for name, _ in cands:
-            status, line = done.get(name) or timm_row(name, args.size, args.T, args.cap)
-            counts[status] = counts.get(status, 0) + 1
-            rows.append((status, line))
-            f.write(f"| {status} | {line}\n")
-            f.flush()
-            print(f"{status:<10} {line}", flush=True)
-            gc.collect()
-        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        f.write(f"summary: {len(cands)} models: {summary}\n")
-    print("summary:", summary)
+    table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
+
+    def write():
+        lines = [*timm_summary(cands, done, head), "", table]
+        lines += [f"| {done[n][0]} | {done[n][1]}" for n, _ in cands if n in done]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(out)
+
+    for name, _ in cands:
+        if name in done:
+            continue
+        done[name] = timm_run(name, args.size, args.T, args.cap)
+        print(f"{done[name][0]:<10} {done[name][1]}", flush=True)
+        write()
+    write()
+    print("\n".join(timm_summary(cands, done, [])))
 
 
 def main(argv=None):
@@ -207,7 +266,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
     ap.add_argument("--refresh", action="store_true", help="rebuild the cached timm candidate list")
+    ap.add_argument("--retry", nargs="*", default=None, help="with --resume: run the rows of these statuses again")
+    ap.add_argument("--timm-one", default=None, help="measure one timm model in this process (the sweep's worker)")
     args = ap.parse_args(argv)
+    if args.timm_one:
+        return timm_one(args.timm_one, args.size, args.T)
     if args.timm:
         return timm_sweep(args)
     args.models = args.models or CI + REST + sorted(UNSUPPORTED)
