@@ -150,12 +150,13 @@ def timm_one(name: str, size: int, T: int) -> None:
     print(f"row converted|{line}", flush=True)
 
 
-def timm_run(name: str, size: int, T: int, cap: int) -> tuple[str, str]:
+def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tuple[str, str]:
     """Run timm_one(name) in a forked child of this process (which has imported torch, timm and snnconv but
     built no model: each model starts from the same clean state, and importing once saves ~5 s of CPU per
     model), killed after cap seconds: (status, line) with status 'converted', 'refused', 'timeout' (and the
     phase it was in) or 'crash' (the exception's first line and the phase: 'snn' is a crash inside snn(x)).
     `--timm-one NAME` runs the same worker in a fresh Python."""
+    import resource
     import select
     import signal
     import traceback
@@ -167,6 +168,8 @@ def timm_run(name: str, size: int, T: int, cap: int) -> tuple[str, str]:
     if pid == 0:  # the child: report through the pipe, never return into the driver's loop
         os.close(r)
         code = 0
+        if mem_gib:  # a huge model fails with an allocation error instead of waking the OOM killer
+            resource.setrlimit(resource.RLIMIT_AS, (int(mem_gib * 2**30), resource.getrlimit(resource.RLIMIT_AS)[1]))
         with os.fdopen(w, "w") as pipe:
             sys.stdout = pipe
             try:
@@ -204,6 +207,8 @@ def timm_run(name: str, size: int, T: int, cap: int) -> tuple[str, str]:
         sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
         err = f"killed by signal {sig}" if sig else f"exit code {os.waitstatus_to_exitcode(wstatus)}"
     where = "inside snn(x)" if phase == "snn" else f"in {phase}"
+    if "can't allocate memory" in err or err.startswith("MemoryError"):
+        return "memory", f"{name:<34} over the memory cap ({mem_gib:g} GiB of address space) in {phase}"
     return "crash", f"{name:<34} crash {where}: {err}"
 
 
@@ -230,7 +235,7 @@ def timm_summary(cands, done, head) -> list[str]:
             key = ", ".join(sorted({re.sub(r" x\d+$", "", w.strip()) for w in why.split(",")}))
             reasons[key] = reasons.get(key, 0) + 1
     rels = [float(line.split()[4]) for status, line in rows if status == "converted"]
-    tally = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("converted", "refused", "timeout", "crash"))
+    tally = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("converted", "refused", "timeout", "memory", "crash"))
     out = [*head, f"summary: {len(rows)} of {len(cands)} models run: {tally}"]
     if rels:
         out.append(
@@ -239,7 +244,7 @@ def timm_summary(cands, done, head) -> list[str]:
         )
     for why, k in sorted(reasons.items(), key=lambda kv: -kv[1]):
         out.append(f"refused ({k}): {why}")
-    for status in ("timeout", "crash"):
+    for status in ("timeout", "memory", "crash"):
         for s, line in rows:
             if s == status:
                 out.append(f"{status}: {line.strip()}")
@@ -263,8 +268,8 @@ def timm_sweep(args) -> None:
         cmd,
         f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights, "
         f"one forked process per model, input {args.size}x{args.size} (or the smallest multiple/size the model "
-        f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s per model; {len(cands)} timm "
-        "models whose activations are all ReLU/ReLU6",
+        f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s and {args.mem:g} GiB of address "
+        f"space per model; {len(cands)} timm models whose activations are all ReLU/ReLU6",
     ]
     table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
 
@@ -278,7 +283,7 @@ def timm_sweep(args) -> None:
     for name, _ in cands:
         if name in done:
             continue
-        done[name] = timm_run(name, args.size, args.T, args.cap)
+        done[name] = timm_run(name, args.size, args.T, args.cap, args.mem)
         print(f"{done[name][0]:<10} {done[name][1]}", flush=True)
         write()
     write()
@@ -292,6 +297,7 @@ def main(argv=None):
     ap.add_argument("--timm", action="store_true", help="sweep timm's ReLU/ReLU6 models instead of torchvision's")
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
     ap.add_argument("--cap", type=int, default=120, help="seconds per timm model")
+    ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
     ap.add_argument("--refresh", action="store_true", help="rebuild the cached timm candidate list")
