@@ -51,7 +51,8 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
 @contract(requires=("neurons_lowered",), provides=("int8_packed",), after=("batchnorm_folded", "layout_planned"))
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
-    if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or settings.neuron.max_spikes != 1:
+    binary = settings.neuron.max_spikes == 1 and not settings.neuron.signed  # spikes 0 or theta: u8 inputs
+    if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or not binary:
         return gm
     mode = int8.mode()  # which exact int8 arithmetic runs fast here, if any ($SNNCONV_INT8 forces one)
     if mode is None:

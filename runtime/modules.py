@@ -26,6 +26,7 @@ class NeuronConfig:
     v_init: float = 0.5  # initial membrane, as a fraction of the threshold
     tau: float = 2.0  # LIF time constant: decay = 1 - 1/tau
     max_spikes: int = 1  # > 1: burst mode, up to this many spikes per step (outputs are not binary)
+    signed: bool = False  # spikes of -theta too, taking back an early excess (soft reset, binary magnitude)
 
     @property
     def decay(self) -> float:
@@ -56,6 +57,7 @@ class Neuron(nn.Module):
         self.static_input = False  # set by the hoisting pass: input is the same at every step
         self.observer = None
         self.calls = {"kernel": 0, "torch": 0}  # SNN-mode calls served by the fused CUDA kernel / by torch
+        self._count_key = _Scratch()  # signed spikes: the call's net spike count lives under this key
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -94,14 +96,28 @@ class Neuron(nn.Module):
         cfg = self.config
         # the dynamics every backend takes
         dyn = dict(steps=steps, static=static, soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay)
+        count = None
+        if cfg.signed:  # the net spike count so far, carried like the membrane
+            count = call.state.get(self._count_key)
+            if count is None or count.shape != shape:
+                count = torch.zeros_like(v)
+            call.state[self._count_key] = count
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
-            out, call.state[self] = torch_backend.multistep_functional(x_in, v, theta, max_spikes=cfg.max_spikes, **dyn)
-            return out.reshape(steps * shape[0], *shape[1:])
+            state = torch_backend.multistep_functional(x_in, v, theta, max_spikes=cfg.max_spikes, count=count, **dyn)
+            call.state[self] = state[1]
+            if count is not None:
+                call.state[self._count_key] = state[2]
+            return state[0].reshape(steps * shape[0], *shape[1:])
         # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
         out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
-        if cfg.max_spikes > 1:  # burst neurons: torch backend only
+        if cfg.max_spikes > 1 or cfg.signed:  # burst and signed neurons: torch backend only
             self.calls["torch"] += 1
-            torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
+            if cfg.signed:
+                torch_backend.multistep_signed(
+                    x_in, v, count, theta, steps=steps, static=static, decay=cfg.decay, out=out
+                )
+            else:
+                torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
             return out.view(steps * shape[0], *shape[1:])
         get_backend(call.backend, x.device)(x_in, v, theta, out=out, calls=self.calls, **dyn)
         return out.view(steps * shape[0], *shape[1:])

@@ -88,6 +88,35 @@ def multistep_burst(
     return out
 
 
+def multistep_signed(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    count: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    steps: int,
+    static: bool,
+    decay: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Signed spikes (soft reset): a neuron fires +theta when H >= theta and -theta when H < 0 while its net
+    count of spikes so far is positive, taking back an early excess; spikes stay binary in magnitude.
+    Without decay this holds V in [0, theta) wherever the count is not at a bound, so the count after t steps
+    is floor((sum of inputs + v_init) / theta) clipped to [0, t]: the rate code of the running input at
+    every step, not only at the end. `count` (the net count, same shape as v) is updated in place."""
+    theta = theta.to(v.dtype)
+    for t in range(steps):
+        if decay != 1.0:
+            v.mul_(decay)
+        v.add_(x if static else x[t])
+        s = (v >= theta).to(v.dtype) - ((v < 0) & (count > 0)).to(v.dtype)
+        count.add_(s)
+        spikes = s * theta
+        v.sub_(spikes)
+        out[t].copy_(spikes)
+    return out
+
+
 def multistep_functional(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -99,15 +128,21 @@ def multistep_functional(
     v_reset: float,
     decay: float,
     max_spikes: int = 1,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same dynamics with out-of-place ops only: what graph capture (ONNX export, tracing) records.
-    Returns (outputs [steps, ...], final membrane)."""
+    Returns (outputs [steps, ...], final membrane), and the final net count too for signed spikes (`count`
+    given: the net count so far)."""
     theta = theta.to(v.dtype)
     outs = []
     for t in range(steps):
         h = (v * decay if decay != 1.0 else v) + (x if static else x[t])
-        s = (h >= theta).to(v.dtype) if max_spikes == 1 else torch.floor(h / theta).clamp(0, max_spikes)
+        if count is not None:
+            s = (h >= theta).to(v.dtype) - ((h < 0) & (count > 0)).to(v.dtype)
+            count = count + s
+        else:
+            s = (h >= theta).to(v.dtype) if max_spikes == 1 else torch.floor(h / theta).clamp(0, max_spikes)
         o = s * theta
         v = h - o if soft_reset else torch.where(s > 0, torch.full_like(h, v_reset), h)
         outs.append(o.to(x.dtype))
-    return torch.stack(outs), v
+    return (torch.stack(outs), v) if count is None else (torch.stack(outs), v, count)

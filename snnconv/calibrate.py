@@ -93,14 +93,11 @@ def batches(calib, limit: int | None) -> Iterator[torch.Tensor]:
         yield x
 
 
-def calibrate(gm, settings, calib, limit: int | None, check) -> None:
-    """Observe every Neuron over the calibration data and set its threshold. `check(y)` validates the
-    prepared graph's output against the ANN on the first batch."""
-    neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
-    q = settings.percentile / 100.0
-    merged = distributed.active()
-    for n in neurons:
-        n.observer = Stats(settings.per_channel, q, merged)
+def _observe(gm, calib, limit: int | None, neurons: list[Neuron], observers: list, check=None) -> int:
+    """Run the prepared graph as the ANN over the calibration data with `observers[i]` on `neurons[i]`;
+    `check(y)` validates the output against the ANN on the first batch. Returns the number of batches."""
+    for n, obs in zip(neurons, observers):
+        n.observer = obs
     seen = 0
     try:
         with torch.no_grad():
@@ -114,13 +111,25 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} (if the model itself runs on "
                         "this input, this is an snnconv bug: please report it with `snnconv inspect`)"
                     ) from exc
-                if seen == 0:
+                if seen == 0 and check is not None:
                     check(y)
                 seen += 1
     finally:
-        observers = [n.observer for n in neurons]
         for n in neurons:
             n.observer = None
+    return seen
+
+
+def calibrate(gm, settings, calib, limit: int | None, check) -> None:
+    """Observe every Neuron over the calibration data and set its threshold. `check(y)` validates the
+    prepared graph's output against the ANN on the first batch. Method 'search' then makes a second pass
+    (ClipError) and picks, per channel, the threshold below the percentile one whose T-step rate code
+    reproduces the activations best."""
+    neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
+    q = settings.percentile / 100.0
+    merged = distributed.active()
+    observers = [Stats(settings.per_channel, q, merged) for _ in neurons]
+    seen = _observe(gm, calib, limit, neurons, observers, check)
     if merged:  # every rank must have data: an empty shard would leave its observers without a shape
         if distributed.all_reduce(torch.tensor(float(seen == 0)), "max").item():
             raise ConversionError(
@@ -135,14 +144,66 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
             "(a few hundred training samples), or threshold=<float> for a data-free "
             "conversion"
         )
+    search = settings.threshold_method == "search"
+    tops = []
     for n, stats in zip(neurons, observers):
+        th = stats.threshold("max" if settings.threshold_method == "max" else "percentile")
+        tops.append(th.clamp(max=n.clip) if n.clip is not None else th)
+    if search:
+        errors = [ClipError(top, settings.per_channel) for top in tops]
+        _observe(gm, calib, limit, neurons, errors)
+        levels = settings.T * settings.neuron.max_spikes
+        tops = [err.best_threshold(levels, settings.neuron.v_init) for err in errors]
+    for n, th in zip(neurons, tops):
         if n.fixed:
             continue
-        th = stats.threshold(settings.threshold_method)
-        if n.clip is not None:
-            th = th.clamp(max=n.clip)
         th = th / settings.neuron.max_spikes  # burst neurons: the same range, k times finer steps
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
+
+
+SEARCH_SCALES = torch.linspace(0.2, 1.0, 33, dtype=torch.float64)  # candidate thresholds / the percentile one
+
+
+class ClipError:
+    """Threshold search (after the activation-quantisation view of conversion, Li et al. 2021): a neuron
+    that integrates a constant input a for T steps from v_init * theta emits
+    q(a) = theta / L * clamp(floor(a * L / theta + v_init), 0, L) on average, L = T (times max_spikes), a
+    clipped L-level quantiser. A lower theta clips more but quantises finer; at small T the best theta is
+    well below the percentile. Per row (channel): a histogram of a / R over [0, 1), R the percentile
+    threshold, plus the count, sum and sum of squares of a / R >= 1 (clipped by any theta <= R), from
+    which the squared error of every candidate theta is summed exactly up to the bin width (R / bins)."""
+
+    def __init__(self, top: torch.Tensor, per_channel: bool, bins: int = 1024):
+        self.top, self.per_channel, self.bins = top.double().reshape(-1), per_channel, bins
+        self.counts = torch.zeros(len(self.top), bins, dtype=torch.float64)
+        self.over = torch.zeros(3, len(self.top), dtype=torch.float64)  # count, sum, sum of squares above R
+
+    def __call__(self, y: torch.Tensor) -> None:
+        flat = by_channel(y.detach()) if self.per_channel else y.detach().reshape(1, -1)
+        scale = torch.where(self.top > 0, 1 / self.top, torch.zeros_like(self.top)).to(flat.device, torch.float32)
+        a = flat.float() * scale.unsqueeze(1)  # in units of R
+        idx = (a * self.bins).long().clamp_(0, self.bins)  # bin `bins`: a >= 1, clipped by every candidate
+        above = idx == self.bins
+        a = a * above
+        sums = [above.sum(1, dtype=torch.float64), a.sum(1, dtype=torch.float64), (a * a).sum(1, dtype=torch.float64)]
+        self.over += torch.stack(sums).cpu()
+        idx += torch.arange(len(a), device=a.device).unsqueeze(1) * (self.bins + 1)
+        counts = torch.bincount(idx.flatten(), minlength=len(a) * (self.bins + 1)).view(len(a), -1)
+        self.counts += counts[:, : self.bins].cpu()
+
+    def best_threshold(self, levels: int, v_init: float) -> torch.Tensor:
+        """Per row: the candidate theta (SEARCH_SCALES * R) with the least summed squared error."""
+        counts, over = distributed.all_reduce(self.counts), distributed.all_reduce(self.over)
+        centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) / self.bins
+        errors = []
+        for s in SEARCH_SCALES.tolist():
+            q = s / levels * torch.clamp(torch.floor(centres * levels / s + v_init), 0, levels)
+            inside = (counts * (q - centres) ** 2).sum(1)
+            clipped = over[2] - 2 * s * over[1] + s * s * over[0]  # sum of (a - s)^2 over a >= 1 >= s
+            errors.append(inside + clipped)
+        best = SEARCH_SCALES[torch.stack(errors).argmin(0)]
+        th = (best * self.top).float()
+        return th if self.per_channel else th.reshape(())
 
 
 def _channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, int]:

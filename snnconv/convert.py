@@ -96,6 +96,7 @@ def convert(
     bias_batches: int = 4,
     readout_delay: int = 0,
     max_spikes: int = 1,
+    signed_spikes: bool = False,
 ) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
@@ -114,8 +115,6 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
-    if method not in ("max", "percentile"):
-        raise ConversionError(f"method must be 'max' or 'percentile', got {method!r}")
     for name, value in (("calib_batches", calib_batches), ("bias_batches", bias_batches)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConversionError(f"{name} must be a positive integer, got {value!r}")
@@ -124,7 +123,7 @@ def convert(
         raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
     settings = Settings(
         T=T,
-        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes),
+        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes, signed_spikes),
         threshold_method="fixed" if threshold is not None else method,
         percentile=percentile,
         per_channel=per_channel,

@@ -123,10 +123,11 @@ class _Exporter:
     def run(self):
         nir, gm, s = self.nir, self.gm, self.snn.settings
         cfg = s.neuron
-        if cfg.kind != "if" or cfg.reset != "soft" or cfg.max_spikes != 1:
+        if cfg.kind != "if" or cfg.reset != "soft" or cfg.max_spikes != 1 or cfg.signed:
             raise ConversionError(
-                "NIR export: only IF neurons with reset by subtraction and binary spikes are exported "
-                f"(this SNN has neuron={cfg.kind!r}, reset={cfg.reset!r}, max_spikes={cfg.max_spikes})"
+                "NIR export: only IF neurons with reset by subtraction and binary, unsigned spikes are exported "
+                f"(this SNN has neuron={cfg.kind!r}, reset={cfg.reset!r}, max_spikes={cfg.max_spikes}, "
+                f"signed_spikes={cfg.signed}); convert with signed_spikes=False for NIR"
             )
         self._shapes(torch.rand(1, *s.input_shape, generator=torch.Generator().manual_seed(0)))
         for node in gm.graph.nodes:

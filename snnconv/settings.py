@@ -32,7 +32,10 @@ def _optional_passes(v) -> bool:
 
 RULES = {
     "T": (lambda v: _int(v) and 0 < v <= 10**6, "a positive integer number of time steps (at most 1000000)"),
-    "threshold_method": (lambda v: v in ("max", "percentile", "fixed"), "'max' or 'percentile' (or 'fixed')"),
+    "threshold_method": (
+        lambda v: v in ("search", "percentile", "max", "fixed"),
+        "'search', 'percentile' or 'max' (or 'fixed')",
+    ),
     "percentile": (lambda v: _num(v) and 0 < v <= 100, "a number in (0, 100]"),
     "per_channel": (lambda v: isinstance(v, bool), "true or false"),
     "fixed_threshold": (lambda v: v is None or (_num(v) and v > 0), "a positive number or None"),
@@ -53,6 +56,7 @@ RULES = {
     "neuron.v_init": (lambda v: _num(v) and 0 <= v <= 1, "a fraction of the threshold in [0, 1]"),
     "neuron.tau": (lambda v: _num(v) and v > 1, "> 1 (decay = 1 - 1/tau)"),
     "neuron.max_spikes": (lambda v: _int(v) and v >= 1, "a positive integer (1: binary spikes)"),
+    "neuron.signed": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -62,6 +66,7 @@ API_NAMES = {
     "fixed_threshold": "threshold",
     **{f"neuron.{k}": k for k in ("reset", "v_reset", "v_init", "tau", "max_spikes")},
     "neuron.kind": "neuron",
+    "neuron.signed": "signed_spikes",
 }
 
 
@@ -116,6 +121,11 @@ class Settings:
             raise ConversionError(
                 f"{where}input_ndim is {self.input_ndim} but input_shape {list(self.input_shape)} has "
                 f"{len(self.input_shape)} dims (input_ndim counts the batch dimension too)"
+            )
+        if self.neuron.signed and (self.neuron.reset != "soft" or self.neuron.max_spikes != 1):
+            raise ConversionError(
+                f"{where}{(labels or {}).get('neuron.signed', 'neuron.signed')} needs reset 'soft' and max_spikes 1 "
+                "(a signed spike undoes one soft reset)"
             )
         if self.threshold_method == "fixed" and self.fixed_threshold is None:
             raise ConversionError(f"{where}fixed_threshold must be a positive number when threshold_method is 'fixed'")

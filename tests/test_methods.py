@@ -153,3 +153,68 @@ def test_bias_calibration_streams_sub_batches_within_the_memory_budget():
     # one sample per SNN call (T steps at once: the budget holds less than one sample); the ANN pass before
     # each call sees that one sample too
     assert seen == [1, 4] * 6, seen
+
+
+def _rate_code_error(a: torch.Tensor, theta: torch.Tensor, levels: int, v_init: float) -> torch.Tensor:
+    """Per row of a [rows, M] float64: the summed squared error of the L-level rate code of each value."""
+    th = theta.unsqueeze(1)
+    q = th / levels * torch.clamp(torch.floor(a * levels / th + v_init), 0, levels)
+    return ((q - a) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("levels", [2, 4, 16])
+def test_threshold_search_picks_the_least_rate_code_error(levels):
+    """The histogram search's choice, evaluated exactly on the raw values, is within 1% of the best
+    candidate's exact error; at small T it clips well below the percentile threshold."""
+    from snnconv.calibrate import SEARCH_SCALES, ClipError
+
+    g = torch.Generator().manual_seed(levels)
+    a = torch.distributions.Exponential(torch.tensor([1.0, 3.0, 0.5])).sample((6000,)).T.double()  # [3, M]
+    a[:, : a.shape[1] // 3] = 0  # ReLU: a third of the values are zero
+    a = a[:, torch.randperm(a.shape[1], generator=g)]
+    top = torch.quantile(a, 0.9999, dim=1).float()
+    err = ClipError(top, per_channel=True)
+    for part in a.split(2500, dim=1):  # two batches [N, C] in the layout of a linear layer's output
+        err(part.T.float())
+    chosen = err.best_threshold(levels, 0.5).double()
+    exact = torch.stack([_rate_code_error(a, s * top.double(), levels, 0.5) for s in SEARCH_SCALES.tolist()])
+    assert (_rate_code_error(a, chosen, levels, 0.5) <= 1.01 * exact.min(0).values).all()
+    if levels <= 4:
+        assert (chosen < 0.8 * top.double()).all()
+
+
+def test_threshold_search_lowers_the_snn_error_at_small_T():
+    torch.manual_seed(0)
+    ann = randomize_bn(ResCatNet())
+    calib, x = torch.rand(256, 3, 16, 16), torch.rand(128, 3, 16, 16)
+    ref = ann(x)
+    errors = {}
+    for method in ("percentile", "search"):
+        snn = snnconv.convert(ann, T=4, calib=calib, method=method, bias_calibration=False)
+        errors[method] = ((snn(x) - ref).norm() / ref.norm()).item()
+    assert errors["search"] < 0.8 * errors["percentile"], errors
+
+
+def test_signed_spikes_convert_and_round_trip(tmp_path):
+    """Through convert() and the runtime: a signed SNN fed time-major inputs of both signs emits, step by
+    step, what the float64 loop of signed neurons gives; keys stay the ANN's; a checkpoint brings it back."""
+    from test_neurons import signed_reference
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    calib = torch.rand(256, 4, dtype=torch.float64)
+    snn = snnconv.convert(ann, T=8, calib=calib, signed_spikes=True, per_channel=False, bias_calibration=False)
+    assert list(snn.state_dict()) == list(ann.state_dict())
+    x = torch.rand(8, 5, 4, dtype=torch.float64) * 2 - 1  # [T, N, ...], currents of both signs
+    per_step = snn(x, time_major=True, per_step=True)
+    theta = next(iter(snn.neurons().values())).threshold.item()
+    spikes = torch.tensor(signed_reference(ann[0](x).reshape(8, -1).tolist(), theta, 0.5), dtype=torch.float64)
+    assert (spikes < 0).any()
+    assert torch.allclose(per_step, ann[2](spikes.view(8, 5, 6)), atol=1e-12)
+    snnconv.save(snn, tmp_path / "s.safetensors")
+    back = snnconv.load(tmp_path / "s.safetensors", model=nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    back.load_state_dict(ann.float().state_dict())
+    out = snn.float()(x.float(), time_major=True)
+    assert back.settings.neuron.signed and torch.equal(back(x.float(), time_major=True), out)
+    with pytest.raises(snnconv.ConversionError, match="signed_spikes needs reset 'soft'"):
+        snnconv.convert(ann, T=4, calib=calib, signed_spikes=True, reset="hard")

@@ -58,10 +58,11 @@ def _concurrent_equals_sequential(snn, device: str) -> None:
         assert torch.equal(y, expected[i]), (k, r, i, (y - expected[i]).abs().max().item())
 
 
-def _model(chunk, passes_, device="cpu"):
+def _model(chunk, passes_, device="cpu", **options):
     torch.manual_seed(0)
     ann = randomize_bn(ResCatNet(c=16)).to(device)
-    return snnconv.convert(ann, T=6, calib=torch.rand(32, 3, 16, 16, device=device), chunk=chunk, passes=passes_)
+    calib = torch.rand(32, 3, 16, 16, device=device)
+    return snnconv.convert(ann, T=6, calib=calib, chunk=chunk, passes=passes_, **options)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -70,6 +71,12 @@ def test_threads_float_path(chunk):
     assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
     assert any(isinstance(m, SpikeMaxPool) for m in snn.modules())
     _concurrent_equals_sequential(snn, "cpu")
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_threads_signed_spikes(chunk):
+    """Signed neurons carry a net spike count besides the membrane: it lives in the call too."""
+    _concurrent_equals_sequential(_model(chunk, FLOAT32_PASSES, signed_spikes=True), "cpu")
 
 
 @pytest.mark.skipif(not int8.available(), reason="oneDNN int8 ops not exact on this CPU (no VNNI)")
