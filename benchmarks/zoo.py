@@ -131,8 +131,10 @@ def timm_one(name: str, size: int, T: int) -> None:
         snn = snnconv.convert(model, T=T, calib=calib, calib_batches=2)
     except snnconv.ConversionError as exc:
         first = str(exc).splitlines()[0]
-        why = first[first.find("network (") + 9 : first.rfind(")")] if "network (" in first else first[:200]
-        print(f"row refused|{name:<34} {hw:>4} refused: {why}", flush=True)
+        ops = first[first.find("network (") + 9 : first.rfind(")")] if "network (" in first else first[:200]
+        whys = dict.fromkeys(ln.strip()[5:] for ln in str(exc).splitlines() if ln.strip().startswith("why: "))
+        why = "; ".join(w[:90] for w in whys)  # each distinct reason once
+        print(f"row refused|{name:<34} {hw:>4} refused: {ops}" + (f" -- {why}" if why else ""), flush=True)
         return
     t_conv = time.perf_counter() - t0
     _phase("keys")
@@ -222,7 +224,7 @@ def _read_rows(path: Path) -> dict[str, tuple[str, str]]:
     return done
 
 
-def timm_summary(cands, done, head) -> list[str]:
+def timm_summary(cands, done, head, T: int) -> list[str]:
     """The summary block at the top of the results file: counts, refusal reasons, median error."""
     rows = [done[n] for n, _ in cands if n in done]
     counts: dict[str, int] = {}
@@ -231,7 +233,7 @@ def timm_summary(cands, done, head) -> list[str]:
     reasons: dict[str, int] = {}
     for status, line in rows:
         if status == "refused":  # 'mul x6' -> 'mul': group by the ops, not their counts
-            why = line.split("refused: ", 1)[1]
+            why = line.split("refused: ", 1)[1].split(" -- ")[0]
             key = ", ".join(sorted({re.sub(r" x\d+$", "", w.strip()) for w in why.split(",")}))
             reasons[key] = reasons.get(key, 0) + 1
     rels = [float(line.split()[4]) for status, line in rows if status == "converted"]
@@ -239,7 +241,7 @@ def timm_summary(cands, done, head) -> list[str]:
     out = [*head, f"summary: {len(rows)} of {len(cands)} models run: {tally}"]
     if rels:
         out.append(
-            f"median relative error at T of the converted: {statistics.median(rels):.4f} "
+            f"median relative error ||SNN - ANN|| / ||ANN|| at T={T} of the converted: {statistics.median(rels):.4f} "
             f"(min {min(rels):.4f}, max {max(rels):.4f})"
         )
     for why, k in sorted(reasons.items(), key=lambda kv: -kv[1]):
@@ -274,7 +276,7 @@ def timm_sweep(args) -> None:
     table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
 
     def write():
-        lines = [*timm_summary(cands, done, head), "", table]
+        lines = [*timm_summary(cands, done, head, args.T), "", table]
         lines += [f"| {done[n][0]} | {done[n][1]}" for n, _ in cands if n in done]
         tmp = out.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -287,7 +289,7 @@ def timm_sweep(args) -> None:
         print(f"{done[name][0]:<10} {done[name][1]}", flush=True)
         write()
     write()
-    print("\n".join(timm_summary(cands, done, [])))
+    print("\n".join(timm_summary(cands, done, [], args.T)))
 
 
 def main(argv=None):
