@@ -1,7 +1,7 @@
 """torchvision's zoo through snnconv: conversion time, SNN(T=32) vs ANN agreement, CPU time ratio.
 
     python benchmarks/zoo.py [--size 96] [--models resnet18 ...]   (needs torchvision; random weights)
-    python benchmarks/zoo.py --timm --size 64 [--T 64] [--cap 120]  (every timm ReLU/ReLU6 model; needs timm)
+    python benchmarks/zoo.py --timm --size 32 [--T 64] [--cap 240]  (every timm ReLU/ReLU6 model; needs timm)
 
 Agreement: top-1 agreement and relative output error ||SNN - ANN|| / ||ANN|| on 32 fixed random inputs,
 thresholds calibrated on 64 other random inputs. Time: SNN(T=8) / (8 x ANN), batch 8, median of 3.
@@ -155,8 +155,10 @@ def timm_one(name: str, size: int, T: int) -> None:
 def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tuple[str, str]:
     """Run timm_one(name) in a forked child of this process (which has imported torch, timm and snnconv but
     built no model: each model starts from the same clean state, and importing once saves ~5 s of CPU per
-    model), killed after cap seconds: (status, line) with status 'converted', 'refused', 'timeout' (and the
-    phase it was in) or 'crash' (the exception's first line and the phase: 'snn' is a crash inside snn(x)).
+    model), stopped after `cap` seconds of CPU time (RLIMIT_CPU: what the model costs, whatever else loads
+    the machine) or 4 x cap seconds of wall time (a hang): (status, line) with status 'converted', 'refused',
+    'timeout' (and the phase it was in), 'memory' or 'crash' (the exception's first line and the phase: 'snn' is
+    a crash inside snn(x)).
     `--timm-one NAME` runs the same worker in a fresh Python."""
     import resource
     import select
@@ -170,6 +172,7 @@ def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tupl
     if pid == 0:  # the child: report through the pipe, never return into the driver's loop
         os.close(r)
         code = 0
+        resource.setrlimit(resource.RLIMIT_CPU, (cap, cap + 10))  # SIGXCPU ends the child
         if mem_gib:  # a huge model fails with an allocation error instead of waking the OOM killer
             resource.setrlimit(resource.RLIMIT_AS, (int(mem_gib * 2**30), resource.getrlimit(resource.RLIMIT_AS)[1]))
         with os.fdopen(w, "w") as pipe:
@@ -182,7 +185,7 @@ def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tupl
                 code = 1
         os._exit(code)
     os.close(w)
-    buf, deadline, timed_out = b"", time.monotonic() + cap, False
+    buf, deadline, timed_out = b"", time.monotonic() + 4 * cap, False
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -203,7 +206,9 @@ def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tupl
             status, line = ln[4:].split("|", 1)
             return status, line
     if timed_out:
-        return "timeout", f"{name:<34} timeout after {cap} s (in {phase})"
+        return "timeout", f"{name:<34} timeout after {4 * cap} s of wall time (in {phase})"
+    if os.WIFSIGNALED(wstatus) and os.WTERMSIG(wstatus) == signal.SIGXCPU:
+        return "timeout", f"{name:<34} timeout after {cap} s of CPU time (in {phase})"
     err = next((ln[6:] for ln in lines if ln.startswith("error ")), None)
     if err is None:
         sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
@@ -270,8 +275,9 @@ def timm_sweep(args) -> None:
         cmd,
         f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights, "
         f"one forked process per model, input {args.size}x{args.size} (or the smallest multiple/size the model "
-        f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s and {args.mem:g} GiB of address "
-        f"space per model; {len(cands)} timm models whose activations are all ReLU/ReLU6",
+        f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s of CPU time (4x that of wall "
+        f"time) and {args.mem:g} GiB of address space per model; {len(cands)} timm models whose activations are "
+        "all ReLU/ReLU6",
     ]
     table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
 
@@ -298,7 +304,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--timm", action="store_true", help="sweep timm's ReLU/ReLU6 models instead of torchvision's")
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
-    ap.add_argument("--cap", type=int, default=120, help="seconds per timm model")
+    ap.add_argument("--cap", type=int, default=240, help="CPU seconds per timm model (4x that of wall time)")
     ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
