@@ -266,6 +266,14 @@ def timm_sweep(args) -> None:
     cands = sorted(timm_candidates(args.refresh), key=lambda c: c[1])  # small models first
     if args.models:
         cands = [c for c in cands if c[0] in args.models]
+    if args.families_first:  # the smallest model of each family (timm module, name's leading letters) first
+        from timm.models._registry import _model_to_module
+
+        family = {n: (_model_to_module.get(n, ""), re.match(r"[a-z]*", n).group()) for n, _ in cands}
+        firsts = {}
+        for n, p in cands:
+            firsts.setdefault(family[n], (n, p))
+        cands = list(firsts.values()) + [c for c in cands if c not in firsts.values()]
     out = Path(args.out)
     done = _read_rows(out) if args.resume else {}
     if args.retry:
@@ -305,6 +313,7 @@ def main(argv=None):
     ap.add_argument("--timm", action="store_true", help="sweep timm's ReLU/ReLU6 models instead of torchvision's")
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
     ap.add_argument("--cap", type=int, default=240, help="CPU seconds per timm model (4x that of wall time)")
+    ap.add_argument("--families-first", action="store_true", help="one model of each timm family, then the rest")
     ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
