@@ -275,7 +275,7 @@ def timm_sweep(args) -> None:
             firsts.setdefault(family[n], (n, p))
         cands = list(firsts.values()) + [c for c in cands if c not in firsts.values()]
     out = Path(args.out)
-    done = _read_rows(out) if args.resume else {}
+    done = _read_rows(out) if args.resume or args.summary_only else {}
     if args.retry:
         done = {n: r for n, r in done.items() if r[0] not in args.retry}
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:])
@@ -286,7 +286,14 @@ def timm_sweep(args) -> None:
         f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s of CPU time (4x that of wall "
         f"time) and {args.mem:g} GiB of address space per model; {len(cands)} timm models whose activations are "
         "all ReLU/ReLU6",
+        "machine load (1/5/15-min load average, 2 cores) when this run started: "
+        + " / ".join(f"{v:.1f}" for v in os.getloadavg()),
     ]
+    if args.summary_only:  # keep the head of the run that measured the rows; add the notes
+        lines = out.read_text().splitlines()
+        head = lines[: next(i for i, ln in enumerate(lines) if ln.startswith("summary:"))]
+        head = [ln for ln in head if not ln.startswith("note: ")]
+    head += [f"note: {n}" for n in args.note]
     table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
 
     def write():
@@ -297,7 +304,7 @@ def timm_sweep(args) -> None:
         tmp.replace(out)
 
     for name, _ in cands:
-        if name in done:
+        if name in done or args.summary_only:
             continue
         done[name] = timm_run(name, args.size, args.T, args.cap, args.mem)
         print(f"{done[name][0]:<10} {done[name][1]}", flush=True)
@@ -314,6 +321,8 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
     ap.add_argument("--cap", type=int, default=240, help="CPU seconds per timm model (4x that of wall time)")
     ap.add_argument("--families-first", action="store_true", help="one model of each timm family, then the rest")
+    ap.add_argument("--summary-only", action="store_true", help="rewrite --out's summary from its rows, run nothing")
+    ap.add_argument("--note", nargs="*", default=[], help="note lines for the head of --out")
     ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
