@@ -65,6 +65,11 @@ class Neuron(nn.Module):
         bias = "" if self.bias is None else ", calibrated bias"
         return f"{self.config.kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}{bias}"
 
+    def forget(self, call) -> None:
+        """Drop this neuron's state from `call`: its next run starts from the initial membrane."""
+        call.state.pop(self, None)
+        call.state.pop(self._count_key, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = current()
         if call is None:  # the ANN

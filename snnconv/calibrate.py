@@ -243,7 +243,7 @@ def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET
         gap = (a / count - s / c).float() / k
         gap = gap if gap.numel() > 1 else gap.reshape(())
         n.bias = gap if n.bias is None else n.bias + gap
-        current().state.pop(n, None)  # rerun the layer from its initial membrane with the corrected current
+        n.forget(current())  # rerun the layer from its initial state with the corrected current
         return n.forward(inputs[0])
 
     chunk, settings.chunk = settings.chunk, snn.T  # one call covers all T steps (the hook needs them all)

@@ -176,6 +176,7 @@ def cmd_convert(a) -> int:
         reset=a.reset,
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
+        signed_spikes=a.signed_spikes,
         memory_budget_mb=a.memory_budget_mb,
         passes=passes,
         calib_batches=None,
@@ -363,13 +364,30 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", help="one sample's shape (C,H,W) to calibrate on random inputs")
     c.add_argument("-o", "--output", required=True, help="converted checkpoint (.safetensors)")
     c.add_argument("--T", type=int, default=8, help="time steps")
-    c.add_argument("--method", choices=["percentile", "max"], default="percentile")
+    c.add_argument(
+        "--method",
+        choices=["search", "percentile", "max"],
+        default="search",
+        help="thresholds: 'search' (default: the clip below the percentile that best codes the activations "
+        "in T steps), the 'percentile' itself, or the 'max'",
+    )
     c.add_argument("--percentile", type=float, default=99.99)
     c.add_argument("--per-layer", action="store_true", help="one threshold per layer (default: per channel)")
     c.add_argument("--neuron", choices=["if", "lif"], default="if")
     c.add_argument("--reset", choices=["soft", "hard"], default="soft")
     c.add_argument("--v-init", type=float, default=0.5, help="initial membrane / threshold")
-    c.add_argument("--bias-calibration", action="store_true")
+    c.add_argument(
+        "--bias-calibration",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="correct each neuron layer's input current by the SNN's measured gap to the ANN (default: on)",
+    )
+    c.add_argument(
+        "--signed-spikes",
+        action=argparse.BooleanOptionalAction,
+        help="neurons may also fire -theta, taking back an early excess (default: on with --reset soft; "
+        "--no-signed-spikes for NIR export)",
+    )
     c.add_argument(
         "--skip-pass",
         action="append",

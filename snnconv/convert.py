@@ -78,7 +78,7 @@ def convert(
     calib=None,
     *,
     threshold: float | None = None,
-    method: str = "percentile",
+    method: str = "search",
     percentile: float = 99.99,
     per_channel: bool = True,
     neuron: str = "if",
@@ -92,22 +92,27 @@ def convert(
     memory_budget_mb: float | None = None,
     calib_batches: int | None = 64,
     example_input: torch.Tensor | None = None,
-    bias_calibration: bool = False,
+    bias_calibration: bool = True,
     bias_batches: int = 4,
     readout_delay: int = 0,
     max_spikes: int = 1,
-    signed_spikes: bool = False,
+    signed_spikes: bool | None = None,
 ) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
+    The defaults are the most accurate conversion measured (benchmarks/results/accuracy_*.txt): thresholds
+    searched for this T, bias calibration and signed spikes; the conversion is fitted to T.
     calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
-    come from it (method 'percentile' of `percentile`, or 'max'; per layer, or per channel).
+    come from it, per channel or per layer: method 'search' (the clip at or below the percentile whose T-step
+    rate code reproduces the activations best), 'percentile' (of `percentile`), or 'max'.
     threshold: a fixed threshold for every neuron instead (data-free; `example_input` then gives shapes).
     neuron 'if' or 'lif' (decay 1 - 1/tau); reset 'soft' (subtract) or 'hard' (to v_reset);
     v_init: initial membrane as a fraction of the threshold (0.5: theta/2).
     bias_calibration: after thresholds, correct each neuron layer's input current, layer by layer, by
     the gap between the ANN's and the SNN's mean output on `bias_batches` calibration batches.
     readout_delay: leave the first steps (the deep layers' transient) out of the output mean.
+    signed_spikes: neurons also fire -theta to take back an early excess (net count stays >= 0); None (the
+    default): on wherever the neuron allows it (reset 'soft', max_spikes 1). NIR export needs False.
     max_spikes: > 1 turns neurons into burst neurons (up to that many spikes per step, thresholds divided
     by it): k times finer rates at small T, but the spikes are no longer binary.
     passes: the optional passes to run (default all; [] for none); chunk: steps per chunk, or
@@ -121,9 +126,10 @@ def convert(
     unknown = set(passes or ()) - pipeline.OPTIONAL
     if unknown:
         raise ConversionError(f"unknown passes {sorted(unknown)}; optional passes are {sorted(pipeline.OPTIONAL)}")
+    signed = signed_spikes if signed_spikes is not None else (reset == "soft" and max_spikes == 1)
     settings = Settings(
         T=T,
-        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes, signed_spikes),
+        neuron=NeuronConfig(neuron, reset, v_reset, v_init, tau, max_spikes, signed),
         threshold_method="fixed" if threshold is not None else method,
         percentile=percentile,
         per_channel=per_channel,
@@ -159,7 +165,7 @@ def convert(
             if isinstance(m, Neuron) and not m.fixed:
                 m.threshold = torch.tensor(float(threshold) if m.clip is None else min(threshold, m.clip))
     snn = _lower(gm, settings, log, model)
-    if bias_calibration:
+    if bias_calibration and threshold is None:  # a data-free conversion has no data to fit biases to
         calibrate_bias(snn, calib, bias_batches)
     return snn
 

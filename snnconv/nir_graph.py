@@ -454,8 +454,16 @@ def from_nir(graph, T: int = 8, **options):
     ann = fx.GraphModule(root, g)
     shape = next(iter(shapes.values()))
     v_init = float(meta.get("v_init", 0.0))
-    kwargs = {"readout_delay": int(meta.get("readout_delay", 0)), **options}
-    snn = snnconv.convert(ann, T=T, threshold=1.0, example_input=torch.zeros(1, *shape), v_init=v_init, **kwargs)
+    # NIR's IF neurons emit unsigned spikes
+    kwargs = {"readout_delay": int(meta.get("readout_delay", 0)), "signed_spikes": False, **options}
+    snn = snnconv.convert(
+        ann,
+        T=T,
+        threshold=1.0,
+        example_input=torch.zeros(1, *shape),
+        v_init=v_init,
+        **{"signed_spikes": False, **kwargs},
+    )
     neurons = list(snn.neurons().values())
     if len(neurons) != len(thresholds):
         raise ConversionError(f"NIR import: {len(thresholds)} IF nodes became {len(neurons)} neuron layers")

@@ -97,7 +97,7 @@ def check_allocatable(shape, n: int, what: str) -> None:
 class Settings:
     T: int = 8
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
-    threshold_method: str = "percentile"  # 'max', 'percentile', or 'fixed'
+    threshold_method: str = "search"  # 'search', 'percentile', 'max', or 'fixed'
     percentile: float = 99.99
     per_channel: bool = True
     fixed_threshold: float | None = None

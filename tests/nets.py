@@ -65,3 +65,10 @@ def record_spikes(snn, run):
         for h in hooks:
             h.remove()
     return y, {n: torch.cat(v) for n, v in rec.items()}
+
+
+# a conversion that does not depend on T (no threshold search, no bias calibration) with binary spikes:
+# for tests of something other than the accuracy methods (passes, runtimes, export), and for runs at
+# another T than the conversion's
+PLAIN = {"method": "percentile", "bias_calibration": False, "signed_spikes": False}
+BINARY = {"signed_spikes": False}  # binary spikes: what the int8 layers, the CUDA kernel and NIR take

@@ -59,7 +59,7 @@ def base(tmp_path_factory):
     np.save(d / "calib.npy", torch.rand(32, 1, 8, 8).numpy())
     torch.save({"x": torch.rand(20, 1, 8, 8), "y": torch.randint(0, 10, (20,))}, d / "test.pt")
     np.save(d / "labels.npy", np.random.default_rng(0).integers(0, 10, 32))
-    snn = snnconv.convert(model, T=4, calib=torch.rand(32, 1, 8, 8))
+    snn = snnconv.convert(model, T=4, calib=torch.rand(32, 1, 8, 8), signed_spikes=False)  # NIR takes binary
     snnconv.save(snn, d / "ok.safetensors", source={"factory": "badnets:tiny", "kwargs": {}})
     yield d, model
     sys.path.remove(str(d))

@@ -45,10 +45,11 @@ def make_data():
 
 
 CASES = {  # name -> convert options
-    "max": {"method": "max"},
-    "percentile": {"method": "percentile", "percentile": 99.0},
-    "per_layer": {"method": "percentile", "percentile": 99.9, "per_channel": False},
+    "max": {"method": "max", "bias_calibration": False},
+    "percentile": {"method": "percentile", "percentile": 99.0, "bias_calibration": False},
+    "per_layer": {"method": "percentile", "percentile": 99.9, "per_channel": False, "bias_calibration": False},
     "bias": {"method": "max", "bias_calibration": True, "bias_batches": 100},
+    "search": {"method": "search", "percentile": 99.0, "bias_calibration": False},
 }
 
 
@@ -110,6 +111,18 @@ def test_max_thresholds_equal_one_process(two_ranks):
         assert torch.equal(two_ranks[0]["max"]["thresholds"][k], th), k
 
 
+def test_threshold_search_merges_across_ranks(two_ranks):
+    """The search's histograms merge exactly; its top (the merged percentile) is within one bin of one
+    process's, so the chosen thresholds agree with one process's up to one step of the candidate grid."""
+    x, _ = make_data()
+    one = snnconv.convert(make_net(), T=4, calib=x, method="search", percentile=99.0, bias_calibration=False)
+    tops = snnconv.convert(make_net(), T=4, calib=x, method="percentile", percentile=99.0, bias_calibration=False)
+    for k, th in one.thresholds().items():
+        step = 0.05 * tops.thresholds()[k]  # two steps of 0.025 x the top: the top moved by up to one bin
+        assert ((two_ranks[0]["search"]["thresholds"][k] - th).abs() <= step + 1e-6).all(), k
+        assert (th < tops.thresholds()[k]).any(), k  # at T = 4 the search does clip below the percentile
+
+
 def test_percentile_within_the_stated_bound_of_the_exact_percentile(two_ranks):
     x, _ = make_data()
     outs = _relu_outputs(x)
@@ -135,7 +148,7 @@ def test_bias_calibration_equals_one_process_on_the_gathered_batches(two_ranks):
 
 def test_merged_evaluation_equals_one_process(two_ranks):
     x, y = make_data()
-    snn = snnconv.convert(make_net(), T=4, calib=x, method="max")
+    snn = snnconv.convert(make_net(), T=4, calib=x, method="max", bias_calibration=False)
     one = snnconv.evaluate(snn, x, y, T=[2, 6], batch=8, progress=False)
     merged = two_ranks[0]["eval"]
     assert merged["samples"] == one["samples"] == SAMPLES  # the sampler's padding counted once

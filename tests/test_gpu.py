@@ -1,6 +1,8 @@
 """On a CUDA device (skipped cleanly elsewhere): the CuPy kernels against the torch backend, in every layout
 the passes produce, on the caller's stream (stream synchronisation only, never the whole device)."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +10,11 @@ import torch.nn as nn
 import snnconv
 from snnconv.runtime import kernel_source as ks
 from snnconv.runtime import torch_backend
+
+# binary spikes (what the int8 layers, the CUDA kernel and NIR take) and no bias calibration: fitted by
+# each conversion's own SNN run, biases would differ between the paths these tests compare bit for bit
+convert_binary = functools.partial(snnconv.convert, signed_spikes=False, bias_calibration=False)
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -145,7 +152,7 @@ def test_cpu_conversion_moved_to_cuda_runs_every_neuron_on_the_kernel():
 
     ann = randomize_bn(ResCatNet())
     x = torch.rand(32, 3, 16, 16)
-    snn = snnconv.convert(ann, T=8, calib=x).to("cuda")
+    snn = convert_binary(ann, T=8, calib=x).to("cuda")
     assert "_to_channels_last" in snn.graph_module.code  # the CPU-chosen layout plan is in the graph
     y = snn(x.cuda(), per_step=True)
     calls = [n.calls for n in snn.neurons().values()]
@@ -169,7 +176,7 @@ def test_converted_cnn_same_on_both_backends():
 
     ann = randomize_bn(ResCatNet()).cuda()
     x = torch.rand(32, 3, 16, 16, device="cuda")
-    snn = snnconv.convert(ann, T=16, calib=x, backend="torch")
+    snn = convert_binary(ann, T=16, calib=x, backend="torch")
     y_torch = snn(x, per_step=True)
     snn.settings.backend = "cupy"
     y_cupy = snn(x, per_step=True)
@@ -178,6 +185,6 @@ def test_converted_cnn_same_on_both_backends():
 
 
 def test_cupy_request_without_cuda_explains():
-    snn = snnconv.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), T=2, calib=torch.randn(8, 4), backend="cupy")
+    snn = convert_binary(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), T=2, calib=torch.randn(8, 4), backend="cupy")
     with pytest.raises(snnconv.ConversionError, match=r"CUDA tensors only|cannot run here"):
         snn(torch.randn(2, 4))

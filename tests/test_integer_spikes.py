@@ -7,6 +7,7 @@ checked against the emulation wherever they are exact, and the AVX2 kernels (no 
 instruction set in a subprocess."""
 
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -23,6 +24,10 @@ from snnconv import passes
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import Call, running
 from snnconv.runtime.modules import Neuron, NeuronConfig
+
+# binary spikes (what the int8 layers, the CUDA kernel and NIR take) and no bias calibration: fitted by
+# each conversion's own SNN run, biases would differ between the paths these tests compare bit for bit
+convert_binary = functools.partial(snnconv.convert, signed_spikes=False, bias_calibration=False)
 
 # each layout through oneDNN where exact here, else emulated: never a skip
 MODES = [m if int8.exact(m) else f"{m}-emulated" for m in ("vnni", "binary")]
@@ -213,6 +218,7 @@ _NO_VNNI = """
 import json, torch, snnconv
 from snnconv.runtime import integer_spikes as int8
 import test_integer_spikes as t
+
 out = {"vnni": int8.exact("vnni"), "binary": int8.exact("binary"), "diff": []}
 if out["binary"]:
     for geometry in (dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None):
@@ -250,15 +256,15 @@ def test_int8_mode_setting(monkeypatch):
     assert int8.mode() is None
     monkeypatch.setenv(int8.ENV, "binary-emulated")
     assert int8.mode() == "binary-emulated"
-    snn = snnconv.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
+    snn = convert_binary(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
     assert [m.mode for m in snn.modules() if isinstance(m, int8.SpikeLayer)] == ["binary-emulated"]
     monkeypatch.setenv(int8.ENV, "avx9")
     with pytest.raises(snnconv.ConversionError, match="SNNCONV_INT8='avx9'"):
-        snnconv.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
+        convert_binary(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
 
 
 def _float_and_int8(ann, calib):
-    return (snnconv.convert(ann, T=6, calib=calib, passes=FLOAT32_PASSES), snnconv.convert(ann, T=6, calib=calib))
+    return (convert_binary(ann, T=6, calib=calib, passes=FLOAT32_PASSES), convert_binary(ann, T=6, calib=calib))
 
 
 def test_integer_spikes_pass_keeps_spikes_outputs_and_keys(mode):
@@ -301,7 +307,7 @@ def test_integer_spikes_step_modes_and_chunks_agree(mode):
     x = torch.rand(8, 3, 16, 16)
     runs = {}
     for tag, chunk, mode in (("m", None, "m"), ("s", None, "s"), ("chunk", 2, "m")):
-        snn = snnconv.convert(ann, T=6, calib=x, chunk=chunk)
+        snn = convert_binary(ann, T=6, calib=x, chunk=chunk)
         assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3  # 2 convs, the linear head
         snn.step_mode = mode
         runs[tag] = record_spikes(
@@ -315,7 +321,7 @@ def test_integer_spikes_step_modes_and_chunks_agree(mode):
             assert torch.equal(runs[tag][1][n], spikes), (tag, n)
         assert torch.equal(runs[tag][0], runs["m"][0])
     # the head reads the 8x8 channels-last map in its own order (weights permuted), not a flattened copy
-    snn = snnconv.convert(ann, T=6, calib=x)
+    snn = convert_binary(ann, T=6, calib=x)
     head = [m for m in snn.modules() if isinstance(m, int8.SpikeLayer) and m.flatten]
     assert len(head) == 1 and "flatten" not in snn.graph_module.code
 
@@ -340,22 +346,22 @@ def test_integer_spikes_on_an_mlp_and_where_features_are_not_channels(mode):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
     x = torch.rand(32, 64)
-    plain = snnconv.convert(mlp, T=8, calib=x, passes=FLOAT32_PASSES)
-    fast = snnconv.convert(mlp, T=8, calib=x)
+    plain = convert_binary(mlp, T=8, calib=x, passes=FLOAT32_PASSES)
+    fast = convert_binary(mlp, T=8, calib=x)
     assert sum(isinstance(m, int8.SpikeLayer) for m in fast.modules()) == 2
     y0, y1 = plain(x), fast(x)
     assert torch.allclose(y1, y0, atol=1e-2 * y0.abs().max().item()) and (y1.argmax(1) == y0.argmax(1)).all()
     # [N, S, F]: thresholds are per dim 1 (S), the linear mixes dim 2: not foldable, left in float32
     seq = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
     x3 = torch.rand(8, 4, 16)
-    snn = snnconv.convert(seq, T=4, calib=x3)
+    snn = convert_binary(seq, T=4, calib=x3)
     assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
-    assert torch.equal(snn(x3), snnconv.convert(seq, T=4, calib=x3, passes=FLOAT32_PASSES)(x3))
+    assert torch.equal(snn(x3), convert_binary(seq, T=4, calib=x3, passes=FLOAT32_PASSES)(x3))
 
 
 def test_converted_model_deep_copies_after_running(mode):
     torch.manual_seed(0)
-    snn = snnconv.convert(randomize_bn(ResCatNet(c=16)), T=4, calib=torch.rand(8, 3, 16, 16))
+    snn = convert_binary(randomize_bn(ResCatNet(c=16)), T=4, calib=torch.rand(8, 3, 16, 16))
     x = torch.rand(4, 3, 16, 16)
     y = snn(x)  # packs the int8 weights
     other = copy.deepcopy(snn)
@@ -367,8 +373,8 @@ def test_integer_spikes_skips_what_it_cannot_run(mode):
     ann = randomize_bn(ResCatNet(c=16))
     x = torch.rand(8, 3, 16, 16)
     for snn in (
-        snnconv.convert(ann.double(), T=4, calib=x.double()),  # float64: exact arithmetic wanted
-        snnconv.convert(ann.float(), T=4, calib=x, max_spikes=3),
+        convert_binary(ann.double(), T=4, calib=x.double()),  # float64: exact arithmetic wanted
+        convert_binary(ann.float(), T=4, calib=x, max_spikes=3),
     ):  # burst spikes are not binary
         assert not any(isinstance(m, int8.SpikeLayer) for m in snn.modules())
 
@@ -379,7 +385,7 @@ def test_one_channel_stem_feeds_the_neurons_channels_last():
     ann = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
     x = torch.rand(4, 1, 12, 12)
     for passes_ in (None, FLOAT32_PASSES):
-        snn = snnconv.convert(ann, T=3, calib=x, passes=passes_)
+        snn = convert_binary(ann, T=3, calib=x, passes=passes_)
         _, spikes = record_spikes(snn, lambda snn=snn: snn(x))
         first = spikes[next(iter(snn.neurons()))]
         assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()

@@ -18,7 +18,7 @@ def test_bias_calibration_uses_bias_batches_and_leaves_the_ann_graph_clean():
     b1, b2 = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g) * 2 + 1
     one = snnconv.convert(ann, T=4, calib=[b1, b2], bias_calibration=True, bias_batches=1)
     # the same conversion without bias calibration, then bias calibration by hand on the first batch only
-    ref = snnconv.convert(ann, T=4, calib=[b1, b2])
+    ref = snnconv.convert(ann, T=4, calib=[b1, b2], bias_calibration=False)
     assert not any(n.bias is not None for n in ref.neurons().values())
     calibrate_bias(ref, [b1], None)
     both = snnconv.convert(ann, T=4, calib=[b1, b2], bias_calibration=True, bias_batches=2)

@@ -82,7 +82,7 @@ def test_threads_signed_spikes(chunk):
 @pytest.mark.skipif(not int8.available(), reason="oneDNN int8 ops not exact on this CPU (no VNNI)")
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_threads_int8_path(chunk):
-    snn = _model(chunk, None)
+    snn = _model(chunk, None, signed_spikes=False)  # the int8 layers take binary spikes
     assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 3
     _concurrent_equals_sequential(snn, "cpu")
 
@@ -114,7 +114,7 @@ def test_step_with_explicit_state_equals_multistep(int8_path):
     # float path in float64: float32 sums would round differently over T * N and over N samples
     dtype = torch.float32 if int8_path else torch.float64
     ann = randomize_bn(ResCatNet(c=16)).to(dtype)
-    snn = snnconv.convert(ann, T=6, calib=torch.rand(32, 3, 16, 16, dtype=dtype))
+    snn = snnconv.convert(ann, T=6, calib=torch.rand(32, 3, 16, 16, dtype=dtype), signed_spikes=not int8_path)
     assert any(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == int8_path
     x = torch.rand(6, 3, 3, 16, 16, dtype=dtype)
     ref = snn(x, time_major=True, per_step=True)
