@@ -1,7 +1,7 @@
 """torchvision's zoo through snnconv: conversion time, SNN(T=32) vs ANN agreement, CPU time ratio.
 
     python benchmarks/zoo.py [--size 96] [--models resnet18 ...]   (needs torchvision; random weights)
-    python benchmarks/zoo.py --timm --size 64 [--T 64] [--cap 120]  (every timm ReLU/ReLU6 model; needs timm)
+    python benchmarks/zoo.py --timm --size 32 [--T 64] [--cap 240]  (every timm ReLU/ReLU6 model; needs timm)
 
 Agreement: top-1 agreement and relative output error ||SNN - ANN|| / ||ANN|| on 32 fixed random inputs,
 thresholds calibrated on 64 other random inputs. Time: SNN(T=8) / (8 x ANN), batch 8, median of 3.
@@ -11,7 +11,8 @@ Also runs the zoo tests marked slow: `pytest -m slow tests/test_zoo.py`.
 from __future__ import annotations
 
 import argparse
-import gc
+import os
+import re
 import statistics
 import sys
 import time
@@ -97,64 +98,166 @@ def timm_candidates(refresh: bool = False) -> list[tuple[str, int]]:
     return out
 
 
-class _Timeout(BaseException):  # not an Exception: no `except Exception` inside torch or snnconv may swallow it
-    pass
+def _phase(name: str) -> None:
+    print(f"phase {name}", flush=True)  # the driver reads the last one when it has to kill the process
 
 
-def _alarm(signum, frame):
-    raise _Timeout
-
-
-def timm_row(name: str, size: int, T: int, cap: int) -> tuple[str, str]:
-    """(status, line): status 'converted', 'refused', 'failed', 'crash' (inside snn(x)) or 'timeout'."""
-    import signal
-
+def timm_one(name: str, size: int, T: int) -> None:
+    """Measure one model in this (fresh) process; print 'phase ...' lines as it goes, then one line
+    'row STATUS|LINE' with STATUS 'converted' or 'refused'. Any other exception escapes: the driver records
+    it as a crash in the last phase printed."""
     import timm
 
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(cap)
-    stage = "build"
-    try:
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).eval()
-        cfg_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        stage = "ann"
-        for hw in dict.fromkeys((size, 2 * size, cfg_size)):  # the smallest size the model accepts
-            g = torch.Generator().manual_seed(3)
-            calib, x = torch.rand(4, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
-            try:
-                with torch.no_grad():
-                    ref = model(x)
-                break
-            except Exception as exc:
-                err = exc
-        else:
-            return "failed", f"{name:<34} ANN fails on inputs up to {hw}x{hw}: {type(err).__name__}"
-        stage = "convert"
-        t0 = time.perf_counter()
+    _phase("build")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    cfg_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    _phase("ann")
+    err = None
+    for hw in sorted({size, 2 * size, 4 * size, cfg_size}):  # the smallest size the model accepts
+        g = torch.Generator().manual_seed(3)
+        calib, x = torch.rand(4, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
         try:
-            snn = snnconv.convert(model, T=T, calib=calib, calib_batches=2)
-        except snnconv.ConversionError as exc:
-            first = str(exc).splitlines()[0]
-            why = first[first.find("network (") + 9 : first.rfind(")")] if "network (" in first else first[:150]
-            return "refused", f"{name:<34} {hw:>4} refused: {why}"
-        t_conv = time.perf_counter() - t0
-        keys = list(snn.state_dict()) == list(model.state_dict())
-        snn.load_state_dict(model.state_dict(), strict=True)
-        model.load_state_dict(snn.state_dict(), strict=True)
-        stage = "snn"
-        with torch.no_grad():
-            out = snn(x)
-        rel = ((out - ref).norm() / ref.norm()).item()
-        return "converted", f"{name:<34} {hw:>4} {t_conv:8.1f} {rel:9.4f}  keys {'same' if keys else 'CHANGED'}"
-    except _Timeout:
-        return "timeout", f"{name:<34} timeout after {cap} s (in {stage})"
-    except Exception as exc:
-        status = "crash" if stage == "snn" else "failed"
-        msg = str(exc).splitlines()[0][:150] if str(exc) else ""
-        return status, f"{name:<34} {status} in {stage}: {type(exc).__name__}: {msg}"
-    finally:
-        signal.alarm(0)
+            with torch.no_grad():
+                ref = model(x)
+            break
+        except Exception as exc:
+            err = exc
+    else:
+        raise RuntimeError(f"the ANN itself fails on inputs up to {hw}x{hw}: {type(err).__name__}: {err}")
+    _phase(f"convert {hw}")
+    t0 = time.perf_counter()
+    try:
+        snn = snnconv.convert(model, T=T, calib=calib, calib_batches=2)
+    except snnconv.ConversionError as exc:
+        first = str(exc).splitlines()[0]
+        ops = first[first.find("network (") + 9 : first.rfind(")")] if "network (" in first else first[:200]
+        whys = dict.fromkeys(ln.strip()[5:] for ln in str(exc).splitlines() if ln.strip().startswith("why: "))
+        why = "; ".join(w[:90] for w in whys)  # each distinct reason once
+        print(f"row refused|{name:<34} {hw:>4} refused: {ops}" + (f" -- {why}" if why else ""), flush=True)
+        return
+    t_conv = time.perf_counter() - t0
+    _phase("keys")
+    keys = list(snn.state_dict()) == list(model.state_dict())
+    snn.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(snn.state_dict(), strict=True)
+    _phase("snn")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = snn(x)
+    t_snn = time.perf_counter() - t0
+    rel = ((out - ref).norm() / ref.norm()).item()
+    keys = "same, strict load both ways" if keys else "CHANGED"
+    line = f"{name:<34} {hw:>4} {t_conv:8.1f} {t_snn:7.1f} {rel:9.4f}  keys {keys}"
+    print(f"row converted|{line}", flush=True)
+
+
+def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tuple[str, str]:
+    """Run timm_one(name) in a forked child of this process (which has imported torch, timm and snnconv but
+    built no model: each model starts from the same clean state, and importing once saves ~5 s of CPU per
+    model), stopped after `cap` seconds of CPU time (RLIMIT_CPU: what the model costs, whatever else loads
+    the machine) or 4 x cap seconds of wall time (a hang): (status, line) with status 'converted', 'refused',
+    'timeout' (and the phase it was in), 'memory' or 'crash' (the exception's first line and the phase: 'snn' is
+    a crash inside snn(x)).
+    `--timm-one NAME` runs the same worker in a fresh Python."""
+    import resource
+    import select
+    import signal
+    import traceback
+
+    import timm  # noqa: F401  (imported before the fork: the children share it)
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into the driver's loop
+        os.close(r)
+        code = 0
+        resource.setrlimit(resource.RLIMIT_CPU, (cap, cap + 10))  # SIGXCPU ends the child
+        if mem_gib:  # a huge model fails with an allocation error instead of waking the OOM killer
+            resource.setrlimit(resource.RLIMIT_AS, (int(mem_gib * 2**30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+        with os.fdopen(w, "w") as pipe:
+            sys.stdout = pipe
+            try:
+                timm_one(name, size, T)
+            except BaseException as exc:
+                last = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()[0]
+                print(f"error {last[:200]}", flush=True)
+                code = 1
+        os._exit(code)
+    os.close(w)
+    buf, deadline, timed_out = b"", time.monotonic() + 4 * cap, False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            timed_out = True
+            break
+        if select.select([r], [], [], left)[0]:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            buf += chunk
+    os.close(r)
+    _, wstatus = os.waitpid(pid, 0)
+    lines = buf.decode(errors="replace").splitlines()
+    phase = next((ln[6:] for ln in reversed(lines) if ln.startswith("phase ")), "start")
+    for ln in lines:
+        if ln.startswith("row "):
+            status, line = ln[4:].split("|", 1)
+            return status, line
+    if timed_out:
+        return "timeout", f"{name:<34} timeout after {4 * cap} s of wall time (in {phase})"
+    if os.WIFSIGNALED(wstatus) and os.WTERMSIG(wstatus) == signal.SIGXCPU:
+        return "timeout", f"{name:<34} timeout after {cap} s of CPU time (in {phase})"
+    err = next((ln[6:] for ln in lines if ln.startswith("error ")), None)
+    if err is None:
+        sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
+        err = f"killed by signal {sig}" if sig else f"exit code {os.waitstatus_to_exitcode(wstatus)}"
+    where = "inside snn(x)" if phase == "snn" else f"in {phase}"
+    if "can't allocate memory" in err or err.startswith("MemoryError"):
+        return "memory", f"{name:<34} over the memory cap ({mem_gib:g} GiB of address space) in {phase}"
+    return "crash", f"{name:<34} crash {where}: {err}"
+
+
+def _read_rows(path: Path) -> dict[str, tuple[str, str]]:
+    done = {}
+    if path.exists():
+        for ln in path.read_text().splitlines():
+            if ln.startswith("| ") and not ln.startswith("| status"):
+                status, rest = ln[2:].split(" | ", 1)
+                done[rest.split()[0]] = (status, rest)
+    return done
+
+
+def timm_summary(cands, done, head, T: int) -> list[str]:
+    """The summary block at the top of the results file: counts, refusal reasons, median error."""
+    rows = [done[n] for n, _ in cands if n in done]
+    counts: dict[str, int] = {}
+    for status, _ in rows:
+        counts[status] = counts.get(status, 0) + 1
+    reasons: dict[str, int] = {}
+    for status, line in rows:
+        if status == "refused":  # 'mul x6' -> 'mul': group by the ops, not their counts
+            why = line.split("refused: ", 1)[1].split(" -- ")[0]
+            key = ", ".join(sorted({re.sub(r" x\d+$", "", w.strip()) for w in why.split(",")}))
+            reasons[key] = reasons.get(key, 0) + 1
+    rels = [float(line.split()[4]) for status, line in rows if status == "converted"]
+    tally = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("converted", "refused", "timeout", "memory", "crash"))
+    out = [*head, f"summary: {len(rows)} of {len(cands)} models run: {tally}"]
+    if rels:
+        out.append(
+            f"median relative error ||SNN - ANN|| / ||ANN|| at T={T} of the converted: {statistics.median(rels):.4f} "
+            f"(min {min(rels):.4f}, max {max(rels):.4f})"
+        )
+    for why, k in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        out.append(f"refused ({k}): {why}")
+    for status in ("timeout", "memory", "crash"):
+        for s, line in rows:
+            if s == status:
+                out.append(f"{status}: {line.strip()}")
+    if len(rows) < len(cands):
+        out.append(f"{len(cands) - len(rows)} models not run yet: rerun the command (it resumes)")
+    return out
 
 
 def timm_sweep(args) -> None:
@@ -163,38 +266,51 @@ def timm_sweep(args) -> None:
     cands = sorted(timm_candidates(args.refresh), key=lambda c: c[1])  # small models first
     if args.models:
         cands = [c for c in cands if c[0] in args.models]
+    if args.families_first:  # the smallest model of each family (timm module, name's leading letters) first
+        from timm.models._registry import _model_to_module
+
+        family = {n: (_model_to_module.get(n, ""), re.match(r"[a-z]*", n).group()) for n, _ in cands}
+        firsts = {}
+        for n, p in cands:
+            firsts.setdefault(family[n], (n, p))
+        cands = list(firsts.values()) + [c for c in cands if c not in firsts.values()]
     out = Path(args.out)
-    done = {}
-    if args.resume and out.exists():
-        for ln in out.read_text().splitlines():
-            if ln.startswith("| "):
-                status, rest = ln[2:].split(" | ", 1)
-                if status in ("converted", "refused", "timeout"):  # failures run again
-                    done[rest.split()[0]] = (status, rest)
+    done = _read_rows(out) if args.resume or args.summary_only else {}
+    if args.retry:
+        done = {n: r for n, r in done.items() if r[0] not in args.retry}
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:])
     head = [
         cmd,
-        f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights,",
-        f"input {args.size}x{args.size} (or the smallest size the model accepts), T={args.T}, batch 2, "
-        f"calibration 4 inputs, cap {args.cap} s per model; {len(cands)} timm models whose activations are all "
-        "ReLU/ReLU6",
-        "| status | model | input | convert s | rel err | state_dict keys  (or the reason)",
+        f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights, "
+        f"one forked process per model, input {args.size}x{args.size} (or the smallest multiple/size the model "
+        f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s of CPU time (4x that of wall "
+        f"time) and {args.mem:g} GiB of address space per model; {len(cands)} timm models whose activations are "
+        "all ReLU/ReLU6",
+        "machine load (1/5/15-min load average, 2 cores) when this run started: "
+        + " / ".join(f"{v:.1f}" for v in os.getloadavg()),
     ]
-    counts: dict[str, int] = {}
-    rows = []
-    with open(out, "w") as f:
-        f.write("\n".join(head) + "\n")
-        for name, _ in cands:
-            status, line = done.get(name) or timm_row(name, args.size, args.T, args.cap)
-            counts[status] = counts.get(status, 0) + 1
-            rows.append((status, line))
-            f.write(f"| {status} | {line}\n")
-            f.flush()
-            print(f"{status:<10} {line}", flush=True)
-            gc.collect()
-        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        f.write(f"summary: {len(cands)} models: {summary}\n")
-    print("summary:", summary)
+    if args.summary_only:  # keep the head of the run that measured the rows; add the notes
+        lines = out.read_text().splitlines()
+        head = lines[: next(i for i, ln in enumerate(lines) if ln.startswith("summary:"))]
+        head = [ln for ln in head if not ln.startswith("note: ")]
+    head += [f"note: {n}" for n in args.note]
+    table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
+
+    def write():
+        lines = [*timm_summary(cands, done, head, args.T), "", table]
+        lines += [f"| {done[n][0]} | {done[n][1]}" for n, _ in cands if n in done]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(out)
+
+    for name, _ in cands:
+        if name in done or args.summary_only:
+            continue
+        done[name] = timm_run(name, args.size, args.T, args.cap, args.mem)
+        print(f"{done[name][0]:<10} {done[name][1]}", flush=True)
+        write()
+    write()
+    print("\n".join(timm_summary(cands, done, [], args.T)))
 
 
 def main(argv=None):
@@ -203,11 +319,19 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--timm", action="store_true", help="sweep timm's ReLU/ReLU6 models instead of torchvision's")
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
-    ap.add_argument("--cap", type=int, default=120, help="seconds per timm model")
+    ap.add_argument("--cap", type=int, default=240, help="CPU seconds per timm model (4x that of wall time)")
+    ap.add_argument("--families-first", action="store_true", help="one model of each timm family, then the rest")
+    ap.add_argument("--summary-only", action="store_true", help="rewrite --out's summary from its rows, run nothing")
+    ap.add_argument("--note", nargs="*", default=[], help="note lines for the head of --out")
+    ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
     ap.add_argument("--refresh", action="store_true", help="rebuild the cached timm candidate list")
+    ap.add_argument("--retry", nargs="*", default=None, help="with --resume: run the rows of these statuses again")
+    ap.add_argument("--timm-one", default=None, help="measure one timm model in this process (the sweep's worker)")
     args = ap.parse_args(argv)
+    if args.timm_one:
+        return timm_one(args.timm_one, args.size, args.T)
     if args.timm:
         return timm_sweep(args)
     args.models = args.models or CI + REST + sorted(UNSUPPORTED)
