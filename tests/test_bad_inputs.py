@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from nets import PLAIN
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -59,7 +60,7 @@ def base(tmp_path_factory):
     np.save(d / "calib.npy", torch.rand(32, 1, 8, 8).numpy())
     torch.save({"x": torch.rand(20, 1, 8, 8), "y": torch.randint(0, 10, (20,))}, d / "test.pt")
     np.save(d / "labels.npy", np.random.default_rng(0).integers(0, 10, 32))
-    snn = snnconv.convert(model, T=4, calib=torch.rand(32, 1, 8, 8), signed_spikes=False)  # NIR takes binary
+    snn = snnconv.convert(model, T=4, calib=torch.rand(32, 1, 8, 8), **PLAIN)  # binary: NIR export cases
     snnconv.save(snn, d / "ok.safetensors", source={"factory": "badnets:tiny", "kwargs": {}})
     yield d, model
     sys.path.remove(str(d))
