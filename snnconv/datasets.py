@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +281,24 @@ def _ignore_ctrl_c(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes start with Ctrl-C held back. Python runs a pending SIGINT's
+    handler wherever it next checks, and inside os.fork's at-fork hooks (logging's lock release) the
+    KeyboardInterrupt is printed as "Exception ignored" and dropped: the user's Ctrl-C was lost."""
+
+    def __iter__(self):
+        if not self.num_workers or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        held = []
+        previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+        try:
+            return super().__iter__()  # forks the workers
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                signal.raise_signal(signal.SIGINT)  # delivered now, to whichever handler the caller had
+
+
 def loader(ds: Dataset, batch: int, workers: int | None = None, limit: int | None = None, pin: bool = False):
     """Batches of ds (its first `limit` samples), this rank's shard under torch.distributed."""
     if limit is not None and limit < len(ds):
@@ -287,7 +307,7 @@ def loader(ds: Dataset, batch: int, workers: int | None = None, limit: int | Non
         ds = sub
     sampler = DistributedSampler(ds, shuffle=False) if distributed.active() else None
     workers = default_workers() if workers is None else workers
-    return DataLoader(
+    return _Loader(
         ds,
         batch_size=batch,
         sampler=sampler,
