@@ -1,7 +1,8 @@
 """Runtime: the stateful modules a converted graph calls, and the backends that run neuron dynamics.
 
-Backends share one signature (see torch_backend.multistep). 'torch' runs anywhere; 'cupy' runs fused
-CUDA kernels on CUDA tensors. 'auto' picks cupy for CUDA tensors when it works, else torch.
+Backends share one signature (see torch_backend.multistep). 'torch' runs anywhere, torch ops only (the
+reference); 'cupy' runs fused CUDA kernels on CUDA tensors. 'auto' picks cupy for CUDA tensors when it works,
+and on the CPU the fused C kernel (cpu_kernel.py, taken by the neuron module itself) where it compiled, else torch.
 """
 
 from __future__ import annotations

@@ -308,6 +308,9 @@ class SpikeLayer(nn.Module):
         self.signed = bool(getattr(getattr(neuron, "config", None), "signed", False))  # spikes -theta too
         self.flatten = flatten  # a Linear reading flatten(x, 1) of [N, C, H, W] spikes: it takes x itself
         self._cache = (None, None, {})  # (key of weights and threshold, derived weights, packed by input shape)
+        if hasattr(neuron, "int8_readers"):  # the neuron's CPU kernel can write this layer's uint8 input
+            base = _HI_SIGNED if self.signed else _HI
+            neuron.int8_readers.append((mode.startswith("vnni"), base, not isinstance(self.inner, nn.Linear)))
 
     def __getstate__(self) -> dict:
         """Copies leave the packed weights behind (oneDNN's opaque tensors have no storage to copy); the
@@ -411,6 +414,8 @@ class SpikeLayer(nn.Module):
         """The int8 layer on spikes x (each 0 or its channel's theta; signed: or -theta), float32 out."""
         inner, vnni, signed = self.inner, self.mode.startswith("vnni"), self.signed
         base = _HI_SIGNED if signed else _HI
+        fused = getattr(self._neuron, "int8_input", None)
+        code = fused(x) if fused is not None else None  # written by the neuron's CPU kernel as it fired
         if isinstance(inner, nn.Linear):
             hwc = None
             if self.flatten:  # read a channels-last map in its own order (weights permuted), not a copy
@@ -421,27 +426,32 @@ class SpikeLayer(nn.Module):
             m = lead.numel()
             packed, s, bias, _ = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
             if vnni:
-                buf = _input_buffer((m, 2, k))  # [base * spikes, spikes] along the features
-                _encode(x.reshape(-1, k), buf[:, 1], signed)
-                torch.mul(buf[:, 1], base, out=buf[:, 0])
+                buf = _input_buffer((m, 2, k)) if code is None else code.view(m, 2, k)  # [base * u, u] per row
+                if code is None:
+                    _encode(x.reshape(-1, k), buf[:, 1], signed)
+                    torch.mul(buf[:, 1], base, out=buf[:, 0])
                 y = _qlinear(packed, buf.view(-1, 2 * k), s, bias)
             else:
-                buf = _input_buffer((m, k))
-                _encode(x.reshape(-1, k), buf, signed)
+                buf = _input_buffer((m, k)) if code is None else code.view(m, k)
+                if code is None:
+                    _encode(x.reshape(-1, k), buf, signed)
                 y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
             return y.view(*lead, -1)  # no border: a linear layer's layer(1) is all interior, in the bias
         n, c, h, w = x.shape
         geometry = (inner.stride, inner.padding, inner.dilation)
         if vnni:
             packed, s, bias, border = self._packed_for((n, 2 * c, h, w), theta)
-            buf = _input_buffer((n, h, w, 2, c))  # [base * spikes, spikes] along the channels, channels-last
-            _encode(x, buf[:, :, :, 1].permute(0, 3, 1, 2), signed)
-            torch.mul(buf[:, :, :, 1], base, out=buf[:, :, :, 0])
+            # [base * u, u] along the channels, channels-last
+            buf = _input_buffer((n, h, w, 2, c)) if code is None else code.view(n, h, w, 2, c)
+            if code is None:
+                _encode(x, buf[:, :, :, 1].permute(0, 3, 1, 2), signed)
+                torch.mul(buf[:, :, :, 1], base, out=buf[:, :, :, 0])
             y = _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
         else:
             packed, s, bias, border = self._packed_for((n, c, h, w), theta)
-            buf = _input_buffer((n, h, w, c)).permute(0, 3, 1, 2)  # the spikes as integers, channels-last
-            _encode(x, buf, signed)
+            buf = (_input_buffer((n, h, w, c)) if code is None else code.view(n, h, w, c)).permute(0, 3, 1, 2)
+            if code is None:  # the spikes as integers, channels-last
+                _encode(x, buf, signed)
             lo = _qconv(packed[1], buf, s[1], bias, *geometry)
             y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
         return y if border is None else y.sub_(border)

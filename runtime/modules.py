@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from snnconv.runtime import get_backend, torch_backend
+from snnconv.runtime import cpu_kernel, get_backend, torch_backend
 from snnconv.runtime.context import current, reused
 
 
@@ -56,8 +56,12 @@ class Neuron(nn.Module):
         self.fixed = False  # threshold given by the model (QCFS), not by calibration
         self.static_input = False  # set by the hoisting pass: input is the same at every step
         self.observer = None
-        self.calls = {"kernel": 0, "torch": 0}  # SNN-mode calls served by the fused CUDA kernel / by torch
+        self.calls = {"kernel": 0, "cpu": 0, "torch": 0}  # SNN-mode calls served: CUDA kernel, CPU kernel, torch
         self._count_key = _Scratch()  # signed spikes: the call's net spike count lives under this key
+        self._code_key = _Scratch()  # the call's spikes as int8-layer input, where the CPU kernel wrote them
+        # (interleave, base, per_channel) of each int8 layer reading these spikes (SpikeLayer adds it): if they
+        # agree, the CPU kernel writes their uint8 input as it fires, in groups of C (per_channel) or of a row
+        self.int8_readers: list[tuple[bool, int, bool]] = []
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -82,11 +86,11 @@ class Neuron(nn.Module):
             return y
         steps = call.steps
         static = self.static_input and call.input_static
-        if self.bias is not None:  # calibrated correction of the input current (bias calibration)
+        bias = None  # calibrated correction of the input current (bias calibration), broadcast over channels
+        if self.bias is not None:
             b = self.bias.to(x.device, x.dtype)
-            x = x + (b.view(-1, *([1] * (x.dim() - 2))) if b.dim() > 0 else b)
+            bias = b.view(-1, *([1] * (x.dim() - 2))) if b.dim() > 0 else b
         shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
-        x_in = x if static else x.reshape(steps, *shape)
         theta = self.threshold
         if theta.device != x.device:
             self.threshold = theta = theta.to(x.device)
@@ -107,7 +111,23 @@ class Neuron(nn.Module):
             if count is None or count.shape != shape:
                 count = torch.zeros_like(v)
             call.state[self._count_key] = count
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graph capture: no reused buffers
+        capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
+        if not capturing and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu":
+            # the fused CPU kernel takes the bias itself; it declines (False) layouts and dtypes it does not walk
+            out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
+            x_in = x if static else x.view(steps, *shape) if x.is_contiguous(memory_format=fmt) else None
+            fused = dict(out=out, count=count, bias=bias, code=self._code_buffer(out, fmt))
+            if x_in is not None and cpu_kernel.multistep(x_in, v, theta, **fused, **dyn):
+                self.calls["cpu"] += 1
+                flat = out.view(steps * shape[0], *shape[1:])
+                if fused["code"] is not None:  # valid while `flat` is not written again (its version counter says)
+                    call.state[self._code_key] = (flat, flat._version, fused["code"][0])
+                return flat
+        if bias is not None:
+            x = x + bias
+        x_in = x if static else x.reshape(steps, *shape)
+        if capturing:  # graph capture: no reused buffers
             state = torch_backend.multistep_functional(x_in, v, theta, max_spikes=cfg.max_spikes, count=count, **dyn)
             call.state[self] = state[1]
             if count is not None:
@@ -115,7 +135,6 @@ class Neuron(nn.Module):
             return state[0].reshape(steps * shape[0], *shape[1:])
         # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
         out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
-        backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
         if cfg.signed and backend is not torch_backend.multistep:  # the fused kernel, the net count its state
             backend(x_in, v, theta, out=out, calls=self.calls, count=count, signed=True, **dyn)
             return out.view(steps * shape[0], *shape[1:])
@@ -130,6 +149,27 @@ class Neuron(nn.Module):
             return out.view(steps * shape[0], *shape[1:])
         backend(x_in, v, theta, out=out, calls=self.calls, **dyn)
         return out.view(steps * shape[0], *shape[1:])
+
+    def _code_buffer(self, out: torch.Tensor, fmt) -> tuple | None:
+        """(uint8 buffer, group, interleave, base) for the CPU kernel to write the int8 layer's input into."""
+        if len(set(self.int8_readers)) != 1:
+            return None
+        interleave, base, per_channel = self.int8_readers[0]
+        if per_channel and (out.dim() != 5 or fmt != torch.channels_last):
+            return None  # a convolution reads channels-last integers: only channels-last spikes map 1:1
+        group = out.shape[2] if per_channel else out[0, 0].numel()
+        buf = reused(self._code_key, (out.numel() * (2 if interleave else 1),), torch.uint8, out.device)
+        return buf, group, interleave, base
+
+    def int8_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The uint8 input the CPU kernel wrote beside x, if x is this call's spikes of this neuron, unchanged."""
+        call = current()
+        hit = None if call is None else call.state.get(self._code_key)
+        if hit is None:
+            return None
+        spikes, version, code = hit
+        same = x.data_ptr() == spikes.data_ptr() and x.shape == spikes.shape and x.stride() == spikes.stride()
+        return code if same and x._version == version else None
 
 
 class _Scratch:

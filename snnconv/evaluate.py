@@ -127,7 +127,7 @@ def evaluate(
             spikes[1, index[m]] += o.numel()
 
     for m in neurons.values():  # count this run's calls only
-        m.calls.update(kernel=0, torch=0)
+        m.calls.update(kernel=0, cpu=0, torch=0)
     hooks = [m.register_forward_hook(on_compute) for m in gm.modules() if isinstance(m, _COMPUTE)]
     hooks += [m.register_forward_hook(on_neuron) for m in neurons.values()]
     old_T = snn.T
@@ -179,7 +179,7 @@ def evaluate(
         "snn_acs": float(counts[1]) / n,
         "snn_macs": float(counts[2]) / n,
         "device": str(device),
-        "neuron_calls": {k: dict(m.calls) for k, m in neurons.items()},  # this rank's: fused CUDA kernel vs torch
+        "neuron_calls": {k: dict(m.calls) for k, m in neurons.items()},  # this rank's: fused CUDA / CPU kernel vs torch
     }
     result["ann_energy_uj"] = result["ann_macs"] * E_MAC_PJ * 1e-6
     result["snn_energy_uj"] = (result["snn_acs"] * E_AC_PJ + result["snn_macs"] * E_MAC_PJ) * 1e-6

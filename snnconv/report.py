@@ -25,8 +25,9 @@ def neuron_table(snn: SpikingModel) -> str:
             f"{th.item():.4g}" if th.numel() == 1 else f"{th.numel()} ch, {th.min().item():.3g}..{th.max().item():.3g}"
         )
         clip = "-" if m.clip is None else f"{m.clip:g}"
-        n = m.calls["kernel"] + m.calls["torch"]  # SNN calls so far in this process, on the fused CUDA kernel
-        kernel = f"{m.calls['kernel']}/{n}" if n else "-"
+        fused = m.calls["kernel"] + m.calls["cpu"]  # SNN calls so far in this process on a fused kernel
+        n = fused + m.calls["torch"]
+        kernel = f"{fused}/{n}" if n else "-"
         static = " (static input)" if m.static_input else ""
         where = user_source_line(node.stack_trace, node.meta.get("snn_origin"))
         rows.append(f"{node.target:<28}{th_text:>22}{clip:>7}{kernel:>10}  {where}{static}")

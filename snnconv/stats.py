@@ -18,9 +18,11 @@ def format_report(r: dict) -> str:
             "",
         ]
     calls = r.get("neuron_calls", {})
-    kernel, total = sum(c["kernel"] for c in calls.values()), sum(c["kernel"] + c["torch"] for c in calls.values())
+    cuda, cpu = sum(c["kernel"] for c in calls.values()), sum(c.get("cpu", 0) for c in calls.values())
+    kernel, total = cuda + cpu, sum(c["kernel"] + c.get("cpu", 0) + c["torch"] for c in calls.values())
     if total:
-        share = f"neuron calls on the fused CUDA kernel: {kernel} of {total} ({100 * kernel / total:.0f}%)"
+        kind = "CUDA" if not cpu else "CPU" if not cuda else "CUDA/CPU"
+        share = f"neuron calls on the fused {kind} kernel: {kernel} of {total} ({100 * kernel / total:.0f}%)"
         slow = [k for k, c in calls.items() if c["torch"]]
         where = f" on {r['device']}" + (f"; torch backend for {', '.join(slow)}" if kernel and slow else "")
         lines += [share + where, ""]

@@ -342,7 +342,7 @@ def test_converted_signed_net_runs_on_the_kernel(launcher, monkeypatch):
     assert torch.equal(got, want)
     for name in want_spikes:
         assert torch.equal(got_spikes[name], want_spikes[name]), name
-    assert all(n.calls == {"kernel": 1, "torch": 0} for n in snn.neurons().values())
+    assert all(n.calls == {"kernel": 1, "cpu": 0, "torch": 0} for n in snn.neurons().values())
     assert all("true>" in rec["name"] for rec in launcher.cp.RawModule.launches)  # the signed variants
     snn.step_mode = "s"
     snn.reset()
@@ -364,6 +364,6 @@ def test_run_report_and_inspect_give_the_kernel_share(launcher, monkeypatch):
     monkeypatch.setattr(modules, "get_backend", lambda name, device: launcher.multistep)
     r = evaluate(snn, x, y, batch=8, progress=False, device="cpu")
     assert f"neuron calls on the fused CUDA kernel: {2 * n} of {2 * n} (100%)" in format_report(r)
-    assert r["neuron_calls"] == {name: {"kernel": 2, "torch": 0} for name in snn.neurons()}
+    assert r["neuron_calls"] == {name: {"kernel": 2, "cpu": 0, "torch": 0} for name in snn.neurons()}
     table = snnconv.inspect(snn).split("== final graph ==")[1]
     assert sum(" 2/2 " in line for line in table.splitlines()) == n

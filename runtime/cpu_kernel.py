@@ -1,0 +1,233 @@
+"""Fused CPU neuron kernel: all steps of a layer's IF/LIF neurons in one pass over memory.
+
+The torch backend runs 3-7 elementwise ops per step, each a full pass over the layer's membranes (measured
+on a 5-layer VGG, batch 64, T=8: half of a spiking call's time). This C kernel keeps a block of membranes
+in registers across the steps and reads each input and writes each spike once. It computes the torch
+backend's float32 operations in the same order (no FMA contraction, no fast-math), so its spikes and
+membranes are bitwise those of `torch_backend.multistep` / `multistep_signed` (tests/test_cpu_kernel.py).
+
+Compiled by the system C compiler at first use (-O3 -march=native: it runs where it was built), cached per
+source, flags and CPU in $SNNCONV_CACHE (default ~/.cache/snnconv). Without a compiler, or with
+SNNCONV_CPU_KERNEL=off, neurons run on the torch backend; `why_not()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ENV = "SNNCONV_CPU_KERNEL"  # 'off' disables the kernel
+SOURCE = r"""
+#include <stdint.h>
+
+#define BLOCK 64
+
+/* Neurons [row0, row1) of `rows` rows of `width` neurons; step t of x and out at offset t * rows * width.
+   theta_row / bias_row: one row's thresholds and biases (per channel, laid out as the row is).
+   code (optional): the spikes again as the uint8 integers an int8 layer reads, u = s (+1 if signed), in
+   groups of `group` neurons; `interleave` writes each group as [code_base * u, u] (2 * group bytes). */
+void neuron_steps(const float *restrict x, float *restrict v, float *restrict count, float *restrict out,
+                  const float *restrict theta_row, const float *restrict bias_row, int64_t rows, int64_t width,
+                  int64_t row0, int64_t row1,
+                  int64_t steps, int static_input, int leak, float decay, int soft, float v_reset, int is_signed,
+                  uint8_t *restrict code, int64_t group, int interleave, int code_base)
+{
+    const int64_t per_step = rows * width;
+    const int64_t code_step = interleave ? 2 * per_step : per_step;
+    const uint8_t shift = is_signed ? 1 : 0;
+    float vb[BLOCK], cb[BLOCK];
+    for (int64_t n = row0; n < row1; n++) {
+        int64_t len;
+        for (int64_t c0 = 0; c0 < width; c0 += len) {
+            const int64_t base = n * width + c0;
+            len = width - c0 < BLOCK ? width - c0 : BLOCK;
+            if (code && group - base % group < len) /* a block never straddles two groups */
+                len = group - base % group;
+            const float *restrict th = theta_row + c0;
+            for (int64_t j = 0; j < len; j++) {
+                vb[j] = v[base + j];
+                cb[j] = is_signed ? count[base + j] : 0.0f;
+            }
+            for (int64_t t = 0; t < steps; t++) {
+                const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
+                float *restrict ot = out + base + t * per_step;
+                uint8_t *restrict lo = 0, *restrict hi = 0;
+                if (code) {
+                    hi = code + t * code_step + (interleave ? (base / group) * 2 * group + base % group : base);
+                    lo = interleave ? hi + group : hi;
+                }
+                for (int64_t j = 0; j < len; j++) {
+                    float in = bias_row ? xt[j] + bias_row[c0 + j] : xt[j]; /* x + bias, then v += x */
+                    float h = (leak ? vb[j] * decay : vb[j]) + in;
+                    float s = h >= th[j] ? 1.0f : 0.0f;
+                    if (is_signed) {
+                        s -= (h < 0.0f && cb[j] > 0.0f) ? 1.0f : 0.0f;
+                        cb[j] += s;
+                    }
+                    float o = s * th[j]; /* exact: s is -1, 0 or 1 */
+                    vb[j] = soft ? h - o : (s > 0.0f ? v_reset : h);
+                    ot[j] = o;
+                    if (code) {
+                        uint8_t u = (uint8_t)((int)s + shift);
+                        lo[j] = u;
+                        if (interleave)
+                            hi[j] = (uint8_t)(u * code_base);
+                    }
+                }
+            }
+            for (int64_t j = 0; j < len; j++) {
+                v[base + j] = vb[j];
+                if (is_signed)
+                    count[base + j] = cb[j];
+            }
+        }
+    }
+}
+"""
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_state: dict = {}
+_PARALLEL_MIN = 1 << 18  # neurons x steps below which one thread does the layer (a task costs ~20 us)
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "unknown")
+
+
+def _compile() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SNNCONV_CACHE") or Path.home() / ".cache" / "snnconv")
+    lib = cache / f"neuron_cpu_{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, built = Path(tmp) / "neuron.c", Path(tmp) / "neuron.so"
+            src.write_text(SOURCE)
+            done = subprocess.run([cc, *FLAGS, str(src), "-o", str(built)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:300]}")
+            os.replace(built, lib)  # atomic: processes compiling at once each install a whole file
+    fn = ctypes.CDLL(str(lib)).neuron_steps
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    c_int = ctypes.c_int
+    fn.argtypes = [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int]
+    fn.restype = None
+    return fn
+
+
+def _kernel():
+    """The compiled function, or None (then `why_not()` says why)."""
+    if "fn" not in _state:
+        with _lock:
+            if "fn" not in _state:
+                if os.environ.get(ENV, "").lower() == "off":
+                    _state["fn"], _state["why"] = None, f"{ENV}=off"
+                else:
+                    try:
+                        _state["fn"] = _compile()
+                    except Exception as exc:  # any failure leaves the torch backend in charge
+                        _state["fn"], _state["why"] = None, f"{type(exc).__name__}: {exc}"
+    return _state["fn"]
+
+
+def why_not() -> str | None:
+    """Why the kernel does not run here, or None if it does."""
+    _kernel()
+    return _state.get("why")
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    pool = _state.get("pool")
+    if pool is None or pool._max_workers != threads:
+        with _lock:
+            pool = _state.get("pool")
+            if pool is None or pool._max_workers != threads:
+                _state["pool"] = pool = ThreadPoolExecutor(threads, thread_name_prefix="snnconv-neurons")
+    return pool
+
+
+def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
+    """t is [steps, *v.shape] (lead) or v's shape, float32 on the CPU, with v's strides after the lead dim
+    and steps packed back to back: element i of a step's memory is neuron i of v's memory."""
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        return False
+    if not lead:
+        return t.shape == v.shape and t.stride() == v.stride()
+    return t.shape[1:] == v.shape and t.stride()[1:] == v.stride() and (t.shape[0] == 1 or t.stride(0) == v.numel())
+
+
+def multistep(x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, count=None, bias=None, code=None) -> bool:
+    """Run the neurons like torch_backend.multistep (count given: multistep_signed), plus `bias` (broadcast
+    like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
+    write the spikes as an int8 layer's input (see SOURCE). False, having done nothing, where the kernel does
+    not apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
+    fn = _kernel()
+    dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
+    if (
+        fn is None
+        or v.dim() < 1
+        or v.numel() == 0
+        or not dense
+        or not _aligned(v, v, False)
+        or not _aligned(x, v, not static)
+        or not _aligned(out, v, True)
+        or (count is not None and not _aligned(count, v, False))
+    ):
+        return False
+    rows = v.shape[0]
+    width = v.numel() // rows
+    code_args = (0, 1, 0, 0)
+    if code is not None:
+        buf, group, interleave, base = code
+        size = steps * v.numel() * (2 if interleave else 1)
+        if buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.numel() != size or width % group:
+            return False
+        code_args = (buf.data_ptr(), group, int(interleave), base)
+
+    def row_of(t):  # one row's values of theta (or bias), laid out in memory as v's rows are
+        row = torch.empty_like(v[:1], dtype=torch.float32)
+        row.copy_(t.to(torch.float32).expand(row.shape))
+        return row
+
+    theta_row = row_of(theta)
+    bias_row = None if bias is None else row_of(bias)
+    args = (
+        x.data_ptr(),
+        v.data_ptr(),
+        0 if count is None else count.data_ptr(),
+        out.data_ptr(),
+        theta_row.data_ptr(),
+        0 if bias_row is None else bias_row.data_ptr(),
+        rows,
+        width,
+    )
+    tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
+    pool = _pool() if v.numel() * steps >= _PARALLEL_MIN else None
+    if pool is None or rows < 2:
+        fn(*args, 0, rows, *tail)
+    else:  # rows split over threads; ctypes releases the GIL during each call
+        parts = min(pool._max_workers, rows)
+        cuts = [rows * i // parts for i in range(parts + 1)]
+        for f in [pool.submit(fn, *args, a, b, *tail) for a, b in itertools.pairwise(cuts) if b > a]:
+            f.result()
+    return True

@@ -1,0 +1,206 @@
+"""The fused CPU neuron kernel (runtime/cpu_kernel.py) against the torch backend, bit for bit: every variant
+of the dynamics, both layouts, the thread split, the uint8 int8-layer input it writes, and whole converted
+networks with the kernel on and off."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+from nets import ResCatNet, randomize_bn
+
+import snnconv
+from snnconv.runtime import cpu_kernel
+from snnconv.runtime import integer_spikes as int8
+from snnconv.runtime import torch_backend as tb
+
+pytestmark = pytest.mark.skipif(cpu_kernel.why_not() is not None, reason=f"no CPU kernel: {cpu_kernel.why_not()}")
+
+VARIANTS = [
+    v
+    for v in itertools.product(*[[False, True]] * 2, [1.0, 0.5], [True, False], *[[False, True]] * 3)
+    if not (v[0] and not v[3])  # signed spikes reset softly only
+]
+
+
+def _case(signed, static, decay, soft, channels_last, per_channel, bias, seed=0, T=5, shape=(3, 4, 5, 6), grid=False):
+    """grid: every value a multiple of 1/8, so sums are exact and land on the threshold (ties) and on 0 often."""
+    g = torch.Generator().manual_seed(seed)
+    snap = (lambda t: torch.round(t * 8) / 8) if grid else (lambda t: t)
+    N, C = shape[:2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = snap(torch.rand(N if static else T * N, *shape[1:], generator=g) * 2 - 0.5).contiguous(memory_format=fmt)
+    theta = snap(torch.rand(C, generator=g) + 0.5).view(-1, 1, 1) if per_channel else torch.tensor(0.75)
+    b = snap(torch.rand(C, generator=g) - 0.5).view(-1, 1, 1) if bias else None
+    v0 = snap(torch.rand(shape, generator=g) * theta).contiguous(memory_format=fmt)
+    count0 = torch.randint(0, 3, shape, generator=g).float().contiguous(memory_format=fmt) if signed else None
+    dyn = dict(steps=T, static=static, soft_reset=soft, v_reset=-0.1, decay=decay)
+    return x, theta, b, v0, count0, dyn, fmt
+
+
+def _reference(x, theta, b, v0, count0, dyn, fmt):
+    """The torch backend, the bias added first as the neuron module does."""
+    T, static = dyn["steps"], dyn["static"]
+    v = v0.clone()
+    count = None if count0 is None else count0.clone()
+    out = torch.empty((T * v.shape[0], *v.shape[1:]), memory_format=fmt).view(T, *v.shape)
+    xb = x if b is None else x + b
+    xb = xb if static else xb.reshape(T, *v.shape)
+    if count is None:
+        tb.multistep(xb, v, theta, out=out, **dyn)
+    else:
+        tb.multistep_signed(xb, v, count, theta, steps=T, static=static, decay=dyn["decay"], out=out)
+    return out, v, count
+
+
+def _fused(x, theta, b, v0, count0, dyn, fmt, code=None):
+    T, static = dyn["steps"], dyn["static"]
+    v = v0.clone()
+    count = None if count0 is None else count0.clone()
+    out = torch.empty((T * v.shape[0], *v.shape[1:]), memory_format=fmt).view(T, *v.shape)
+    xin = x if static else x.view(T, *v.shape)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, code=code, **dyn)
+    return out, v, count
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["rounding", "ties"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(int(f)) for f in v))
+def test_kernel_equals_the_torch_backend_bitwise(variant, grid):
+    """Signed or not, static input or not, IF or LIF, soft or hard reset, layout, per-channel threshold, bias;
+    values that round, and values on a grid that hit the threshold and zero exactly."""
+    signed, static, decay, soft, cl, per_channel, bias = variant
+    case = _case(signed, static, decay, soft, cl, per_channel, bias, grid=grid)
+    ref, fused = _reference(*case), _fused(*case)
+    assert (ref[0] != 0).any() and (ref[0] == 0).any()  # the case fires, and not everywhere
+    for a, b in zip(ref, fused):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_threads_split_rows_without_changing_a_bit():
+    """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits."""
+    case = _case(True, False, 1.0, True, True, True, True, T=8, shape=(7, 16, 24, 24))
+    ref = _reference(*case)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            fused = _fused(*case)
+            assert all(torch.equal(a, b) for a, b in zip(ref, fused)), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_declines_what_it_does_not_walk():
+    x, theta, _, v0, _, dyn, _ = _case(False, False, 1.0, True, False, True, False)
+    out = torch.empty((5 * 3, 4, 5, 6)).view(5, 3, 4, 5, 6)
+    assert not cpu_kernel.multistep(x.double().view(5, 3, 4, 5, 6), v0.double(), theta, out=out.double(), **dyn)
+    strided = torch.empty(5, 3, 4, 5, 12)[..., ::2]  # not dense
+    assert not cpu_kernel.multistep(strided, v0.clone(), theta, out=out, **dyn)
+    v = v0.clone()
+    assert not cpu_kernel.multistep(x.view(5, 3, 4, 5, 6), v, theta, out=out.transpose(3, 4), **dyn)
+    assert torch.equal(v, v0)  # declined before touching anything
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("interleave", [False, True])
+@pytest.mark.parametrize("group", ["channel", "row"])
+def test_kernel_writes_the_int8_layers_input(signed, interleave, group):
+    """The uint8 code beside the spikes is what the int8 layer would encode from them: u = s (+1 signed),
+    in groups of C (a convolution's channels-last input) or of a whole row, [base * u, u] when interleaved."""
+    case = _case(signed, False, 1.0, True, True, True, True, T=4, shape=(3, 5, 4, 6))
+    v0 = case[3]
+    T, (N, C, H, W) = 4, v0.shape
+    base = 127 if signed else 255
+    size = T * N * C * H * W * (2 if interleave else 1)
+    code = torch.full((size,), 77, dtype=torch.uint8)
+    g = C if group == "channel" else C * H * W
+    out, _, _ = _fused(*case, code=(code, g, interleave, base))
+    u = torch.empty(T * N, H, W, C, dtype=torch.uint8)
+    int8._encode(out.reshape(T * N, C, H, W), u.permute(0, 3, 1, 2), signed)  # channels-last memory order
+    groups = u.reshape(-1, g)
+    expect = torch.cat([groups * base, groups], 1) if interleave else groups
+    assert torch.equal(code.view(-1, g * (2 if interleave else 1)), expect)
+
+
+def _net():
+    torch.manual_seed(0)
+    return randomize_bn(ResCatNet())
+
+
+@pytest.mark.parametrize("mode", ["vnni-emulated", "binary-emulated", None])
+@pytest.mark.parametrize("signed", [False, True])
+def test_converted_net_is_the_same_with_the_kernel_on_and_off(monkeypatch, mode, signed):
+    """A whole network (residual adds, cat, pooling, flatten-linear head), int8 layers in each layout
+    (emulated: the same integers on every machine) reading the kernel's uint8 code, or float32 layers."""
+    if mode:
+        monkeypatch.setenv(int8.ENV, mode)
+    else:
+        monkeypatch.setenv(int8.ENV, "off")
+    calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    snn = snnconv.convert(_net(), T=6, calib=calib, signed_spikes=signed, bias_calibration=False)
+    layers = [m for m in snn.graph_module.modules() if isinstance(m, int8.SpikeLayer)]
+    assert bool(layers) == bool(mode)
+    with torch.no_grad():
+        on = snn(x)
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)  # the torch backend and in-layer encoding
+        off = snn(x)
+    assert torch.equal(on, off)
+    neurons = snn.neurons().values()
+    assert sum(n.calls["cpu"] for n in neurons) > 0 and sum(n.calls["torch"] for n in neurons) > 0
+
+
+def test_int8_layer_ignores_a_code_whose_spikes_were_changed():
+    """The code is valid only for the spikes as the neuron wrote them: an in-place change (version counter)
+    or another tensor makes the layer encode for itself."""
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import Neuron, NeuronConfig
+
+    neuron = Neuron(NeuronConfig(signed=True))
+    neuron.threshold = torch.tensor(0.5)
+    neuron.int8_readers.append((True, 127, True))
+    x = torch.rand(2 * 3, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    with running(Call(steps=2, input_static=False)):
+        spikes = neuron(x)
+        assert neuron.int8_input(spikes) is not None
+        assert neuron.int8_input(spikes.clone()) is None
+        spikes.add_(0)
+        assert neuron.int8_input(spikes) is None
+    assert neuron.int8_input(spikes) is None  # no call open
+
+
+def test_bias_calibrated_default_conversion_agrees_with_the_torch_backend(monkeypatch):
+    """The default conversion (signed spikes, bias calibration, threshold search): the kernel adds the
+    calibrated bias itself."""
+    calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    snn = snnconv.convert(_net(), T=4, calib=calib)
+    assert any(n.bias is not None for n in snn.neurons().values())
+    with torch.no_grad():
+        on = snn(x)
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        off = snn(x)
+    assert torch.equal(on, off)
+
+
+def test_linear_neurons_two_dimensional():
+    """[N, F] neurons (an MLP) with per-feature thresholds: rows are samples, the width their features."""
+    g = torch.Generator().manual_seed(3)
+    T, N, F = 6, 5, 37
+    x, theta = torch.randn(T * N, F, generator=g), torch.rand(F, generator=g) + 0.2
+    v0 = 0.5 * theta.expand(N, F).contiguous()
+    dyn = dict(steps=T, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+    ref_v, ref = v0.clone(), torch.empty(T, N, F)
+    tb.multistep(x.view(T, N, F), ref_v, theta, out=ref, **dyn)
+    v, out = v0.clone(), torch.empty(T, N, F)
+    assert cpu_kernel.multistep(x.view(T, N, F), v, theta, out=out, **dyn)
+    assert torch.equal(out, ref) and torch.equal(v, ref_v)
+
+
+def test_mlp_converts_the_same_either_way(monkeypatch):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10)).eval()
+    snn = snnconv.convert(model, T=8, calib=torch.rand(64, 20))
+    x = torch.rand(7, 20)
+    with torch.no_grad():
+        on = snn(x)
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        assert torch.equal(on, snn(x))
