@@ -40,6 +40,7 @@ TESTS = [
     "tests/test_frontend.py",
     "tests/test_errors.py",
     "tests/test_streaming.py",
+    "tests/test_cpu_kernel.py",
 ]
 # left out of the selection (all run in CI): tests/test_threads.py (more than half of the selection's time,
 # it checks concurrency, not arithmetic), a subprocess run of the int8 path (80 s, and mutmut cannot see
@@ -175,7 +176,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     work = Path(args.work)
-    mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut"
+    mutmut = shutil.which("mutmut", path=os.path.dirname(sys.executable)) or shutil.which("mutmut")
+    if mutmut is None:
+        sys.exit("mutation.py: error: mutmut not found beside this Python or on PATH: pip install mutmut==3.8.1")
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
     if args.rerun:  # the new tests get their stats run; survivors and untested mutants run again
