@@ -34,7 +34,14 @@ NETS = ("vgg_mnist", "resnet18_cifar", "torchvision_resnet18")
 # snnconv_<mode>: every pass, the int8 layers forced to that mode ($SNNCONV_INT8); run where exact here
 METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_binary", "spikingjelly")
 # snnconv_unsigned*: binary spikes (0/theta) instead of the default signed ones (-theta too)
-EXTRA = ("snnconv_vnni", "snnconv_passes_off", "snnconv_chunk1", "snnconv_unsigned", "snnconv_unsigned_float32")
+EXTRA = (
+    "snnconv_torch_neurons",
+    "snnconv_vnni",
+    "snnconv_passes_off",
+    "snnconv_chunk1",
+    "snnconv_unsigned",
+    "snnconv_unsigned_float32",
+)
 FLAGS = {
     "AVX2": "avx2",
     "AVX-512F": "avx512f",
@@ -133,6 +140,7 @@ def build(net: str, method: str, T: int, batch: int):
         float32 = sorted(snnconv.passes.OPTIONAL - {"integer_spikes"})  # every pass but the int8 layers
         opts = {
             "snnconv_passes_off": {"passes": []},
+            "snnconv_torch_neurons": {"backend": "torch"},  # neurons as torch ops, not the fused CPU kernel
             "snnconv_float32": {"passes": float32},
             "snnconv_unsigned": {"signed_spikes": False},
             "snnconv_unsigned_float32": {"signed_spikes": False, "passes": float32},
@@ -194,11 +202,17 @@ def fast_paths(snn, fn) -> tuple[str, dict]:
             sizes[name] = sizes.get(name, 0) + o.numel()
 
         hooks.append(m.register_forward_hook(on_neuron))
+    neurons = snn.neurons().values()
+    for m in neurons:
+        m.calls.update(kernel=0, cpu=0, torch=0)
     try:
         fn()
     finally:
         for h in hooks:
             h.remove()
+    for kind, label in (("cpu", "neurons on the CPU kernel"), ("torch", "neurons on torch ops")):
+        if sum(m.calls[kind] for m in neurons):
+            counts[label] = sum(m.calls[kind] for m in neurons)
     paths = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
     return paths, {k: spikes[k] / max(sizes[k], 1) for k in spikes}
 
@@ -262,6 +276,10 @@ def main(argv=None):
         f"int8 spike layers: oneDNN u8 x s8 {exact}; default mode here: {int8.mode()} "
         f"(${int8.ENV}={os.environ.get(int8.ENV, 'auto')})"
     )
+    from snnconv.runtime import cpu_kernel
+
+    why = cpu_kernel.why_not()
+    print(f"fused CPU neuron kernel: {'compiled, runs' if why is None else 'not running: ' + why}")
     print(
         f"{THREADS[0]} of {os.cpu_count()} threads, torch {torch.__version__}, T={args.T}, batch {args.batch}, "
         f"median of {args.reps} interleaved runs"

@@ -6,8 +6,9 @@ in registers across the steps and reads each input and writes each spike once. I
 backend's float32 operations in the same order (no FMA contraction, no fast-math), so its spikes and
 membranes are bitwise those of `torch_backend.multistep` / `multistep_signed` (tests/test_cpu_kernel.py).
 
-Compiled by the system C compiler at first use (-O3 -march=native: it runs where it was built), cached per
-source, flags and CPU in $SNNCONV_CACHE (default ~/.cache/snnconv). Without a compiler, or with
+Compiled by the system C compiler at first use (-O3 -march=native: it runs where it was built; under
+ATEN_CPU_CAPABILITY=avx2, AVX2 only), cached per source, flags and CPU in $SNNCONV_CACHE (default
+~/.cache/snnconv). Without a compiler, or with
 SNNCONV_CPU_KERNEL=off, neurons run on the torch backend; `why_not()` says why.
 """
 
@@ -94,7 +95,9 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
     }
 }
 """
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC"]
+# the instruction set: this CPU's, or the cap torch's own kernels run under (to time an AVX2 machine on a newer one)
+_MARCH = {"avx2": "-march=haswell", "default": "-march=x86-64"}
 _lock = threading.Lock()
 _state: dict = {}
 _PARALLEL_MIN = 1 << 18  # neurons x steps below which one thread does the layer (a task costs ~20 us)
@@ -112,7 +115,8 @@ def _compile() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    flags = [*FLAGS, _MARCH.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), "-march=native")]
+    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SNNCONV_CACHE") or Path.home() / ".cache" / "snnconv")
     lib = cache / f"neuron_cpu_{key}.so"
     if not lib.exists():
@@ -120,7 +124,7 @@ def _compile() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src, built = Path(tmp) / "neuron.c", Path(tmp) / "neuron.so"
             src.write_text(SOURCE)
-            done = subprocess.run([cc, *FLAGS, str(src), "-o", str(built)], capture_output=True, text=True)
+            done = subprocess.run([cc, *flags, str(src), "-o", str(built)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:300]}")
             os.replace(built, lib)  # atomic: processes compiling at once each install a whole file
