@@ -46,7 +46,18 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
     const int64_t per_step = rows * width;
     const int64_t code_step = interleave ? 2 * per_step : per_step;
     const uint8_t shift = is_signed ? 1 : 0;
-    float vb[BLOCK], cb[BLOCK];
+    float vb[BLOCK], cb[BLOCK], sb[BLOCK];
+#define STEP(IN)                                                                                             \
+    for (int64_t j = 0; j < len; j++) {                                                                      \
+        float h = (leak ? vb[j] * decay : vb[j]) + (IN);                                                      \
+        float s = h >= th[j] ? 1.0f : 0.0f;                                                                   \
+        s -= (is_signed && h < 0.0f && cb[j] > 0.0f) ? 1.0f : 0.0f;                                           \
+        cb[j] += s;                                                                                           \
+        float o = s * th[j]; /* exact: s is -1, 0 or 1 */                                                     \
+        vb[j] = soft ? h - o : (s > 0.0f ? v_reset : h);                                                      \
+        ot[j] = o;                                                                                            \
+        sb[j] = s;                                                                                            \
+    }
     for (int64_t n = row0; n < row1; n++) {
         int64_t len;
         for (int64_t c0 = 0; c0 < width; c0 += len) {
@@ -62,28 +73,21 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             for (int64_t t = 0; t < steps; t++) {
                 const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
                 float *restrict ot = out + base + t * per_step;
-                uint8_t *restrict lo = 0, *restrict hi = 0;
+                /* no conditional stores in the vector loops (masked stores are slow on some CPUs): the bias
+                   is a separate copy of the loop, the net count is kept (and ignored) without signed spikes */
+                if (bias_row)
+                    STEP(xt[j] + bias_row[c0 + j]) /* x + bias, then v += x, as the torch path adds */
+                else
+                    STEP(xt[j])
                 if (code) {
-                    hi = code + t * code_step + (interleave ? (base / group) * 2 * group + base % group : base);
-                    lo = interleave ? hi + group : hi;
-                }
-                for (int64_t j = 0; j < len; j++) {
-                    float in = bias_row ? xt[j] + bias_row[c0 + j] : xt[j]; /* x + bias, then v += x */
-                    float h = (leak ? vb[j] * decay : vb[j]) + in;
-                    float s = h >= th[j] ? 1.0f : 0.0f;
-                    if (is_signed) {
-                        s -= (h < 0.0f && cb[j] > 0.0f) ? 1.0f : 0.0f;
-                        cb[j] += s;
-                    }
-                    float o = s * th[j]; /* exact: s is -1, 0 or 1 */
-                    vb[j] = soft ? h - o : (s > 0.0f ? v_reset : h);
-                    ot[j] = o;
-                    if (code) {
-                        uint8_t u = (uint8_t)((int)s + shift);
-                        lo[j] = u;
-                        if (interleave)
-                            hi[j] = (uint8_t)(u * code_base);
-                    }
+                    uint8_t *restrict at = code + t * code_step;
+                    at += interleave ? (base / group) * 2 * group + base % group : base;
+                    uint8_t *restrict u = at + (interleave ? group : 0);
+                    for (int64_t j = 0; j < len; j++)
+                        u[j] = (uint8_t)((int)sb[j] + shift);
+                    if (interleave) /* [code_base * u, u]: the scaled copy first */
+                        for (int64_t j = 0; j < len; j++)
+                            at[j] = (uint8_t)(((int)sb[j] + shift) * code_base);
                 }
             }
             for (int64_t j = 0; j < len; j++) {
