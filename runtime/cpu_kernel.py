@@ -176,12 +176,12 @@ def _pool() -> ThreadPoolExecutor | None:
 
 def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
     """t is [steps, *v.shape] (lead) or v's shape, float32 on the CPU, with v's strides after the lead dim
-    and steps packed back to back: element i of a step's memory is neuron i of v's memory."""
-    if t.dtype != torch.float32 or t.device.type != "cpu":
+    and steps packed back to back: element i of a step's memory is neuron i of v's memory. Strides of
+    size-1 dims are ignored (torch leaves them arbitrary: a batch of 1 has any batch stride)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape[int(lead) :] != v.shape:
         return False
-    if not lead:
-        return t.shape == v.shape and t.stride() == v.stride()
-    return t.shape[1:] == v.shape and t.stride()[1:] == v.stride() and (t.shape[0] == 1 or t.stride(0) == v.numel())
+    same = all(a == b for a, b, n in zip(t.stride()[int(lead) :], v.stride(), v.shape) if n > 1)
+    return same and (not lead or t.shape[0] == 1 or t.stride(0) == v.numel())
 
 
 def multistep(x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, count=None, bias=None, code=None) -> bool:

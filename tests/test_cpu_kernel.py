@@ -204,3 +204,17 @@ def test_mlp_converts_the_same_either_way(monkeypatch):
         on = snn(x)
         monkeypatch.setitem(cpu_kernel._state, "fn", None)
         assert torch.equal(on, snn(x))
+
+
+def test_a_batch_of_one_runs_on_the_kernel():
+    """Size-1 dims carry arbitrary strides in torch (a batch of 1, channels-last): the kernel still takes them."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    snn = snnconv.convert(model.eval(), T=4, calib=torch.rand(16, 3, 8, 8), bias_calibration=False)
+    neurons = list(snn.neurons().values())
+    for n in neurons:
+        n.calls.update(kernel=0, cpu=0, torch=0)
+    with torch.no_grad():
+        y = snn(torch.rand(1, 3, 8, 8))
+    assert all(n.calls["cpu"] == 1 and n.calls["torch"] == 0 for n in neurons), [n.calls for n in neurons]
+    assert y.shape == (1, 8, 8, 8)
