@@ -271,3 +271,35 @@ def test_signed_spikes_convert_and_round_trip(tmp_path, monkeypatch):
     assert back.settings.neuron.signed and torch.equal(back(x.float(), time_major=True), out)
     with pytest.raises(snnconv.ConversionError, match="signed_spikes needs reset 'soft'"):
         snnconv.convert(ann, T=4, calib=calib, signed_spikes=True, reset="hard")
+
+
+def test_stats_merge_reduces_max_by_max_and_histograms_by_sum(monkeypatch):
+    """Stats.merge under torch.distributed, two ranks simulated in one process: rank 1's tensors are recorded,
+    then rank 0 merges against them. The merged max and percentile are those of one observer that saw both
+    ranks' values (the percentile within the histogram's bound, one bin < 2 * max / 1024)."""
+    from snnconv import calibrate, distributed
+
+    g = torch.Generator().manual_seed(5)
+    mine, theirs = torch.rand(64, 3, 4, 4, generator=g), torch.rand(64, 3, 4, 4, generator=g) * 5
+    rank0, rank1, both = (calibrate.Stats(True, 0.9, merged=True) for _ in range(3))
+    rank0(mine), rank1(theirs), both(mine), both(theirs)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    sent = []
+    monkeypatch.setattr(distributed, "all_reduce", lambda t, op="sum": sent.append((t.clone(), op)) or t)
+    rank1.merge()
+    received = iter(sent)
+
+    def all_reduce(t, op="sum"):
+        other, their_op = next(received)
+        assert op == their_op  # the ranks call the same collectives in the same order
+        return torch.maximum(t, other) if op == "max" else t + other
+
+    monkeypatch.setattr(distributed, "all_reduce", all_reduce)
+    rank0.merge()
+    assert next(received, None) is None
+    assert torch.equal(rank0.max, both.max)
+    monkeypatch.setattr(distributed, "active", lambda: False)
+    exact = torch.quantile(calibrate.by_channel(torch.cat([mine, theirs])), 0.9, dim=1)
+    got = rank0.threshold("percentile")
+    assert torch.all((got - exact).abs() <= 2 * both.max / 1024), (got, exact)
+    assert torch.all((rank0.threshold("percentile") - both.threshold("percentile")).abs() <= 2 * both.max / 1024)
