@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument(
         "--rerun",
         action="store_true",
-        help="rerun a finished run's survivors and untested mutants in --work against the current tests/",
+        help="rerun a finished run's survivors, timeouts and untested mutants in --work against the current tests/",
     )
     ap.add_argument(
         "--only",
@@ -183,7 +183,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # children run side by side
     if args.rerun:  # the new tests get their stats run; survivors and untested mutants run again
         before = _results(work, mutmut)
-        _forget(work, set(before.get("survived", []) + before.get("no tests", [])))
+        _forget(work, {n for s in ("survived", "no tests", "timeout") for n in before.get(s, [])})
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         _config(work, args.files, args.tests)  # the same selection (a new one would reset every result)
