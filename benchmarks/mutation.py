@@ -89,6 +89,12 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     ("xǁNeuronǁ__init__", "self.static_input = None", _FALSY),
     ("xǁSpikeMaxPoolǁ__init__", "self.static_input = None", _FALSY),
     ("_channel_sums", "t.numel() / t.shape[1]", "an exact quotient either way, only dividing float64 sums"),
+    (
+        "multistep_burst",
+        "theta = theta.to(None)",
+        "a float32 threshold is exact in float64, and type promotion computes in v's dtype either way",
+    ),
+    ("xǁNeuronǁ_code_buffer", "torch.uint8, None)", _CPU),
 ]
 
 

@@ -454,4 +454,7 @@ class SpikeLayer(nn.Module):
                 _encode(x, buf, signed)
             lo = _qconv(packed[1], buf, s[1], bias, *geometry)
             y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
-        return y if border is None else y.sub_(border)
+        y = y if border is None else y.sub_(border)
+        # oneDNN answers channels-last; NCHW spikes (no channels_last pass) get NCHW back, as from F.conv2d,
+        # or a later x.view(n, -1) in the model's code fails
+        return y.contiguous() if x.is_contiguous() else y

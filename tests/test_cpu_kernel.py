@@ -140,13 +140,33 @@ def test_converted_net_is_the_same_with_the_kernel_on_and_off(monkeypatch, mode,
     snn = snnconv.convert(_net(), T=6, calib=calib, signed_spikes=signed, bias_calibration=False)
     layers = [m for m in snn.graph_module.modules() if isinstance(m, int8.SpikeLayer)]
     assert bool(layers) == bool(mode)
+    neurons = snn.neurons().values()
+    for n in neurons:
+        n.calls.update(kernel=0, cpu=0, torch=0)
     with torch.no_grad():
         on = snn(x)
+        assert all(n.calls == {"kernel": 0, "cpu": 1, "torch": 0} for n in neurons)  # none declined
         monkeypatch.setitem(cpu_kernel._state, "fn", None)  # the torch backend and in-layer encoding
         off = snn(x)
     assert torch.equal(on, off)
-    neurons = snn.neurons().values()
-    assert sum(n.calls["cpu"] for n in neurons) > 0 and sum(n.calls["torch"] for n in neurons) > 0
+    assert all(n.calls == {"kernel": 0, "cpu": 1, "torch": 1} for n in neurons)
+
+
+@pytest.mark.parametrize("mode", ["vnni-emulated", "binary-emulated"])
+def test_int8_layers_on_nchw_spikes_encode_for_themselves(monkeypatch, mode):
+    """Without the channels_last pass the spikes are NCHW: a convolution's channels-last integer input is not
+    their memory order, so the kernel writes no code for it and the layer encodes (same outputs either way)."""
+    from snnconv import passes
+
+    monkeypatch.setenv(int8.ENV, mode)
+    calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    chosen = sorted(passes.OPTIONAL - {"channels_last"})
+    snn = snnconv.convert(_net(), T=4, calib=calib, passes=chosen, bias_calibration=False)
+    assert any(isinstance(m, int8.SpikeLayer) for m in snn.graph_module.modules())
+    with torch.no_grad():
+        on = snn(x)
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        assert torch.equal(on, snn(x))
 
 
 def test_int8_layer_ignores_a_code_whose_spikes_were_changed():
@@ -206,15 +226,25 @@ def test_mlp_converts_the_same_either_way(monkeypatch):
         assert torch.equal(on, snn(x))
 
 
-def test_a_batch_of_one_runs_on_the_kernel():
+def test_a_batch_of_one_runs_on_the_kernel(monkeypatch):
     """Size-1 dims carry arbitrary strides in torch (a batch of 1, channels-last): the kernel still takes them."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
     snn = snnconv.convert(model.eval(), T=4, calib=torch.rand(16, 3, 8, 8), bias_calibration=False)
     neurons = list(snn.neurons().values())
     for n in neurons:
         n.calls.update(kernel=0, cpu=0, torch=0)
+    x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
-        y = snn(torch.rand(1, 3, 8, 8))
+        y = snn(x)
     assert all(n.calls["cpu"] == 1 and n.calls["torch"] == 0 for n in neurons), [n.calls for n in neurons]
-    assert y.shape == (1, 8, 8, 8)
+    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    with torch.no_grad():
+        assert torch.equal(y, snn(x))  # the linear head read the kernel's code, a row of one sample
