@@ -95,6 +95,12 @@ EQUIVALENT: list[tuple[str, str, str]] = [
         "a float32 threshold is exact in float64, and type promotion computes in v's dtype either way",
     ),
     ("xǁNeuronǁ_code_buffer", "torch.uint8, None)", _CPU),
+    (
+        "multistep",
+        "torch.empty(out.shape, device=v.device)",
+        "the default dtype, float32, is the state's whenever out's differs (v is float64 only for float64 x)",
+    ),
+    ("multistep", "torch.empty(out.shape, dtype=v.dtype, )", _CPU),
 ]
 
 
