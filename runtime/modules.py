@@ -113,16 +113,20 @@ class Neuron(nn.Module):
             call.state[self._count_key] = count
         capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
-        if not capturing and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu":
-            # the fused CPU kernel takes the bias itself; it declines (False) layouts and dtypes it does not walk
+        # reused per thread (SpikingModel copies anything it hands out; graph capture gets none); the backends
+        # update v in place
+        out = None
+        if not capturing:
             out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
-            x_in = x if static else x.view(steps, *shape) if x.is_contiguous(memory_format=fmt) else None
-            fused = dict(out=out, count=count, bias=bias, code=self._code_buffer(out, fmt))
-            if x_in is not None and cpu_kernel.multistep(x_in, v, theta, **fused, **dyn):
+        if out is not None and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu":
+            # the fused CPU kernel takes the bias itself; it declines (False) layouts and dtypes it does not walk
+            x_in = x if static else x.view(steps, *shape)  # splitting dim 0 is always a view
+            code = self._code_buffer(out, fmt)
+            if cpu_kernel.multistep(x_in, v, theta, out=out, count=count, bias=bias, code=code, **dyn):
                 self.calls["cpu"] += 1
                 flat = out.view(steps * shape[0], *shape[1:])
-                if fused["code"] is not None:  # valid while `flat` is not written again (its version counter says)
-                    call.state[self._code_key] = (flat, flat._version, fused["code"][0])
+                if code is not None:  # valid while `flat` is not written again (its version counter says)
+                    call.state[self._code_key] = (flat, flat._version, code[0])
                 return flat
         if bias is not None:
             x = x + bias
@@ -133,8 +137,6 @@ class Neuron(nn.Module):
             if count is not None:
                 call.state[self._count_key] = state[2]
             return state[0].reshape(steps * shape[0], *shape[1:])
-        # reused per thread (SpikingModel copies anything it hands out); the backends update v in place
-        out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         if cfg.signed and backend is not torch_backend.multistep:  # the fused kernel, the net count its state
             backend(x_in, v, theta, out=out, calls=self.calls, count=count, signed=True, **dyn)
             return out.view(steps * shape[0], *shape[1:])

@@ -18,8 +18,9 @@ def format_report(r: dict) -> str:
             "",
         ]
     calls = r.get("neuron_calls", {})
-    cuda, cpu = sum(c["kernel"] for c in calls.values()), sum(c.get("cpu", 0) for c in calls.values())
-    kernel, total = cuda + cpu, sum(c["kernel"] + c.get("cpu", 0) + c["torch"] for c in calls.values())
+    cuda, cpu = sum(c["kernel"] for c in calls.values()), sum(c["cpu"] for c in calls.values())
+    kernel = cuda + cpu
+    total = kernel + sum(c["torch"] for c in calls.values())
     if total:
         kind = "CUDA" if not cpu else "CPU" if not cuda else "CUDA/CPU"
         share = f"neuron calls on the fused {kind} kernel: {kernel} of {total} ({100 * kernel / total:.0f}%)"
