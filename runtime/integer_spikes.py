@@ -426,32 +426,39 @@ class SpikeLayer(nn.Module):
             m = lead.numel()
             packed, s, bias, _ = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
             if vnni:
-                buf = _input_buffer((m, 2, k)) if code is None else code.view(m, 2, k)  # [base * u, u] per row
-                if code is None:
+                if code is None:  # [base * u, u] per row
+                    buf = _input_buffer((m, 2, k))
                     _encode(x.reshape(-1, k), buf[:, 1], signed)
                     torch.mul(buf[:, 1], base, out=buf[:, 0])
+                else:
+                    buf = code.view(m, 2, k)
                 y = _qlinear(packed, buf.view(-1, 2 * k), s, bias)
             else:
-                buf = _input_buffer((m, k)) if code is None else code.view(m, k)
                 if code is None:
+                    buf = _input_buffer((m, k))
                     _encode(x.reshape(-1, k), buf, signed)
+                else:
+                    buf = code.view(m, k)
                 y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
             return y.view(*lead, -1)  # no border: a linear layer's layer(1) is all interior, in the bias
         n, c, h, w = x.shape
         geometry = (inner.stride, inner.padding, inner.dilation)
         if vnni:
             packed, s, bias, border = self._packed_for((n, 2 * c, h, w), theta)
-            # [base * u, u] along the channels, channels-last
-            buf = _input_buffer((n, h, w, 2, c)) if code is None else code.view(n, h, w, 2, c)
-            if code is None:
+            if code is None:  # [base * u, u] along the channels, channels-last
+                buf = _input_buffer((n, h, w, 2, c))
                 _encode(x, buf[:, :, :, 1].permute(0, 3, 1, 2), signed)
                 torch.mul(buf[:, :, :, 1], base, out=buf[:, :, :, 0])
+            else:
+                buf = code.view(n, h, w, 2, c)
             y = _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
         else:
             packed, s, bias, border = self._packed_for((n, c, h, w), theta)
-            buf = (_input_buffer((n, h, w, c)) if code is None else code.view(n, h, w, c)).permute(0, 3, 1, 2)
             if code is None:  # the spikes as integers, channels-last
+                buf = _input_buffer((n, h, w, c)).permute(0, 3, 1, 2)
                 _encode(x, buf, signed)
+            else:
+                buf = code.view(n, h, w, c).permute(0, 3, 1, 2)
             lo = _qconv(packed[1], buf, s[1], bias, *geometry)
             y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
         y = y if border is None else y.sub_(border)
