@@ -29,7 +29,7 @@ def _flattens_channels(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
     return False
 
 
-def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node, nn.Module, fx.Node] | None:
+def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node, mode: str) -> tuple[fx.Node, nn.Module, fx.Node] | None:
     """(layer node, its module, node it reads) if `user` leads to a supported layer reading `neuron`'s spikes."""
     via = neuron
     if user.meta.get("snn_kind") == "layout_copy" and user.args == (neuron,) and len(user.users) == 1:
@@ -40,7 +40,7 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node) -> tuple[fx.Node
         return None
     layer = gm.get_submodule(user.target)
     inner = gm.get_submodule(user.meta.get("snn_layer", user.target))  # a folded BN names its conv/linear
-    if not isinstance(inner, (nn.Conv2d, nn.Linear)) or not int8.supports(inner):
+    if not isinstance(inner, (nn.Conv2d, nn.Linear)) or not int8.supports(inner, mode):
         return None
     if isinstance(inner, nn.Linear) and via is neuron:  # directly: theta must be per feature, [N, features]
         meta = neuron.meta.get("tensor_meta")
@@ -66,7 +66,7 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in [n for n in gm.graph.nodes if n.meta.get("snn_kind") == "neuron"]:
         neuron = gm.get_submodule(node.target)
         for user in list(node.users):
-            reader = _reader(gm, node, user)
+            reader = _reader(gm, node, user, mode)
             if reader is None:
                 continue
             layer_node, layer, via = reader

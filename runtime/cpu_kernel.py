@@ -115,24 +115,31 @@ def _cpu_id() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "unknown")
 
 
-def _compile() -> ctypes.CDLL:
+def compile_library(source: str, stem: str) -> ctypes.CDLL:
+    """`source` built into a shared library by the system C compiler (FLAGS, this CPU's instruction set),
+    cached per source, compiler, flags and CPU in $SNNCONV_CACHE (default ~/.cache/snnconv). Raises where
+    there is no compiler or it fails."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     flags = [*FLAGS, _MARCH.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), "-march=native")]
-    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SNNCONV_CACHE") or Path.home() / ".cache" / "snnconv")
-    lib = cache / f"neuron_cpu_{key}.so"
+    lib = cache / f"{stem}_{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, built = Path(tmp) / "neuron.c", Path(tmp) / "neuron.so"
-            src.write_text(SOURCE)
+            src, built = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
+            src.write_text(source)
             done = subprocess.run([cc, *flags, str(src), "-o", str(built)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:300]}")
             os.replace(built, lib)  # atomic: processes compiling at once each install a whole file
-    fn = ctypes.CDLL(str(lib)).neuron_steps
+    return ctypes.CDLL(str(lib))
+
+
+def _compile() -> ctypes.CDLL:
+    fn = compile_library(SOURCE, "neuron_cpu").neuron_steps
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     c_int = ctypes.c_int
     fn.argtypes = [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int]
@@ -161,7 +168,7 @@ def why_not() -> str | None:
     return _state.get("why")
 
 
-def _pool() -> ThreadPoolExecutor | None:
+def thread_pool() -> ThreadPoolExecutor | None:
     threads = torch.get_num_threads()
     if threads < 2:
         return None
@@ -230,12 +237,18 @@ def multistep(x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, co
         width,
     )
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
-    pool = _pool() if v.numel() * steps >= _PARALLEL_MIN else None
-    if pool is None or rows < 2:
-        fn(*args, 0, rows, *tail)
-    else:  # rows split over threads; ctypes releases the GIL during each call
-        parts = min(pool._max_workers, rows)
-        cuts = [rows * i // parts for i in range(parts + 1)]
-        for f in [pool.submit(fn, *args, a, b, *tail) for a, b in itertools.pairwise(cuts) if b > a]:
-            f.result()
+    split(fn, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
     return True
+
+
+def split(fn, head: tuple, rows: int, tail: tuple, parallel: bool = True) -> None:
+    """fn(*head, row0, row1, *tail) over rows [0, rows), split over torch's thread count where `parallel`;
+    ctypes releases the GIL during each call."""
+    pool = thread_pool() if parallel else None
+    if pool is None or rows < 2:
+        fn(*head, 0, rows, *tail)
+        return
+    parts = min(pool._max_workers, rows)
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    for f in [pool.submit(fn, *head, a, b, *tail) for a, b in itertools.pairwise(cuts) if b > a]:
+        f.result()

@@ -23,6 +23,11 @@ slower. In 'binary' u <= 2 keeps an int16 pair sum at 2 * 2 * 127; in 'vnni' 255
 so signed weights split as 127 * hi + lo ([127 * u, u] against [hi, lo]): 15-bit fixed point (16192
 steps), each weight off by at most 3.1e-5 of its channel's largest.
 
+  'sparse'  no oneDNN: an event-driven C kernel (runtime/sparse_layer.py) sums, for each output, the integer
+            weights of the inputs that spiked (+-1), in int32, and scales once in float64. Exact on any CPU
+            with a C compiler, and its cost follows the spikes, not the inputs: the mode of CPUs without VNNI
+            where it is measured faster than float32 and 'binary'.
+
 Where neither op is exact, or to test the arithmetic on any machine, each mode also runs *emulated*
 ('vnni-emulated', 'binary-emulated'): the same integers, layouts and scales, multiplied in float64
 (exact: every sum is an integer far below 2^53) instead of by oneDNN.
@@ -43,13 +48,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from snnconv.errors import ConversionError
+from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import current
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
 ENV = "SNNCONV_INT8"  # 'auto' (default), 'off', or a mode to force: one of MODES
-MODES = ("vnni", "binary", "vnni-emulated", "binary-emulated")
+MODES = ("vnni", "binary", "sparse", "vnni-emulated", "binary-emulated")
 
 
 # ---- the ops: oneDNN's, or their integer arithmetic in float64 ----------------------------------------
@@ -155,6 +161,8 @@ def exact(mode: str) -> bool:
     holding the extreme weights +-127 (emulated modes: always)."""
     if mode.endswith("-emulated"):
         return True
+    if mode == "sparse":  # integer sums by construction (tests/test_sparse_layer.py): where it compiled
+        return sparse_layer.available()
     try:
         g = torch.Generator().manual_seed(0)
         # inputs up to 2: signed spikes shifted by one; 'vnni' probes 255 * {0, 1} (signed: 127 * {0, 1, 2})
@@ -182,14 +190,18 @@ def exact(mode: str) -> bool:
 
 
 @functools.cache
-def binary_beats_float32() -> bool:
-    """Without VNNI, u8 x s8 products cost about as much as float32 ones and 'binary' does each twice:
-    whether it still wins is measured once per process, on a typical spiking layer (64 -> 64 channels,
-    3x3, 14x14 maps, batch 128, 15% spikes), best of 3."""
+def probe_times() -> dict[str, float]:
+    """Seconds per call of a typical spiking layer (64 -> 64 channels, 3x3, 14x14 maps, batch 128, 15% of the
+    inputs spiking, signed), best of 3, as float32 and in each mode exact here that is not 'vnni': without
+    VNNI, u8 x s8 products cost about as much as float32 ones and 'binary' does each twice, so which wins is
+    measured, once per process."""
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
-    x = (torch.rand(128, 64, 14, 14, generator=g) < 0.15).float().contiguous(memory_format=torch.channels_last)
-    layer = SpikeLayer(conv, None, ("probe", "probe"), mode="binary")
+    active = torch.rand(128, 64, 14, 14, generator=g) < 0.15
+    sign = torch.where(torch.rand(128, 64, 14, 14, generator=g) < 0.3, -1.0, 1.0)
+    x = (active * sign).contiguous(memory_format=torch.channels_last)
+    neuron = nn.Module()
+    neuron.config = type("Config", (), {"signed": True})()
     theta = torch.ones(64)
 
     def best(fn):
@@ -201,13 +213,20 @@ def binary_beats_float32() -> bool:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    times = {}
     with torch.no_grad():
-        return best(lambda: layer.run(x, theta)) < best(lambda: conv(x))
+        times["float32"] = best(lambda: conv(x))
+        for m in ("binary", "sparse"):
+            if exact(m):
+                layer = SpikeLayer(conv, neuron, ("probe", "probe"), mode=m)
+                times[m] = best(lambda layer=layer: layer.run(x, theta))
+    return times
 
 
 def mode() -> str | None:
     """The mode convert() uses here: $SNNCONV_INT8 if it names one ('off': none), else 'vnni' where
-    that is exact, else 'binary' where it is exact and measured faster than float32, else None."""
+    that is exact, else the faster of 'sparse' and 'binary' where exact here and measured faster than
+    float32 (`probe_times`), else None."""
     want = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if want == "off":
         return None
@@ -215,6 +234,8 @@ def mode() -> str | None:
         if want not in MODES:
             raise ConversionError(f"${ENV}={want!r}: choose 'auto', 'off' or one of {list(MODES)}")
         if not exact(want):
+            if want == "sparse":
+                raise ConversionError(f"${ENV}='sparse': its kernel cannot run here ({sparse_layer.why_not()})")
             raise ConversionError(
                 f"${ENV}={want!r}: oneDNN's u8 x s8 ops are not exact in that mode on this CPU "
                 f"(or missing from this torch build); use 'auto', 'off' or '{want}-emulated'"
@@ -222,14 +243,14 @@ def mode() -> str | None:
         return want
     if exact("vnni"):
         return "vnni"
-    if exact("binary") and binary_beats_float32():
-        return "binary"
-    return None
+    times = probe_times()
+    fastest = min(times, key=times.get)
+    return None if fastest == "float32" else fastest
 
 
 def available() -> bool:
     """Is some exact int8 mode fast here (what `mode()` picks without $SNNCONV_INT8)?"""
-    return exact("vnni") or (exact("binary") and binary_beats_float32())
+    return exact("vnni") or min(probe_times(), key=probe_times().get) != "float32"
 
 
 # ---- weights -------------------------------------------------------------------------------------------
@@ -256,9 +277,12 @@ def fold_input_scale(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return w * theta.view(1, -1, *([1] * (w.dim() - 2)))
 
 
-def supports(layer: nn.Module) -> bool:
+def supports(layer: nn.Module, mode: str | None = None) -> bool:
     """A float32 layer this path runs: a Linear, or a 2-d convolution with zero padding given as numbers,
-    no groups, and a kernel wider than 1x1 (a 1x1 convolution reads too little per output to win)."""
+    no groups, and a kernel wider than 1x1 (a 1x1 convolution reads too little per output to win); in
+    'sparse', one whose int32 sums cannot overflow (sparse_layer.MAX_INPUTS)."""
+    if mode == "sparse" and layer.weight[0].numel() > sparse_layer.MAX_INPUTS:
+        return False
     if isinstance(layer, nn.Linear):
         return layer.weight.dtype == torch.float32
     return (
@@ -343,6 +367,8 @@ class SpikeLayer(nn.Module):
             c = q.shape[1] // 2
             whole = base * q[:, :c].double() + q[:, c:].double()  # the integers the op sums, exactly
             bias = b.detach().float().contiguous() if b is not None else None
+            if self.mode == "sparse":  # sums of +-1 spikes themselves: no shift, no offset in the bias
+                return sparse_layer.pack(whole), s.float(), bias, whole, s
             if self.signed:
                 off = s * whole.flatten(1).sum(1)
                 bias = (-off if b is None else b.detach().double() - off).float().contiguous()
@@ -379,8 +405,10 @@ class SpikeLayer(nn.Module):
         if key != cached_key:
             weights, packed_by_shape = self._derive(theta, hwc), {}
             self._cache = (key, weights, packed_by_shape)
-        entry = packed_by_shape.get(x_shape)
         q, s, bias, whole, s64 = weights
+        if self.mode == "sparse":  # one layout for every input shape
+            return q, s, bias, None
+        entry = packed_by_shape.get(x_shape)
         if entry is None:
             emulated = self.mode.endswith("-emulated")
             border = None
@@ -416,6 +444,8 @@ class SpikeLayer(nn.Module):
         base = _HI_SIGNED if signed else _HI
         fused = getattr(self._neuron, "int8_input", None)
         code = fused(x) if fused is not None else None  # written by the neuron's CPU kernel as it fired
+        if self.mode == "sparse":
+            return self._run_sparse(x, theta, code)
         if isinstance(inner, nn.Linear):
             hwc = None
             if self.flatten:  # read a channels-last map in its own order (weights permuted), not a copy
@@ -464,4 +494,31 @@ class SpikeLayer(nn.Module):
         y = y if border is None else y.sub_(border)
         # oneDNN answers channels-last; NCHW spikes (no channels_last pass) get NCHW back, as from F.conv2d,
         # or a later x.view(n, -1) in the model's code fails
+        return y.contiguous() if x.is_contiguous() else y
+
+    def _run_sparse(self, x: torch.Tensor, theta: torch.Tensor, code: torch.Tensor | None) -> torch.Tensor:
+        """'sparse': the uint8 spikes (the neuron kernel's, or encoded here) channels-last into the C kernel."""
+        inner, signed = self.inner, self.signed
+        if isinstance(inner, nn.Linear):
+            hwc = None
+            if self.flatten:  # a channels-last map read in its own order (weights permuted), as in run()
+                if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                    hwc, x = tuple(x.shape[1:]), x.permute(0, 2, 3, 1)
+                x = x.reshape(x.shape[0], -1)
+            lead, k = x.shape[:-1], x.shape[-1]
+            m = lead.numel()
+            packed, s, bias, _ = self._packed_for((m, k), theta, hwc)
+            if code is None:
+                code = _input_buffer((m, k))
+                _encode(x.reshape(-1, k), code, signed)
+            y = sparse_layer.run(code.view(m, k), int(signed), packed, inner.out_features, None, s, bias)
+            return y.view(*lead, -1)
+        n, c, h, w = x.shape
+        packed, s, bias, _ = self._packed_for((n, c, h, w), theta)
+        if code is None:
+            code = _input_buffer((n, h, w, c))
+            _encode(x, code.permute(0, 3, 1, 2), signed)
+        geometry = (inner.stride, inner.padding, inner.dilation, inner.kernel_size)
+        y = sparse_layer.run(code.view(n, h, w, c), int(signed), packed, inner.out_channels, geometry, s, bias)
+        y = y.permute(0, 3, 1, 2)  # channels-last, as oneDNN answers; NCHW spikes get NCHW back
         return y.contiguous() if x.is_contiguous() else y

@@ -30,7 +30,7 @@ from snnconv.runtime.modules import Neuron, NeuronConfig
 convert_binary = functools.partial(snnconv.convert, signed_spikes=False, bias_calibration=False)
 
 # each layout through oneDNN where exact here, else emulated: never a skip
-MODES = [m if int8.exact(m) else f"{m}-emulated" for m in ("vnni", "binary")]
+MODES = [m if int8.exact(m) else f"{m}-emulated" for m in ("vnni", "binary")] + ["sparse"] * int8.exact("sparse")
 # signed spikes: each layout emulated too, so their shifted-by-one arithmetic is checked on every machine
 SIGNED_MODES = sorted(set(MODES) | {"vnni-emulated", "binary-emulated"})
 FLOAT32_PASSES = sorted(passes.OPTIONAL - {"integer_spikes"})

@@ -1,0 +1,262 @@
+"""Event-driven integer layers on CPU: a convolution or linear layer over spikes as sums of weight rows.
+
+Spikes are mostly zeros (measured firing rates 0.15-0.4 per neuron and step), and a nonzero one is +-1 times
+its channel's threshold. With the threshold folded into the weights and the weights as 16-bit integers
+(`integer_spikes.split_weight`, base 255: |w| <= 32512), an output pixel is
+    y[o] = float(s[o] * sum over active taps of (+-1) * w[ky, kx, c, o] + bias[o])
+and the sum is exact in int32 (|sum| <= 32512 * C * KH * KW < 2^31 for up to 66,000 inputs). The kernel
+lists each input pixel's active channels once (positive and negative apart), then for each output pixel
+and block of up to 64 output channels adds the listed weight rows into vector registers. Its cost follows
+the number of spikes, not the number of inputs: no saturating int16 pair sums (AVX2 without VNNI) and no
+per-op float32 rounding; the result is the float64 layer on the same integers, rounded once
+(tests/test_sparse_layer.py checks it bitwise).
+
+Compiled at first use like the neuron kernel (cpu_kernel.compile_library). Without a compiler, the int8
+pass uses oneDNN's dense modes where they are exact and fast, or leaves the layers float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from snnconv.runtime import cpu_kernel
+
+SOURCE = r"""
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef int32_t vi_u __attribute__((vector_size(32), aligned(4)));
+#define VL 8 /* int32 lanes per vector */
+#define BLOCK 64 /* output channels per pass: 8 vectors of accumulators stay in registers */
+#define CHUNK 16 /* input channels per pass: one chunk's rows of a block, taps x 16 x 256 bytes, stay in L1 */
+
+enum { H, W, C, KH, KW, CP, SY, SX, PY, PX, DY, DX, HO, WO, COUT, NGEO };
+
+/* acc[NV vectors] += rows plus[0..np) of w, -= rows minus[0..nm) (w: one block's chunk, rows of NV vectors) */
+#define ROWS(NV)                                                                                                \
+    static void rows_##NV(int32_t *restrict acc, int first, const int32_t *restrict w,                          \
+                          const int32_t *restrict plus, int64_t np, const int32_t *restrict minus, int64_t nm) \
+    {                                                                                                           \
+        vi a[NV];                                                                                               \
+        for (int v = 0; v < NV; v++)                                                                            \
+            a[v] = first ? (vi){0} : *(const vi_u *)(acc + v * VL);                                             \
+        for (int64_t k = 0; k < np; k++) {                                                                      \
+            const int32_t *restrict r = w + plus[k] * (NV * VL);                                                     \
+            for (int v = 0; v < NV; v++)                                                                        \
+                a[v] += *(const vi_u *)(r + v * VL);                                                            \
+        }                                                                                                       \
+        for (int64_t k = 0; k < nm; k++) {                                                                      \
+            const int32_t *restrict r = w + minus[k] * (NV * VL);                                                    \
+            for (int v = 0; v < NV; v++)                                                                        \
+                a[v] -= *(const vi_u *)(r + v * VL);                                                            \
+        }                                                                                                       \
+        for (int v = 0; v < NV; v++)                                                                            \
+            *(vi_u *)(acc + v * VL) = a[v];                                                                     \
+    }
+ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+typedef void (*rows_fn)(int32_t *, int, const int32_t *, const int32_t *, int64_t, const int32_t *, int64_t);
+static const rows_fn ROWS_BY_NV[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+
+/* BITS[m]: the set bits of byte m, ascending, then zeros */
+static uint8_t BITS[256][8];
+static void init_bits(void)
+{
+    for (int m = 0; m < 256; m++)
+        for (int b = 0, k = 0; b < 8; b++)
+            if (m >> b & 1)
+                BITS[m][k++] = (uint8_t)b;
+}
+
+/* The active channels of chunk j of every tap of output pixel (oy, ox), as rows of the chunk's weights
+   (tap * CHUNK + channel), into one list: each input pixel's list (`lists`, CHUNK entries a chunk, `counts` of
+   them valid) copied whole, branch-free, with the tap's offset added. Returns the list's length. */
+static int64_t gather(const int64_t *g, const int32_t *restrict lists, const uint8_t *restrict counts, int64_t nch,
+                      int64_t j, int64_t oy, int64_t ox, int32_t *restrict out)
+{
+    int64_t k = 0;
+    for (int64_t ky = 0; ky < g[KH]; ky++) {
+        const int64_t iy = oy * g[SY] - g[PY] + ky * g[DY];
+        if (iy < 0 || iy >= g[H])
+            continue;
+        for (int64_t kx = 0; kx < g[KW]; kx++) {
+            const int64_t ix = ox * g[SX] - g[PX] + kx * g[DX];
+            if (ix < 0 || ix >= g[W])
+                continue;
+            const int64_t at = j * g[H] * g[W] + iy * g[W] + ix; /* chunk-major: a chunk's pixels side by side */
+            const vi tap = (vi){0} + (int32_t)((ky * g[KW] + kx) * CHUNK);
+            const vi *restrict from = (const vi *)(lists + at * CHUNK);
+            for (int i = 0; i < CHUNK / VL; i++)
+                *(vi_u *)(out + k + i * VL) = from[i] + tap;
+            k += counts[at];
+        }
+    }
+    return k;
+}
+
+/* An input pixel's active channels per chunk, ascending within the chunk, from its 16-bit masks */
+static void expand(const uint16_t *restrict masks, int64_t nch, int64_t pixels, int32_t *restrict lists,
+                   uint8_t *restrict counts)
+{
+    for (int64_t j = 0; j < nch; j++, lists += (pixels - 1) * CHUNK, counts += pixels - 1) {
+        const unsigned lo = masks[j] & 0xff, hi = masks[j] >> 8;
+        for (int i = 0; i < 8; i++)
+            lists[j * CHUNK + i] = BITS[lo][i];
+        const int n = __builtin_popcount(lo);
+        for (int i = 0; i < 8; i++)
+            lists[j * CHUNK + n + i] = BITS[hi][i] + 8;
+        counts[j] = (uint8_t)(n + __builtin_popcount(hi));
+    }
+}
+
+/* Masks of one input pixel's channels, a 16-bit word per chunk: positive (u > shift) and negative (u < shift) */
+static void pixel_masks(const uint8_t *restrict up, int64_t c_in, int shift, uint16_t *restrict mp,
+                        uint16_t *restrict mn)
+{
+    int64_t c = 0;
+#ifdef __SSE2__
+    const __m128i at = _mm_set1_epi8((char)shift);
+    for (; c + CHUNK <= c_in; c += CHUNK) { /* u <= 2: a signed byte compare is right */
+        const __m128i x = _mm_loadu_si128((const __m128i *)(up + c));
+        mp[c / CHUNK] = (uint16_t)_mm_movemask_epi8(_mm_cmpgt_epi8(x, at));
+        mn[c / CHUNK] = (uint16_t)_mm_movemask_epi8(_mm_cmplt_epi8(x, at));
+    }
+#endif
+    for (; c < c_in; c += CHUNK) {
+        unsigned p = 0, n = 0;
+        for (int64_t i = 0; i < CHUNK && c + i < c_in; i++) {
+            p |= (unsigned)(up[c + i] > shift) << i;
+            n |= (unsigned)(up[c + i] < shift) << i;
+        }
+        mp[c / CHUNK] = (uint16_t)p;
+        mn[c / CHUNK] = (uint16_t)n;
+    }
+}
+
+/* Samples [n0, n1): u [N, H, W, C] uint8 spikes as integers (u - shift is -1, 0 or 1); w int32
+   [CP / block][chunks][KH * KW][CHUNK][block] (see `pack`: CP output channels, the block min(CP, BLOCK) wide);
+   out [N, HO, WO, COUT] float32 = float(scale * sum + bias) in double. Returns 0, or -1 where scratch memory
+   could not be had. */
+int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w, const int64_t *g,
+                 const float *restrict scale, const float *restrict bias, float *restrict out, int64_t n0, int64_t n1)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, init_bits);
+    const int64_t pixels = g[H] * g[W], c_in = g[C], outs = g[HO] * g[WO];
+    const int64_t nch = (c_in + CHUNK - 1) / CHUNK, taps = g[KH] * g[KW];
+    uint16_t *mp = malloc(sizeof(uint16_t) * pixels * nch), *mn = malloc(sizeof(uint16_t) * pixels * nch);
+    int32_t *ep = NULL, *en = NULL; /* gather reads them as aligned vectors */
+    if (posix_memalign((void **)&ep, 32, sizeof(int32_t) * pixels * nch * CHUNK))
+        ep = NULL;
+    if (posix_memalign((void **)&en, 32, sizeof(int32_t) * pixels * nch * CHUNK))
+        en = NULL;
+    uint8_t *cp = malloc(pixels * nch), *cn = malloc(pixels * nch);
+    int32_t *lp = malloc(sizeof(int32_t) * (taps + 1) * CHUNK), *ln = malloc(sizeof(int32_t) * (taps + 1) * CHUNK);
+    int32_t *acc = malloc(sizeof(int32_t) * outs * BLOCK);
+    int failed = !mp || !mn || !ep || !en || !cp || !cn || !lp || !ln || !acc;
+    for (int64_t n = n0; n < n1 && !failed; n++) {
+        for (int64_t p = 0; p < pixels; p++)
+        {
+            pixel_masks(u + (n * pixels + p) * c_in, c_in, shift, mp + p * nch, mn + p * nch);
+            expand(mp + p * nch, nch, pixels, ep + p * CHUNK, cp + p);
+            expand(mn + p * nch, nch, pixels, en + p * CHUNK, cn + p);
+        }
+        for (int64_t cb = 0; cb < g[COUT]; cb += BLOCK) {
+            const int64_t width = g[CP] < BLOCK ? g[CP] : BLOCK, nv = width / VL;
+            const int64_t lanes = g[COUT] - cb < width ? g[COUT] - cb : width;
+            const int32_t *restrict wb = w + cb * nch * taps * CHUNK;
+            const rows_fn rows = ROWS_BY_NV[nv];
+            for (int64_t j = 0; j < nch; j++) /* chunk-major: one chunk's rows serve every output pixel */
+                for (int64_t o = 0; o < outs; o++) {
+                    const int64_t np = gather(g, ep, cp, nch, j, o / g[WO], o % g[WO], lp);
+                    const int64_t nm = gather(g, en, cn, nch, j, o / g[WO], o % g[WO], ln);
+                    rows(acc + o * width, j == 0, wb + j * taps * CHUNK * width, lp, np, ln, nm);
+                }
+            for (int64_t o = 0; o < outs; o++) {
+                const int32_t *restrict a = acc + o * width;
+                float *restrict y = out + (n * outs + o) * g[COUT] + cb;
+                for (int64_t i = 0; i < lanes; i++)
+                    y[i] = (float)((double)a[i] * (double)scale[cb + i] + (double)bias[cb + i]);
+            }
+        }
+    }
+    free(mp), free(mn), free(ep), free(en), free(cp), free(cn), free(lp), free(ln), free(acc);
+    return failed ? -1 : 0;
+}
+"""
+_lock = threading.Lock()
+_state: dict = {}
+LANES, BLOCK, CHUNK = 8, 64, 16  # as in SOURCE
+MAX_INPUTS = 66000  # taps x input channels per output: 32512 * 66000 < 2^31, the int32 sum cannot overflow
+
+
+def _kernel():
+    """The compiled function, or None (then `why_not()` says why)."""
+    if "fn" not in _state:
+        with _lock:
+            if "fn" not in _state:
+                try:
+                    fn = cpu_kernel.compile_library(SOURCE, "sparse_layer").sparse_layer
+                    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+                    fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64]
+                    fn.restype = ctypes.c_int
+                    _state["fn"] = fn
+                except Exception as exc:  # no compiler: the int8 pass picks another mode
+                    _state["fn"], _state["why"] = None, f"{type(exc).__name__}: {exc}"
+    return _state["fn"]
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def why_not() -> str | None:
+    _kernel()
+    return _state.get("why")
+
+
+def pack(whole: torch.Tensor) -> torch.Tensor:
+    """Integer weights [C_out, C_in, KH, KW] (or [C_out, C_in], a linear layer) -> int32 in the kernel's order,
+    [CP / B][chunks][KH * KW][CHUNK][B]: CP = C_out rounded up to LANES (to BLOCK above it), B = min(CP, BLOCK),
+    input channels to chunks of CHUNK; the extra rows and columns zero. One block's chunk is contiguous."""
+    w = whole if whole.dim() == 4 else whole.view(*whole.shape, 1, 1)
+    c_out, c_in, kh, kw = w.shape
+    cp = -(-c_out // LANES) * LANES if c_out <= BLOCK else -(-c_out // BLOCK) * BLOCK
+    b, chunks = min(cp, BLOCK), -(-c_in // CHUNK)
+    padded = torch.zeros(cp, chunks * CHUNK, kh, kw, dtype=torch.int32)
+    padded[:c_out, :c_in] = w.to(torch.int32)
+    return padded.view(cp // b, b, chunks, CHUNK, kh * kw).permute(0, 2, 4, 3, 1).contiguous()
+
+
+def run(u: torch.Tensor, shift: int, packed: torch.Tensor, c_out: int, geometry, scale, bias) -> torch.Tensor:
+    """u: [N, H, W, C] uint8, contiguous (a linear layer: [N, C]); geometry: (stride, padding, dilation, kernel
+    size) pairs (a linear layer: None). Returns [N, H_out, W_out, C_out] float32 ([N, C_out] for a linear layer)."""
+    fn = _kernel()
+    linear = u.dim() == 2
+    n, h, w, c = (u.shape[0], 1, 1, u.shape[1]) if linear else u.shape
+    (sy, sx), (py, px), (dy, dx), (kh, kw) = geometry if geometry is not None else ((1, 1), (0, 0), (1, 1), (1, 1))
+    cp = packed.shape[0] * packed.shape[-1]
+    ho = (h + 2 * py - dy * (kh - 1) - 1) // sy + 1
+    wo = (w + 2 * px - dx * (kw - 1) - 1) // sx + 1
+    g = torch.tensor([h, w, c, kh, kw, cp, sy, sx, py, px, dy, dx, ho, wo, c_out], dtype=torch.int64)
+    out = torch.empty((n, c_out) if linear else (n, ho, wo, c_out), dtype=torch.float32)
+    if bias is None:
+        bias = torch.zeros(c_out, dtype=torch.float32)
+    args = (u.data_ptr(), shift, packed.data_ptr(), g.data_ptr(), scale.data_ptr(), bias.data_ptr(), out.data_ptr())
+    failed = []
+
+    def call(*a):
+        if fn(*a) != 0:
+            failed.append(a)
+
+    cpu_kernel.split(call, args, n, ())
+    if failed:
+        raise MemoryError("sparse_layer: no scratch memory for the spike lists")
+    return out
