@@ -28,6 +28,7 @@ SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -40,29 +41,33 @@ typedef int32_t vi_u __attribute__((vector_size(32), aligned(4)));
 
 enum { H, W, C, KH, KW, CP, SY, SX, PY, PX, DY, DX, HO, WO, COUT, NGEO };
 
-/* acc[NV vectors] += rows plus[0..np) of w, -= rows minus[0..nm) (w: one block's chunk, rows of NV vectors) */
+/* acc[NV vectors] += the rows of w at offsets plus[0..np), -= those at minus[0..nm) (w: one block's chunk) */
 #define ROWS(NV)                                                                                                \
-    static void rows_##NV(int32_t *restrict acc, int first, const int32_t *restrict w,                          \
+    static void rows_##NV(int32_t *restrict acc, const int32_t *restrict w,                          \
                           const int32_t *restrict plus, int64_t np, const int32_t *restrict minus, int64_t nm) \
     {                                                                                                           \
         vi a[NV];                                                                                               \
-        for (int v = 0; v < NV; v++)                                                                            \
-            a[v] = first ? (vi){0} : *(const vi_u *)(acc + v * VL);                                             \
+        _Pragma("GCC unroll 8")                                                                                      \
+        for (int v = 0; v < NV; v++)                                                                                 \
+            a[v] = *(const vi *)(acc + v * VL);                                             \
         for (int64_t k = 0; k < np; k++) {                                                                      \
-            const int32_t *restrict r = w + plus[k] * (NV * VL);                                                     \
-            for (int v = 0; v < NV; v++)                                                                        \
+            const int32_t *restrict r = w + plus[k];                                                     \
+            _Pragma("GCC unroll 8")                                                                                  \
+            for (int v = 0; v < NV; v++)                                                                             \
                 a[v] += *(const vi_u *)(r + v * VL);                                                            \
         }                                                                                                       \
         for (int64_t k = 0; k < nm; k++) {                                                                      \
-            const int32_t *restrict r = w + minus[k] * (NV * VL);                                                    \
-            for (int v = 0; v < NV; v++)                                                                        \
+            const int32_t *restrict r = w + minus[k];                                                    \
+            _Pragma("GCC unroll 8")                                                                                  \
+            for (int v = 0; v < NV; v++)                                                                             \
                 a[v] -= *(const vi_u *)(r + v * VL);                                                            \
         }                                                                                                       \
-        for (int v = 0; v < NV; v++)                                                                            \
-            *(vi_u *)(acc + v * VL) = a[v];                                                                     \
+        _Pragma("GCC unroll 8")                                                                                      \
+        for (int v = 0; v < NV; v++)                                                                                 \
+            *(vi *)(acc + v * VL) = a[v];                                                                     \
     }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-typedef void (*rows_fn)(int32_t *, int, const int32_t *, const int32_t *, int64_t, const int32_t *, int64_t);
+typedef void (*rows_fn)(int32_t *, const int32_t *, const int32_t *, int64_t, const int32_t *, int64_t);
 static const rows_fn ROWS_BY_NV[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
 
 /* BITS[m]: the set bits of byte m, ascending, then zeros */
@@ -75,11 +80,12 @@ static void init_bits(void)
                 BITS[m][k++] = (uint8_t)b;
 }
 
-/* The active channels of chunk j of every tap of output pixel (oy, ox), as rows of the chunk's weights
-   (tap * CHUNK + channel), into one list: each input pixel's list (`lists`, CHUNK entries a chunk, `counts` of
-   them valid) copied whole, branch-free, with the tap's offset added. Returns the list's length. */
+/* The active channels of chunk j of every tap of output pixel (oy, ox), as offsets of their rows in the
+   chunk's weights ((tap * CHUNK + channel) * width), into one list: each input pixel's list (`lists`, CHUNK
+   entries a chunk, `counts` of them valid) copied whole, branch-free, with the tap's offset added. Returns
+   the list's length. */
 static int64_t gather(const int64_t *g, const int32_t *restrict lists, const uint8_t *restrict counts, int64_t nch,
-                      int64_t j, int64_t oy, int64_t ox, int32_t *restrict out)
+                      int64_t j, int64_t oy, int64_t ox, int32_t width, int32_t *restrict out)
 {
     int64_t k = 0;
     for (int64_t ky = 0; ky < g[KH]; ky++) {
@@ -91,7 +97,7 @@ static int64_t gather(const int64_t *g, const int32_t *restrict lists, const uin
             if (ix < 0 || ix >= g[W])
                 continue;
             const int64_t at = j * g[H] * g[W] + iy * g[W] + ix; /* chunk-major: a chunk's pixels side by side */
-            const vi tap = (vi){0} + (int32_t)((ky * g[KW] + kx) * CHUNK);
+            const vi tap = (vi){0} + (int32_t)((ky * g[KW] + kx) * CHUNK) * width;
             const vi *restrict from = (const vi *)(lists + at * CHUNK);
             for (int i = 0; i < CHUNK / VL; i++)
                 *(vi_u *)(out + k + i * VL) = from[i] + tap;
@@ -101,17 +107,18 @@ static int64_t gather(const int64_t *g, const int32_t *restrict lists, const uin
     return k;
 }
 
-/* An input pixel's active channels per chunk, ascending within the chunk, from its 16-bit masks */
-static void expand(const uint16_t *restrict masks, int64_t nch, int64_t pixels, int32_t *restrict lists,
+/* An input pixel's active channels per chunk, ascending within the chunk, from its 16-bit masks, as offsets
+   of their rows (channel * width) */
+static void expand(const uint16_t *restrict masks, int64_t nch, int64_t pixels, int32_t width, int32_t *restrict lists,
                    uint8_t *restrict counts)
 {
     for (int64_t j = 0; j < nch; j++, lists += (pixels - 1) * CHUNK, counts += pixels - 1) {
         const unsigned lo = masks[j] & 0xff, hi = masks[j] >> 8;
         for (int i = 0; i < 8; i++)
-            lists[j * CHUNK + i] = BITS[lo][i];
+            lists[j * CHUNK + i] = BITS[lo][i] * width;
         const int n = __builtin_popcount(lo);
         for (int i = 0; i < 8; i++)
-            lists[j * CHUNK + n + i] = BITS[hi][i] + 8;
+            lists[j * CHUNK + n + i] = (BITS[hi][i] + 8) * width;
         counts[j] = (uint8_t)(n + __builtin_popcount(hi));
     }
 }
@@ -151,6 +158,7 @@ int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w
     pthread_once(&once, init_bits);
     const int64_t pixels = g[H] * g[W], c_in = g[C], outs = g[HO] * g[WO];
     const int64_t nch = (c_in + CHUNK - 1) / CHUNK, taps = g[KH] * g[KW];
+    const int32_t width = (int32_t)(g[CP] < BLOCK ? g[CP] : BLOCK); /* of a block: its rows' length */
     uint16_t *mp = malloc(sizeof(uint16_t) * pixels * nch), *mn = malloc(sizeof(uint16_t) * pixels * nch);
     int32_t *ep = NULL, *en = NULL; /* gather reads them as aligned vectors */
     if (posix_memalign((void **)&ep, 32, sizeof(int32_t) * pixels * nch * CHUNK))
@@ -158,27 +166,40 @@ int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w
     if (posix_memalign((void **)&en, 32, sizeof(int32_t) * pixels * nch * CHUNK))
         en = NULL;
     uint8_t *cp = malloc(pixels * nch), *cn = malloc(pixels * nch);
-    int32_t *lp = malloc(sizeof(int32_t) * (taps + 1) * CHUNK), *ln = malloc(sizeof(int32_t) * (taps + 1) * CHUNK);
-    int32_t *acc = malloc(sizeof(int32_t) * outs * BLOCK);
-    int failed = !mp || !mn || !ep || !en || !cp || !cn || !lp || !ln || !acc;
+    /* every (chunk, output pixel)'s list, gathered once for all blocks: where it starts, its +1 and -1 counts */
+    int32_t *lists = malloc(sizeof(int32_t) * (outs * nch * 2 * taps * CHUNK + CHUNK));
+    int64_t *start = malloc(sizeof(int64_t) * outs * nch);
+    int32_t *count = malloc(sizeof(int32_t) * outs * nch * 2);
+    int32_t *acc = NULL; /* 32-byte aligned: whole-vector loads (split unaligned ones stalled, measured) */
+    if (posix_memalign((void **)&acc, 32, sizeof(int32_t) * outs * BLOCK))
+        acc = NULL;
+    int failed = !mp || !mn || !ep || !en || !cp || !cn || !lists || !start || !count || !acc;
     for (int64_t n = n0; n < n1 && !failed; n++) {
-        for (int64_t p = 0; p < pixels; p++)
-        {
+        for (int64_t p = 0; p < pixels; p++) {
             pixel_masks(u + (n * pixels + p) * c_in, c_in, shift, mp + p * nch, mn + p * nch);
-            expand(mp + p * nch, nch, pixels, ep + p * CHUNK, cp + p);
-            expand(mn + p * nch, nch, pixels, en + p * CHUNK, cn + p);
+            expand(mp + p * nch, nch, pixels, width, ep + p * CHUNK, cp + p);
+            expand(mn + p * nch, nch, pixels, width, en + p * CHUNK, cn + p);
+        }
+        int64_t k = 0;
+        for (int64_t i = 0; i < nch * outs; i++) { /* chunk-major, as the sums read them */
+            const int64_t j = i / outs, oy = i % outs / g[WO], ox = i % g[WO];
+            start[i] = k;
+            count[2 * i] = (int32_t)gather(g, ep, cp, nch, j, oy, ox, width, lists + k);
+            count[2 * i + 1] = (int32_t)gather(g, en, cn, nch, j, oy, ox, width, lists + k + count[2 * i]);
+            k += count[2 * i] + count[2 * i + 1];
         }
         for (int64_t cb = 0; cb < g[COUT]; cb += BLOCK) {
-            const int64_t width = g[CP] < BLOCK ? g[CP] : BLOCK, nv = width / VL;
+            const int64_t nv = width / VL;
             const int64_t lanes = g[COUT] - cb < width ? g[COUT] - cb : width;
             const int32_t *restrict wb = w + cb * nch * taps * CHUNK;
             const rows_fn rows = ROWS_BY_NV[nv];
-            for (int64_t j = 0; j < nch; j++) /* chunk-major: one chunk's rows serve every output pixel */
-                for (int64_t o = 0; o < outs; o++) {
-                    const int64_t np = gather(g, ep, cp, nch, j, o / g[WO], o % g[WO], lp);
-                    const int64_t nm = gather(g, en, cn, nch, j, o / g[WO], o % g[WO], ln);
-                    rows(acc + o * width, j == 0, wb + j * taps * CHUNK * width, lp, np, ln, nm);
-                }
+            memset(acc, 0, sizeof(int32_t) * outs * width);
+            for (int64_t i = 0; i < nch * outs; i++) { /* chunk-major: one chunk's rows serve every output pixel */
+                const int64_t j = i / outs, o = i % outs;
+                const int32_t *restrict l = lists + start[i];
+                rows(acc + o * width, wb + j * taps * CHUNK * width, l, count[2 * i], l + count[2 * i],
+                     count[2 * i + 1]);
+            }
             for (int64_t o = 0; o < outs; o++) {
                 const int32_t *restrict a = acc + o * width;
                 float *restrict y = out + (n * outs + o) * g[COUT] + cb;
@@ -187,7 +208,7 @@ int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w
             }
         }
     }
-    free(mp), free(mn), free(ep), free(en), free(cp), free(cn), free(lp), free(ln), free(acc);
+    free(mp), free(mn), free(ep), free(en), free(cp), free(cn), free(lists), free(start), free(count), free(acc);
     return failed ? -1 : 0;
 }
 """
