@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 THREADS = [os.cpu_count() or 1]
 NETS = ("vgg_mnist", "resnet18_cifar", "torchvision_resnet18")
 # snnconv_<mode>: every pass, the int8 layers forced to that mode ($SNNCONV_INT8); run where exact here
-METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_binary", "spikingjelly")
+METHODS = ("ann", "snnconv_float32", "snnconv", "snnconv_binary", "snnconv_sparse", "spikingjelly")
 # snnconv_unsigned*: binary spikes (0/theta) instead of the default signed ones (-theta too)
 EXTRA = (
     "snnconv_torch_neurons",
@@ -118,8 +118,9 @@ def _measure(fn, reps: int) -> tuple[float, float]:
 
 
 def runnable(method: str) -> bool:
-    """snnconv_vnni / snnconv_binary run only where that mode's oneDNN op is exact on this CPU."""
-    if method in ("snnconv_vnni", "snnconv_binary"):
+    """snnconv_vnni / snnconv_binary run only where that mode's oneDNN op is exact on this CPU, snnconv_sparse
+    where its kernel compiled."""
+    if method in ("snnconv_vnni", "snnconv_binary", "snnconv_sparse"):
         from snnconv.runtime import integer_spikes as int8
 
         return int8.exact(method.split("_")[1])
@@ -147,7 +148,7 @@ def build(net: str, method: str, T: int, batch: int):
         }.get(method, {})
         if method == "snnconv_chunk1":
             opts = {"chunk": 1}
-        forced = {"snnconv_vnni": "vnni", "snnconv_binary": "binary"}.get(method)
+        forced = {"snnconv_vnni": "vnni", "snnconv_binary": "binary", "snnconv_sparse": "sparse"}.get(method)
         old = os.environ.get(int8.ENV)
         if forced:
             os.environ[int8.ENV] = forced
@@ -272,8 +273,9 @@ def main(argv=None):
     methods = ["ann"] + [m for m in args.methods if m != "ann" and runnable(m)]
     print(f"CPU: {cpu_line()}")
     exact = ", ".join(f"{m}:{'exact' if int8.exact(m) else 'not exact'}" for m in ("vnni", "binary"))
+    sparse = "compiled" if int8.exact("sparse") else "not compiled"
     print(
-        f"int8 spike layers: oneDNN u8 x s8 {exact}; default mode here: {int8.mode()} "
+        f"int8 spike layers: oneDNN u8 x s8 {exact}; event-driven kernel {sparse}; default mode here: {int8.mode()} "
         f"(${int8.ENV}={os.environ.get(int8.ENV, 'auto')})"
     )
     from snnconv.runtime import cpu_kernel

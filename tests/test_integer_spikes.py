@@ -524,3 +524,34 @@ def test_which_flattens_keep_channels_in_features():
     src = next(n for n in gm.graph.nodes if n.op == "placeholder")
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert {name for name, node in out.items() if _flattens_channels(gm, node, src)} == _FLATTENS_CHANNELS
+
+
+@pytest.mark.parametrize(
+    "geometry, hw",
+    [
+        (dict(padding=1), (16, 16)),
+        (dict(padding=1, stride=2), (9, 8)),
+        (dict(padding=(0, 2), stride=2, dilation=2), (11, 13)),
+        (dict(padding=2, kernel_size=5), (4, 4)),  # every output row and column cut: the whole map
+        (dict(padding=(3, 1), kernel_size=(7, 3)), (12, 10)),
+    ],
+)
+def test_border_is_subtracted_on_its_ring_only(geometry, hw):
+    """Signed spikes: the border map (the taps zero padding cuts off) is nonzero only on a ring of rows and
+    columns, and only that ring of the output is touched; the result equals subtracting the whole map."""
+    kernel = geometry.pop("kernel_size", 3)
+    torch.manual_seed(0)
+    conv, theta = nn.Conv2d(6, 10, kernel, **geometry), torch.rand(6) + 0.2
+    layer = _spike_layer(conv, theta, "vnni-emulated", signed=True)
+    x = _spikes((3, 6, *hw), theta, True).contiguous(memory_format=torch.channels_last)
+    _, _, _, border = layer._packed_for((3, 12, *hw), theta)
+    full, ring = border
+    covered = torch.zeros(full.shape[-2:], dtype=torch.bool)
+    for rows, cols in ring:
+        covered[rows, cols] = True
+    assert not full[..., ~covered].any()  # every nonzero is on the ring
+    interior = full.shape[-1] * full.shape[-2] - int(covered.sum())
+    assert interior > 0 or hw == (4, 4)  # and the ring is not the whole map where an interior exists
+    y = _spiking(layer, x)
+    layer._cache[2][(3, 12, *hw)] = (layer._cache[2][(3, 12, *hw)][0], (full, [(slice(None), slice(None))]))
+    assert torch.equal(y, _spiking(layer, x))
