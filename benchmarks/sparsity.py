@@ -1,13 +1,12 @@
-"""Does skipping zeros pay on CPU? Dense int8 spike layers (runtime/integer_spikes.py, this CPU's mode)
-against event-driven ones that touch only the spikes, at firing rates 1-30%, same layer, same spikes.
+"""Does skipping zeros pay on CPU? The same spiking layer, same signed spikes, at firing rates 2-40%: float32
+(oneDNN), each dense int8 mode exact here (oneDNN u8 x s8, runtime/integer_spikes.py), and the event-driven
+integer kernel ('sparse', runtime/sparse_layer.py: one weight row added per spike), side by side.
 
-    python benchmarks/sparsity.py [--batch 512] [--reps 7] [--threads N]
+    python benchmarks/sparsity.py [--batch 512] [--reps 5] [--threads N] [--rates ...]
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/sparsity.py   # a CPU without VNNI
 
-Event-driven here: the spikes as a CSR matrix times the float32 weights (torch.sparse.mm, MKL): a
-gather-add of one weight row per spike. A linear layer reads the spikes as they are; a convolution
-reads its im2col patches (F.unfold of the 0/1 spikes), the CSR matrix built from them inside the
-timed call, as a runtime would have to. The break-even rate is where the event-driven time crosses the
-dense one; the firing rates cpu_inference.py reports say which side the networks are on.
+The break-even rate is where 'sparse' stops being the fastest; the firing rates cpu_inference.py reports say
+which side the networks are on. Each integer path is checked against the float32 layer before it is timed.
 """
 
 from __future__ import annotations
@@ -15,17 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
-import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.modules import Neuron, NeuronConfig
 
-RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_inference import cpu_line
+
+RATES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
 
 
 def _time(fn, reps: int) -> float:
@@ -39,59 +40,50 @@ def _time(fn, reps: int) -> float:
 
 
 def layers(batch: int):
-    """(name, layer, spike shape): the VGG's hidden linear and its 64 -> 64 convolution, and ResNet-18's
-    256 -> 256 convolution at CIFAR size."""
+    """(name, layer, spike shape): the VGG's layers and ResNet-18's (CIFAR size) 3x3 convolutions per stage."""
     return (
         ("linear 3136->128", nn.Linear(3136, 128), (batch, 3136)),
-        ("conv 64->64 3x3 14x14", nn.Conv2d(64, 64, 3, padding=1), (batch, 64, 14, 14)),
+        ("conv 32->32 3x3 28x28", nn.Conv2d(32, 32, 3, padding=1), (batch, 32, 28, 28)),
+        ("conv 64->64 3x3 32x32", nn.Conv2d(64, 64, 3, padding=1), (batch, 64, 32, 32)),
+        ("conv 128->128 3x3 16x16", nn.Conv2d(128, 128, 3, padding=1), (batch, 128, 16, 16)),
         ("conv 256->256 3x3 8x8", nn.Conv2d(256, 256, 3, padding=1), (batch, 256, 8, 8)),
+        ("conv 512->512 3x3 4x4", nn.Conv2d(512, 512, 3, padding=1), (batch, 512, 4, 4)),
     )
-
-
-def event_driven(layer: nn.Module):
-    w = layer.weight.detach()
-    wt = w.reshape(w.shape[0], -1).t().contiguous()  # [inputs, outputs]: one row per input a spike adds
-
-    def run(x01: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, nn.Linear):
-            return torch.sparse.mm(x01.to_sparse_csr(), wt) + layer.bias
-        n, _, h, wd = x01.shape
-        cols = F.unfold(x01, layer.kernel_size, padding=layer.padding).transpose(1, 2).reshape(n * h * wd, -1)
-        y = torch.sparse.mm(cols.float().to_sparse_csr(), wt) + layer.bias
-        return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
-
-    return run
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=512, help="T x N rows (T=8, batch 64)")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rates", type=float, nargs="+", default=RATES)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-    mode = int8.mode() or "binary-emulated"
-    print(f"{args.threads} threads, torch {torch.__version__}, dense int8 mode {mode}, median of {args.reps}")
-    print(f"{'layer':<24}{'rate':>6}{'dense int8 ms':>15}{'event ms':>10}{'event/dense':>13}")
+    modes = [m for m in ("vnni", "binary", "sparse") if int8.exact(m)]
+    print(f"CPU: {cpu_line()}")
+    print(f"{args.threads} threads, torch {torch.__version__}, median of {args.reps}; mode chosen here: {int8.mode()}")
+    print(f"{'layer':<25}{'rate':>6}{'float32 ms':>12}" + "".join(f"{m + ' ms':>12}" for m in modes) + "  fastest")
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, layer, shape in layers(args.batch):
-            neuron = Neuron(NeuronConfig())
+            neuron = Neuron(NeuronConfig(signed=True))
             neuron.threshold = torch.tensor(1.0)
-            dense = int8.SpikeLayer(layer, neuron, (name, "spikes"), mode)
-            sparse = event_driven(layer)
-            for rate in RATES:
-                x = (torch.rand(shape) < rate).float()
+            paths = {m: int8.SpikeLayer(layer, neuron, (name, "spikes"), m) for m in modes}
+            for rate in args.rates:
+                r = torch.rand(shape, generator=g)
+                x = (r < rate * 0.7).float() - ((r >= rate * 0.7) & (r < rate)).float()  # 30% of spikes negative
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                x01 = x.contiguous()  # 0/1 float32: what unfold and the CSR conversion take
                 ref = layer(x)
-                err = (sparse(x01) - ref).abs().max().item()
-                assert err <= 1e-3 * ref.abs().max().item(), (name, rate, err)  # the same layer
-                td = _time(lambda f=dense, x=x, t=neuron.threshold: f.run(x, t), args.reps)
-                te = _time(lambda f=sparse, x=x01: f(x), args.reps)
-                print(f"{name:<24}{rate:6.2f}{td * 1e3:15.2f}{te * 1e3:10.2f}{te / td:13.2f}", flush=True)
+                for m, path in paths.items():  # the same layer, to the weights' 15-16-bit rounding
+                    err = (path.run(x, neuron.threshold) - ref).abs().max().item()
+                    assert err <= 1e-3 * ref.abs().max().item(), (name, rate, m, err)
+                times = {"float32": _time(lambda f=layer, x=x: f(x), args.reps)}
+                for m, path in paths.items():
+                    times[m] = _time(lambda p=path, x=x, t=neuron.threshold: p.run(x, t), args.reps)
+                cells = "".join(f"{t * 1e3:12.1f}" for t in times.values())
+                print(f"{name:<25}{rate:6.2f}{cells}  {min(times, key=times.get)}", flush=True)
 
 
 if __name__ == "__main__":
