@@ -66,7 +66,7 @@ def _files(d):
     return {p.name for p in d.iterdir()}
 
 
-def test_convert_run_export_onnxruntime(work, capsys):
+def test_convert_run_export_onnxruntime(work, capsys, monkeypatch):
     d, model = work
     assert (
         main(
@@ -91,6 +91,9 @@ def test_convert_run_export_onnxruntime(work, capsys):
     assert main(["export", "snn.safetensors", "-o", "snn.onnx", "--batch", "5", "--trust-source"]) == 0
     import onnxruntime as ort
 
+    # the export holds the float layers the int8 ones approximate: compared with the SNN built without them
+    # (with them, a membrane that lands within 1e-5 of its threshold may fire one step apart)
+    monkeypatch.setenv("SNNCONV_INT8", "off")
     snn = snnconv.load(d / "snn.safetensors", trust_source=True)
     x = torch.rand(5, 1, 8, 8)
     y_ort = ort.InferenceSession(str(d / "snn.onnx")).run(None, {"x": x.numpy()})[0]

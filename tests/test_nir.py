@@ -133,10 +133,16 @@ def test_sinabs_reproduces_exported_snn(net, T, mnist_snn):
     graph = snnconv.to_nir(snn)
     ours, our_counts = _snnconv_counts(snn, x)
     theirs, their_counts = _sinabs_run(graph, x, T)
-    assert {k.replace(".", "_"): v for k, v in our_counts.items()} == their_counts  # same spikes, every layer
+    ours_by_name = {k.replace(".", "_"): v for k, v in our_counts.items()}
+    assert ours_by_name.keys() == their_counts.keys()
+    # same spikes, every layer, up to float32 summation order: Sinabs sums NCHW, snnconv channels-last, and
+    # CPUs differ in their kernels (capped at AVX2: 1-3 of 400,000 spikes a layer moved; AVX-512: none)
+    for name, count in their_counts.items():
+        assert abs(ours_by_name[name] - count) <= 1e-4 * count, (name, ours_by_name[name], count)
     assert sum(our_counts.values()) > 0
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+    tol = 1e-4 if ours_by_name == their_counts else 1e-2  # a moved spike moves the output by w / T
+    torch.testing.assert_close(theirs, ours, rtol=tol, atol=tol * ours.abs().max().item())
 
 
 def test_mnist_snn_keeps_the_ann_accuracy(mnist_snn):
