@@ -4,9 +4,11 @@ Spikes are mostly zeros (measured firing rates 0.15-0.4 per neuron and step), an
 its channel's threshold. With the threshold folded into the weights and the weights as 16-bit integers
 (`integer_spikes.split_weight`, base 255: |w| <= 32512), an output pixel is
     y[o] = float(s[o] * sum over active taps of (+-1) * w[ky, kx, c, o] + bias[o])
-and the sum is exact in int32 (|sum| <= 32512 * C * KH * KW < 2^31 for up to 66,000 inputs). The kernel
-lists each input pixel's active channels once (positive and negative apart), then for each output pixel
-and block of up to 64 output channels adds the listed weight rows into vector registers. Its cost follows
+and the sum is exact in int32 (|sum| <= 32512 * C * KH * KW < 2^31 for up to 66,000 inputs). Per sample, the
+kernel finds each input pixel's active channels once (16-byte compares: positive and negative apart, in chunks
+of 32 channels), gathers for each output pixel and chunk one list of the weight rows its taps need, then for
+each block of up to 64 output channels adds those rows into vector registers (measured at 2 vector loads a
+cycle, the loop's limit). Its cost follows
 the number of spikes, not the number of inputs: no saturating int16 pair sums (AVX2 without VNNI) and no
 per-op float32 rounding; the result is the float64 layer on the same integers, rounded once
 (tests/test_sparse_layer.py checks it bitwise).
@@ -218,6 +220,18 @@ int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w
     free(mp), free(mn), free(ep), free(en), free(cp), free(cn), free(lists), free(start), free(count), free(acc);
     return failed ? -1 : 0;
 }
+
+/* The samples split into `parts` ranges, run as one OpenMP parallel loop (built with -fopenmp: on torch's own
+   threads; without it, one after another). Returns how many parts could not get scratch memory. */
+int sparse_layer_par(const uint8_t *u, int shift, const int32_t *w, const int64_t *g, const float *scale,
+                     const float *bias, float *out, int64_t n, int64_t parts)
+{
+    int failed = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(+ : failed)
+    for (int64_t i = 0; i < parts; i++)
+        failed += sparse_layer(u, shift, w, g, scale, bias, out, n * i / parts, n * (i + 1) / parts) != 0;
+    return failed;
+}
 """
 _lock = threading.Lock()
 _state: dict = {}
@@ -231,11 +245,12 @@ def _kernel():
         with _lock:
             if "fn" not in _state:
                 try:
-                    fn = cpu_kernel.compile_library(SOURCE, "sparse_layer").sparse_layer
+                    lib = cpu_kernel.compile_library(SOURCE, "sparse_layer")
                     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-                    fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64]
-                    fn.restype = ctypes.c_int
-                    _state["fn"] = fn
+                    for fn in (lib.sparse_layer, lib.sparse_layer_par):
+                        fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64]
+                        fn.restype = ctypes.c_int
+                    _state["fn"] = (lib.sparse_layer, lib.sparse_layer_par if cpu_kernel.openmp() else None)
                 except Exception as exc:  # no compiler: the int8 pass picks another mode
                     _state["fn"], _state["why"] = None, f"{type(exc).__name__}: {exc}"
     return _state["fn"]
@@ -266,7 +281,7 @@ def pack(whole: torch.Tensor) -> torch.Tensor:
 def run(u: torch.Tensor, shift: int, packed: torch.Tensor, c_out: int, geometry, scale, bias) -> torch.Tensor:
     """u: [N, H, W, C] uint8, contiguous (a linear layer: [N, C]); geometry: (stride, padding, dilation, kernel
     size) pairs (a linear layer: None). Returns [N, H_out, W_out, C_out] float32 ([N, C_out] for a linear layer)."""
-    fn = _kernel()
+    fn, par = _kernel()
     linear = u.dim() == 2
     n, h, w, c = (u.shape[0], 1, 1, u.shape[1]) if linear else u.shape
     (sy, sx), (py, px), (dy, dx), (kh, kw) = geometry if geometry is not None else ((1, 1), (0, 0), (1, 1), (1, 1))
@@ -280,11 +295,10 @@ def run(u: torch.Tensor, shift: int, packed: torch.Tensor, c_out: int, geometry,
     args = (u.data_ptr(), shift, packed.data_ptr(), g.data_ptr(), scale.data_ptr(), bias.data_ptr(), out.data_ptr())
     failed = []
 
-    def call(*a):
+    def call(*a):  # a part on the Python thread pool
         if fn(*a) != 0:
             failed.append(a)
 
-    cpu_kernel.split(call, args, n, ())
-    if failed:
+    if cpu_kernel.split(call, par, args, n, ()) or failed:
         raise MemoryError("sparse_layer: no scratch memory for the spike lists")
     return out

@@ -76,8 +76,16 @@ def test_kernel_equals_the_torch_backend_bitwise(variant, grid):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_threads_split_rows_without_changing_a_bit():
-    """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits."""
+@pytest.mark.parametrize("split", ["openmp", "pool"])
+def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
+    """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's
+    OpenMP threads (the kernel's own loop, where built with OpenMP) and on the Python thread pool."""
+    fn, par = cpu_kernel._kernel()
+    if split == "openmp":
+        assert (par is not None) == cpu_kernel.openmp()  # built with OpenMP where torch's runtime is loaded
+        if par is None:
+            pytest.skip("torch runs no libgomp here: the kernels split rows on the pool")
+    monkeypatch.setitem(cpu_kernel._state, "fn", (fn, par if split == "openmp" else None))
     case = _case(True, False, 1.0, True, True, True, True, T=8, shape=(7, 16, 24, 24))
     ref = _reference(*case)
     before = torch.get_num_threads()

@@ -69,18 +69,24 @@ def test_kernel_sums_do_not_overflow_at_the_largest_weights():
     assert sparse_layer.MAX_INPUTS * 32512 < 2**31
 
 
-def test_kernel_threads_split_samples_alike():
+def test_kernel_threads_split_samples_alike(monkeypatch):
+    """1 and 3 threads, on torch's OpenMP threads (where built with OpenMP) and on the Python thread pool."""
     _, whole, scale, bias, u = _case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)
     packed, geometry = sparse_layer.pack(whole), ((1, 1), (1, 1), (1, 1), (3, 3))
-    before = torch.get_num_threads()
+    fn, par = sparse_layer._kernel()
+    before, runs = torch.get_num_threads(), []
     try:
-        torch.set_num_threads(1)
-        one = sparse_layer.run(u, 1, packed, 12, geometry, scale, bias)
-        torch.set_num_threads(3)
-        three = sparse_layer.run(u, 1, packed, 12, geometry, scale, bias)
+        for split in (par, None):
+            monkeypatch.setitem(sparse_layer._state, "fn", (fn, split))
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                runs.append(sparse_layer.run(u, 1, packed, 12, geometry, scale, bias))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, three)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert torch.equal(
+        runs[0].permute(0, 3, 1, 2), _reference(*_case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)[:4], 1, 1, 1)
+    )
 
 
 def test_kernel_as_a_linear_layer():
