@@ -176,19 +176,26 @@ def _compile() -> tuple:
     return lib.neuron_steps, (lib.neuron_steps_par if openmp() else None)
 
 
-def _kernel():
-    """The compiled function, or None (then `why_not()` says why)."""
-    if "fn" not in _state:
+def load_once(state: dict, build, off: str | None = None):
+    """build() once per process (under the module lock), kept in state["fn"]; None, with state["why"] saying
+    why, where `off` names the setting that turned it off or build raised (no compiler, a failed compile).
+    Shared by the neuron kernel and the event-driven layer (sparse_layer.py)."""
+    if "fn" not in state:
         with _lock:
-            if "fn" not in _state:
-                if os.environ.get(ENV, "").lower() == "off":
-                    _state["fn"], _state["why"] = None, f"{ENV}=off"
+            if "fn" not in state:
+                if off:
+                    state["fn"], state["why"] = None, off
                 else:
                     try:
-                        _state["fn"] = _compile()
-                    except Exception as exc:  # any failure leaves the torch backend in charge
-                        _state["fn"], _state["why"] = None, f"{type(exc).__name__}: {exc}"
-    return _state["fn"]
+                        state["fn"] = build()
+                    except Exception as exc:  # any failure leaves torch (or another int8 mode) in charge
+                        state["fn"], state["why"] = None, f"{type(exc).__name__}: {exc}"
+    return state["fn"]
+
+
+def _kernel():
+    """(the compiled function, its OpenMP driver or None), or None (then `why_not()` says why)."""
+    return load_once(_state, _compile, f"{ENV}=off" if os.environ.get(ENV, "").lower() == "off" else None)
 
 
 def why_not() -> str | None:

@@ -20,7 +20,6 @@ pass uses oneDNN's dense modes where they are exact and fast, or leaves the laye
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
@@ -233,27 +232,24 @@ int sparse_layer_par(const uint8_t *u, int shift, const int32_t *w, const int64_
     return failed;
 }
 """
-_lock = threading.Lock()
 _state: dict = {}
 LANES, BLOCK, CHUNK = 8, 64, 32  # as in SOURCE
 MAX_INPUTS = 66000  # taps x input channels per output: 32512 * 66000 < 2^31, the int32 sum cannot overflow
 
 
+def _compile() -> tuple:
+    lib = cpu_kernel.compile_library(SOURCE, "sparse_layer")
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.sparse_layer, lib.sparse_layer_par):
+        fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64]
+        fn.restype = ctypes.c_int
+    return lib.sparse_layer, (lib.sparse_layer_par if cpu_kernel.openmp() else None)
+
+
 def _kernel():
-    """The compiled function, or None (then `why_not()` says why)."""
-    if "fn" not in _state:
-        with _lock:
-            if "fn" not in _state:
-                try:
-                    lib = cpu_kernel.compile_library(SOURCE, "sparse_layer")
-                    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-                    for fn in (lib.sparse_layer, lib.sparse_layer_par):
-                        fn.argtypes = [ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64]
-                        fn.restype = ctypes.c_int
-                    _state["fn"] = (lib.sparse_layer, lib.sparse_layer_par if cpu_kernel.openmp() else None)
-                except Exception as exc:  # no compiler: the int8 pass picks another mode
-                    _state["fn"], _state["why"] = None, f"{type(exc).__name__}: {exc}"
-    return _state["fn"]
+    """(the compiled function, its OpenMP driver or None), or None: no compiler, the int8 pass picks another
+    mode (then `why_not()` says why)."""
+    return cpu_kernel.load_once(_state, _compile)
 
 
 def available() -> bool:
