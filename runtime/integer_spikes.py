@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from snnconv.errors import ConversionError
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import current
+from snnconv.runtime.modules import Neuron, NeuronConfig
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
@@ -200,8 +201,6 @@ def probe_times() -> dict[str, float]:
     active = torch.rand(128, 64, 14, 14, generator=g) < 0.15
     sign = torch.where(torch.rand(128, 64, 14, 14, generator=g) < 0.3, -1.0, 1.0)
     x = (active * sign).contiguous(memory_format=torch.channels_last)
-    neuron = nn.Module()
-    neuron.config = type("Config", (), {"signed": True})()
     theta = torch.ones(64)
 
     def best(fn):
@@ -218,7 +217,7 @@ def probe_times() -> dict[str, float]:
         times["float32"] = best(lambda: conv(x))
         for m in ("binary", "sparse"):
             if exact(m):
-                layer = SpikeLayer(conv, neuron, ("probe", "probe"), mode=m)
+                layer = SpikeLayer(conv, Neuron(NeuronConfig(signed=True)), ("probe", "probe"), mode=m)
                 times[m] = best(lambda layer=layer: layer.run(x, theta))
     return times
 
@@ -466,6 +465,26 @@ class SpikeLayer(nn.Module):
             return self._layer.forward(x.flatten(1) if self.flatten else x)
         return self.run(x, self._neuron.threshold)
 
+    def _linear_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size, tuple[int, ...] | None]:
+        """A linear layer's input as [m, k] rows, its leading shape, and hwc: flattening a channels-last map, the
+        layer reads it in its own memory order (H, W, C: weights permuted), not a copy."""
+        hwc = None
+        if self.flatten:
+            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                hwc, x = tuple(x.shape[1:]), x.permute(0, 2, 3, 1)
+            x = x.reshape(x.shape[0], -1)
+        return x.reshape(-1, x.shape[-1]), x.shape[:-1], hwc
+
+    def _integers(self, x: torch.Tensor, code: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """The spikes as uint8 integers (spike / theta, +1 if signed) in `shape`: [m, k] rows of `x` [m, k], or
+        [n, h, w, c] channels-last of a map `x` [n, c, h, w]. The neuron kernel's code where it wrote one, else
+        encoded here into a reused buffer."""
+        if code is not None:
+            return code.view(shape)
+        buf = _input_buffer(shape)
+        _encode(x, buf if len(shape) == 2 else buf.permute(0, 3, 1, 2), self.signed)
+        return buf
+
     def run(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """The int8 layer on spikes x (each 0 or its channel's theta; signed: or -theta), float32 out."""
         inner, vnni, signed = self.inner, self.mode.startswith("vnni"), self.signed
@@ -475,28 +494,19 @@ class SpikeLayer(nn.Module):
         if self.mode == "sparse":
             return self._run_sparse(x, theta, code)
         if isinstance(inner, nn.Linear):
-            hwc = None
-            if self.flatten:  # read a channels-last map in its own order (weights permuted), not a copy
-                if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                    hwc, x = tuple(x.shape[1:]), x.permute(0, 2, 3, 1)
-                x = x.reshape(x.shape[0], -1)
-            lead, k = x.shape[:-1], x.shape[-1]
-            m = lead.numel()
+            x, lead, hwc = self._linear_rows(x)
+            m, k = x.shape
             packed, s, bias, _ = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
             if vnni:
                 if code is None:  # [base * u, u] per row
                     buf = _input_buffer((m, 2, k))
-                    _encode(x.reshape(-1, k), buf[:, 1], signed)
+                    _encode(x, buf[:, 1], signed)
                     torch.mul(buf[:, 1], base, out=buf[:, 0])
                 else:
                     buf = code.view(m, 2, k)
                 y = _qlinear(packed, buf.view(-1, 2 * k), s, bias)
             else:
-                if code is None:
-                    buf = _input_buffer((m, k))
-                    _encode(x.reshape(-1, k), buf, signed)
-                else:
-                    buf = code.view(m, k)
+                buf = self._integers(x, code, (m, k))
                 y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
             return y.view(*lead, -1)  # no border: a linear layer's layer(1) is all interior, in the bias
         n, c, h, w = x.shape
@@ -512,11 +522,7 @@ class SpikeLayer(nn.Module):
             y = _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
         else:
             packed, s, bias, border = self._packed_for((n, c, h, w), theta)
-            if code is None:  # the spikes as integers, channels-last
-                buf = _input_buffer((n, h, w, c)).permute(0, 3, 1, 2)
-                _encode(x, buf, signed)
-            else:
-                buf = code.view(n, h, w, c).permute(0, 3, 1, 2)
+            buf = self._integers(x, code, (n, h, w, c)).permute(0, 3, 1, 2)  # channels-last
             lo = _qconv(packed[1], buf, s[1], bias, *geometry)
             y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
         if border is not None:
@@ -530,25 +536,13 @@ class SpikeLayer(nn.Module):
         """'sparse': the uint8 spikes (the neuron kernel's, or encoded here) channels-last into the C kernel."""
         inner, signed = self.inner, self.signed
         if isinstance(inner, nn.Linear):
-            hwc = None
-            if self.flatten:  # a channels-last map read in its own order (weights permuted), as in run()
-                if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                    hwc, x = tuple(x.shape[1:]), x.permute(0, 2, 3, 1)
-                x = x.reshape(x.shape[0], -1)
-            lead, k = x.shape[:-1], x.shape[-1]
-            m = lead.numel()
-            packed, s, bias, _ = self._packed_for((m, k), theta, hwc)
-            if code is None:
-                code = _input_buffer((m, k))
-                _encode(x.reshape(-1, k), code, signed)
-            y = sparse_layer.run(code.view(m, k), int(signed), packed, inner.out_features, None, s, bias)
-            return y.view(*lead, -1)
+            x, lead, hwc = self._linear_rows(x)
+            packed, s, bias, _ = self._packed_for(tuple(x.shape), theta, hwc)
+            u = self._integers(x, code, tuple(x.shape))
+            return sparse_layer.run(u, int(signed), packed, inner.out_features, None, s, bias).view(*lead, -1)
         n, c, h, w = x.shape
         packed, s, bias, _ = self._packed_for((n, c, h, w), theta)
-        if code is None:
-            code = _input_buffer((n, h, w, c))
-            _encode(x, code.permute(0, 3, 1, 2), signed)
+        u = self._integers(x, code, (n, h, w, c))
         geometry = (inner.stride, inner.padding, inner.dilation, inner.kernel_size)
-        y = sparse_layer.run(code.view(n, h, w, c), int(signed), packed, inner.out_channels, geometry, s, bias)
-        y = y.permute(0, 3, 1, 2)  # channels-last, as oneDNN answers; NCHW spikes get NCHW back
-        return y.contiguous() if x.is_contiguous() else y
+        y = sparse_layer.run(u, int(signed), packed, inner.out_channels, geometry, s, bias).permute(0, 3, 1, 2)
+        return y.contiguous() if x.is_contiguous() else y  # channels-last, as oneDNN answers; NCHW in, NCHW out

@@ -71,7 +71,7 @@ def test_kernel_sums_do_not_overflow_at_the_largest_weights():
 
 def test_kernel_threads_split_samples_alike(monkeypatch):
     """1 and 3 threads, on torch's OpenMP threads (where built with OpenMP) and on the Python thread pool."""
-    _, whole, scale, bias, u = _case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)
+    spikes, whole, scale, bias, u = _case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)
     packed, geometry = sparse_layer.pack(whole), ((1, 1), (1, 1), (1, 1), (3, 3))
     fn, par = sparse_layer._kernel()
     before, runs = torch.get_num_threads(), []
@@ -84,9 +84,7 @@ def test_kernel_threads_split_samples_alike(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(runs[0], r) for r in runs[1:])
-    assert torch.equal(
-        runs[0].permute(0, 3, 1, 2), _reference(*_case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)[:4], 1, 1, 1)
-    )
+    assert torch.equal(runs[0].permute(0, 3, 1, 2), _reference(spikes, whole, scale, bias, 1, 1, 1))
 
 
 def test_kernel_as_a_linear_layer():
