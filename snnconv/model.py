@@ -12,6 +12,7 @@ import torch.nn as nn
 from snnconv.errors import ConversionError
 from snnconv.memory import plan_chunk
 from snnconv.runtime.context import Call, running
+from snnconv.runtime.malloc import keep_freed_memory
 from snnconv.runtime.modules import Neuron
 from snnconv.settings import Settings
 
@@ -132,6 +133,8 @@ class SpikingModel(nn.Module):
             y, self._stream = self._step(x, self._stream)  # the model's own state: no copy
             return y
         self._check_input(x, time_major)
+        if x.device.type == "cpu":  # large activations reuse freed memory, not fresh pages (runtime/malloc.py)
+            keep_freed_memory()
         call = Call(backend=self.settings.backend)  # this call's state: membranes carry across time chunks
         with torch.no_grad(), running(call):
             T = x.shape[0] if time_major else self.T
