@@ -37,7 +37,8 @@ SOURCE = r"""
 /* Neurons [row0, row1) of `rows` rows of `width` neurons; step t of x and out at offset t * rows * width.
    theta_row / bias_row: one row's thresholds and biases (per channel, laid out as the row is).
    code (optional): the spikes again as the uint8 integers an int8 layer reads, u = s (+1 if signed), in
-   groups of `group` neurons; `interleave` writes each group as [code_base * u, u] (2 * group bytes). */
+   groups of `group` neurons; `interleave` writes each group as [code_base * u, u] (2 * group bytes).
+   out NULL: the spikes only as code (no reader of the float spikes), their values left in a block scratch. */
 void neuron_steps(const float *restrict x, float *restrict v, float *restrict count, float *restrict out,
                   const float *restrict theta_row, const float *restrict bias_row, int64_t rows, int64_t width,
                   int64_t row0, int64_t row1,
@@ -47,7 +48,7 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
     const int64_t per_step = rows * width;
     const int64_t code_step = interleave ? 2 * per_step : per_step;
     const uint8_t shift = is_signed ? 1 : 0;
-    float vb[BLOCK], cb[BLOCK], sb[BLOCK];
+    float vb[BLOCK], cb[BLOCK], sb[BLOCK], unread[BLOCK];
 #define STEP(IN)                                                                                             \
     for (int64_t j = 0; j < len; j++) {                                                                      \
         float h = (leak ? vb[j] * decay : vb[j]) + (IN);                                                      \
@@ -73,7 +74,7 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             }
             for (int64_t t = 0; t < steps; t++) {
                 const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
-                float *restrict ot = out + base + t * per_step;
+                float *restrict ot = out ? out + base + t * per_step : unread;
                 /* no conditional stores in the vector loops (masked stores are slow on some CPUs): the bias
                    is a separate copy of the loop, the net count is kept (and ignored) without signed spikes */
                 if (bias_row)
@@ -98,6 +99,60 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             }
         }
     }
+}
+
+/* Spiking max pool (modules.SpikeMaxPool) over non-overlapping kh x kw windows of a channels-last map, all steps
+   in one pass: acc (the running sum of x, [n, h, w, c]) += x[t]; out[t] = max over each window of acc, less
+   `last` (that max at the step before), which then becomes it. acc and last carry over the call's time chunks
+   (zero at its start). Output rows [row0, row1) of the n * ho rows; rows and columns past ho * kh, wo * kw
+   are never pooled and left out. Float32 adds in the torch path's order; the max propagates NaN like
+   torch.maximum. */
+void pool_steps(const float *restrict x, float *restrict acc, float *restrict last, float *restrict out,
+                int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t row0, int64_t row1,
+                int64_t steps)
+{
+    const int64_t ho = h / kh, wo = w / kw, span = wo * kw * c; /* the pooled part of one input row */
+    for (int64_t r = row0; r < row1; r++) {
+        const int64_t b = r / ho, i0 = (r % ho) * kh;
+        float *restrict l = last + r * wo * c;
+        for (int64_t t = 0; t < steps; t++) {
+            for (int64_t i = 0; i < kh; i++) {
+                const int64_t at = ((b * h) + i0 + i) * w * c;
+                const float *restrict xt = x + t * n * h * w * c + at;
+                float *restrict a = acc + at;
+                for (int64_t j = 0; j < span; j++)
+                    a[j] += xt[j];
+            }
+            float *restrict o = out + t * n * ho * wo * c + r * wo * c;
+            for (int64_t q = 0; q < wo; q++)
+                for (int64_t c0 = 0; c0 < c; c0 += BLOCK) { /* a block of channels' maxima in registers */
+                    const int64_t len = c - c0 < BLOCK ? c - c0 : BLOCK;
+                    const float *restrict corner = acc + ((b * h) + i0) * w * c + q * kw * c + c0;
+                    float m[BLOCK];
+                    for (int64_t ch = 0; ch < len; ch++)
+                        m[ch] = corner[ch];
+                    for (int64_t i = 0; i < kh; i++)
+                        for (int64_t j = 0; j < kw; j++) {
+                            const float *restrict e = corner + (i * w + j) * c;
+                            for (int64_t ch = 0; ch < len; ch++)
+                                m[ch] = (m[ch] != m[ch] || m[ch] >= e[ch]) ? m[ch] : e[ch];
+                        }
+                    float *restrict lq = l + q * c + c0, *restrict oq = o + q * c + c0;
+                    for (int64_t ch = 0; ch < len; ch++) {
+                        oq[ch] = m[ch] - lq[ch];
+                        lq[ch] = m[ch];
+                    }
+                }
+        }
+    }
+}
+
+void pool_steps_par(const float *x, float *acc, float *last, float *out, int64_t n, int64_t h, int64_t w, int64_t c,
+                    int64_t kh, int64_t kw, int64_t rows, int64_t parts, int64_t steps)
+{
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int64_t i = 0; i < parts; i++)
+        pool_steps(x, acc, last, out, n, h, w, c, kh, kw, rows * i / parts, rows * (i + 1) / parts, steps);
 }
 
 /* The rows split into `parts` ranges, run as one OpenMP parallel loop (built with -fopenmp: on torch's own
@@ -173,7 +228,11 @@ def _compile() -> tuple:
     for fn in (lib.neuron_steps, lib.neuron_steps_par):
         fn.argtypes = [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int]
         fn.restype = None
-    return lib.neuron_steps, (lib.neuron_steps_par if openmp() else None)
+    for fn in (lib.pool_steps, lib.pool_steps_par):
+        fn.argtypes = [ptr] * 4 + [i64] * 9
+        fn.restype = None
+    pool = (lib.pool_steps, lib.pool_steps_par if openmp() else None)
+    return lib.neuron_steps, (lib.neuron_steps_par if openmp() else None), pool
 
 
 def load_once(state: dict, build, off: str | None = None):
@@ -194,7 +253,8 @@ def load_once(state: dict, build, off: str | None = None):
 
 
 def _kernel():
-    """(the compiled function, its OpenMP driver or None), or None (then `why_not()` says why)."""
+    """(neuron kernel, its OpenMP driver or None, (pooling kernel, its driver or None)), or None (then
+    `why_not()` says why)."""
     return load_once(_state, _compile, f"{ENV}=off" if os.environ.get(ENV, "").lower() == "off" else None)
 
 
@@ -227,11 +287,14 @@ def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
     return same and (not lead or t.shape[0] == 1 or t.stride(0) == v.numel())
 
 
-def multistep(x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, count=None, bias=None, code=None) -> bool:
+def multistep(
+    x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, count=None, bias=None, code=None, float_out=True
+) -> bool:
     """Run the neurons like torch_backend.multistep (count given: multistep_signed), plus `bias` (broadcast
     like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
-    write the spikes as an int8 layer's input (see SOURCE). False, having done nothing, where the kernel does
-    not apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
+    write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False leaves `out` unwritten
+    (nothing reads the float spikes). False, having done nothing, where the kernel does not apply: not
+    compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
     kernel = _kernel()
     dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
     if (
@@ -266,14 +329,37 @@ def multistep(x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, co
         x.data_ptr(),
         v.data_ptr(),
         0 if count is None else count.data_ptr(),
-        out.data_ptr(),
+        out.data_ptr() if float_out or code is None else 0,
         theta_row.data_ptr(),
         0 if bias_row is None else bias_row.data_ptr(),
         rows,
         width,
     )
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
-    split(*kernel, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
+    split(*kernel[:2], args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
+    return True
+
+
+def pool_steps(x: torch.Tensor, acc: torch.Tensor, last: torch.Tensor, out: torch.Tensor, k: tuple[int, int]) -> bool:
+    """SpikeMaxPool's steps in one pass (see SOURCE): x [steps * N, C, H, W], acc [N, C, H, W], last and out
+    pooled by the non-overlapping window k, all float32 channels-last on the CPU; acc and last updated in place.
+    False, having done nothing, where the kernel is not compiled or a tensor is not laid out so."""
+    kernel = _kernel()
+    n, c, h, w = acc.shape
+    tensors = (x, acc, last, out)
+    if (
+        kernel is None
+        or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+        or not all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+        or x.shape[0] % n
+        or x.shape[1:] != acc.shape[1:]
+        or last.shape != (n, c, h // k[0], w // k[1])
+        or out.shape != (x.shape[0], *last.shape[1:])
+    ):
+        return False
+    steps, rows = x.shape[0] // n, n * (h // k[0])
+    head = (*(t.data_ptr() for t in tensors), n, h, w, c, *k)
+    split(*kernel[2], head, rows, (steps,), parallel=x.numel() >= _PARALLEL_MIN)
     return True
 
 

@@ -62,6 +62,9 @@ class Neuron(nn.Module):
         # (interleave, base, per_channel) of each int8 layer reading these spikes (SpikeLayer adds it): if they
         # agree, the CPU kernel writes their uint8 input as it fires, in groups of C (per_channel) or of a row
         self.int8_readers: list[tuple[bool, int, bool]] = []
+        # every reader of the spikes is such a layer (the integer_spikes pass says): with the uint8 input written
+        # and no forward hook to see them, the float spikes are not written at all
+        self.int8_only = False
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -122,7 +125,10 @@ class Neuron(nn.Module):
             # the fused CPU kernel takes the bias itself; it declines (False) layouts and dtypes it does not walk
             x_in = x if static else x.view(steps, *shape)  # splitting dim 0 is always a view
             code = self._code_buffer(out, fmt)
-            if cpu_kernel.multistep(x_in, v, theta, out=out, count=count, bias=bias, code=code, **dyn):
+            hooked = self._forward_hooks or torch.nn.modules.module._global_forward_hooks
+            float_out = not self.int8_only or bool(hooked)
+            kw = dict(out=out, count=count, bias=bias, code=code, float_out=float_out)
+            if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
                 self.calls["cpu"] += 1
                 flat = out.view(steps * shape[0], *shape[1:])
                 if code is not None:  # valid while `flat` is not written again (its version counter says)
@@ -250,6 +256,18 @@ class SpikeMaxPool(nn.Module):
         fmt = _memory_format(x)
         cl = fmt == torch.channels_last
         capture = torch.jit.is_tracing() or torch.compiler.is_compiling()  # graph capture: no reused buffers
+        k = self._fast_kernel(x)
+        if k is not None and not capture and call.backend == "auto" and x.dtype == torch.float32:
+            # the fused CPU kernel: running sums, maxima and increments in one pass (the steps below take ~20)
+            acc, last = call.state.get(self, (None, None))
+            if acc is None:  # the call's first chunk: sums from zero
+                acc = torch.zeros((n, *x.shape[1:]), device=x.device).contiguous(memory_format=fmt)
+                last = torch.zeros((n, x.shape[1], x.shape[2] // k[0], x.shape[3] // k[1]), device=x.device)
+                last = last.contiguous(memory_format=fmt)
+            out = reused(self, (x.shape[0], *last.shape[1:]), dtype, x.device, fmt)
+            if cpu_kernel.pool_steps(x, acc, last, out, k):
+                call.state[self] = (acc, last)  # updated in place: the running sum and its max pool now
+                return out
         # all running sums, step by step in memory order (contiguous adds; cumsum over a strided
         # channels-last dim is ~8x slower), continuing the call's previous chunk or step
         if capture:
@@ -257,14 +275,13 @@ class SpikeMaxPool(nn.Module):
         else:
             acc = reused(self._acc_key, x.shape, dtype, x.device, fmt)
         xf, af = _storage_steps(x, steps, cl), _storage_steps(acc, steps, cl)
-        last_acc, last_pooled = call.state.get(self, (None, None))
+        last_acc, last_pooled = call.state.get(self, (None, None))  # as the kernel path keeps them
         if last_acc is None:
             af[0].copy_(xf[0])
         else:
             torch.add(_storage_steps(last_acc, 1, cl)[0], xf[0], out=af[0])
         for t in range(1, steps):
             torch.add(af[t - 1], xf[t], out=af[t])
-        k = self._fast_kernel(acc)
         if k is None:
             pooled = self._pool(acc)
         else:

@@ -80,22 +80,79 @@ def test_kernel_equals_the_torch_backend_bitwise(variant, grid):
 def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
     """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's
     OpenMP threads (the kernel's own loop, where built with OpenMP) and on the Python thread pool."""
-    fn, par = cpu_kernel._kernel()
+    fn, par, (pool, pool_par) = cpu_kernel._kernel()
     if split == "openmp":
         assert (par is not None) == cpu_kernel.openmp()  # built with OpenMP where torch's runtime is loaded
         if par is None:
             pytest.skip("torch runs no libgomp here: the kernels split rows on the pool")
-    monkeypatch.setitem(cpu_kernel._state, "fn", (fn, par if split == "openmp" else None))
+    on_omp = split == "openmp"
+    monkeypatch.setitem(cpu_kernel._state, "fn", (fn, par if on_omp else None, (pool, pool_par if on_omp else None)))
     case = _case(True, False, 1.0, True, True, True, True, T=8, shape=(7, 16, 24, 24))
     ref = _reference(*case)
+    x = torch.randn(8 * 7, 16, 24, 24, generator=torch.Generator().manual_seed(1))
+    pool_ref = _pool_steps(x.contiguous(memory_format=torch.channels_last), "torch", 8, 2)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             fused = _fused(*case)
             assert all(torch.equal(a, b) for a, b in zip(ref, fused)), threads
+            pooled = _pool_steps(x.contiguous(memory_format=torch.channels_last), "auto", 8, 2)
+            assert torch.equal(pooled, pool_ref), threads
     finally:
         torch.set_num_threads(before)
+
+
+def _pool_steps(x, backend, steps, kernel, chunks=None):
+    """SpikeMaxPool over x [T * N, C, H, W] in one call on `backend`, its time chunks `chunks` (default: one)."""
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import SpikeMaxPool
+
+    pool = SpikeMaxPool({"kernel_size": kernel, "stride": kernel, "padding": 0, "dilation": 1, "ceil_mode": False}, 2)
+    n, call, outs, t0 = x.shape[0] // steps, Call(input_static=False, backend=backend), [], 0
+    for size in chunks or [steps]:
+        call.steps = size
+        with running(call):
+            outs.append(pool(x[t0 * n : (t0 + size) * n]).clone())
+        t0 += size
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("kernel", [2, (2, 3), 3])
+@pytest.mark.parametrize("chunks", [[7], [3, 1, 3]], ids=["whole", "chunked"])
+def test_pool_kernel_equals_the_torch_path_bitwise(kernel, chunks, monkeypatch):
+    """Spiking max pool (running sums, window maxima, increments) in one C pass against the torch path, bit for
+    bit (a NaN propagating alike), and against float64 cumsum + max_pool2d; maps whose sides are not multiples of
+    the window, the call carried over time chunks."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7 * 2, 5, 8, 7, generator=g)
+    x[3, 1, 2, 2] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    ran, kernel_call = [], cpu_kernel.pool_steps
+    monkeypatch.setattr(cpu_kernel, "pool_steps", lambda *a: ran.append(kernel_call(*a)) or ran[-1])
+    fused = _pool_steps(x, "auto", 7, kernel, chunks)
+    assert ran == [True] * len(chunks)  # the kernel ran every chunk
+    ref = _pool_steps(x, "torch", 7, kernel, chunks)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=0, equal_nan=True)
+    sums = x.double().unflatten(0, (7, 2)).cumsum(0).flatten(0, 1)
+    pooled = F.max_pool2d(sums, kernel).unflatten(0, (7, 2))
+    exact = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1])).flatten(0, 1)
+    torch.testing.assert_close(fused.double(), exact, rtol=0, atol=1e-5, equal_nan=True)
+    assert fused.isnan().any()
+
+
+def test_pool_kernel_declines_what_it_does_not_walk():
+    k, x = (2, 2), torch.rand(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    acc = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    last = torch.zeros(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert not cpu_kernel.pool_steps(x.contiguous(), acc, last, out, k)  # NCHW
+    assert not cpu_kernel.pool_steps(x.double(), acc, last, out, k)
+    assert not cpu_kernel.pool_steps(x, acc, last, out[:2], k)
+    assert cpu_kernel.pool_steps(x, acc, last, out, k)
 
 
 def test_kernel_declines_what_it_does_not_walk():
@@ -158,6 +215,29 @@ def test_converted_net_is_the_same_with_the_kernel_on_and_off(monkeypatch, mode,
         off = snn(x)
     assert torch.equal(on, off)
     assert all(n.calls == {"kernel": 0, "cpu": 1, "torch": 1} for n in neurons)
+    assert any(n.int8_only for n in neurons) == bool(mode)  # these wrote only the int8 layers' input
+
+
+def test_a_hook_sees_the_spikes_of_a_neuron_only_int8_layers_read(monkeypatch):
+    """A neuron whose readers are all int8 layers skips its float spikes, unless a forward hook would see them:
+    the hook gets this call's spikes, not what its reused buffer held before (another input's)."""
+    monkeypatch.setenv(int8.ENV, "vnni-emulated")
+    g = torch.Generator().manual_seed(2)
+    calib, x, other = (torch.rand(n, 3, 16, 16, generator=g) for n in (32, 6, 6))
+    snn = snnconv.convert(_net(), T=6, calib=calib, bias_calibration=False)
+    neuron = next(n for n in snn.neurons().values() if n.int8_only)
+    kernel, seen = cpu_kernel._state["fn"], []
+    with torch.no_grad():
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        snn(other)  # the torch backend fills the neuron's buffer with other's spikes
+        handle = neuron.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        monkeypatch.setitem(cpu_kernel._state, "fn", kernel)
+        on = snn(x)
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        off = snn(x)
+        handle.remove()
+    assert neuron.calls["cpu"] >= 1 and torch.equal(on, off)
+    assert torch.equal(seen[0], seen[1]) and seen[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", ["vnni-emulated", "binary-emulated"])
