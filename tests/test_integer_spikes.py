@@ -75,7 +75,9 @@ def test_fold_input_scale_for_flattened_maps():
 def test_supports_linear_and_plain_wide_kernels():
     assert int8.supports(nn.Linear(4, 8)) and not int8.supports(nn.Linear(4, 8).double())
     assert int8.supports(nn.Conv2d(4, 8, 3, padding=1, stride=2))
-    assert not int8.supports(nn.Conv2d(4, 8, 1))  # 1x1: float32 is as fast
+    assert int8.supports(nn.Conv2d(4, 8, 1, stride=2))  # 1x1: a matmul over the positions it reads
+    assert not int8.supports(nn.Conv2d(4, 8, 1, stride=2), "sparse")
+    assert not int8.supports(nn.Conv2d(4, 8, 1, padding=1)) and not int8.supports(nn.Conv2d(4, 8, 1, dilation=2))
     assert not int8.supports(nn.Conv2d(4, 8, 3, groups=2))
     assert not int8.supports(nn.Conv2d(4, 8, 3, padding="same"))
     assert not int8.supports(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"))
@@ -132,6 +134,9 @@ def mode(request, monkeypatch):
         dict(stride=2, padding=1),
         dict(padding=(0, 2), dilation=2),
         dict(kernel_size=(1, 3), padding=(0, 1), bias=False),
+        dict(kernel_size=1),
+        dict(kernel_size=1, stride=2),
+        dict(kernel_size=1, stride=(2, 3), bias=False),
     ],
 )
 @pytest.mark.parametrize("signed", [False, True])
@@ -227,7 +232,9 @@ def _layer_pair(mode: str, geometry: dict | None, signed: bool = False):
 
 
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), None])
+@pytest.mark.parametrize(
+    "geometry", [dict(padding=1), dict(stride=2, padding=(0, 2), dilation=2), dict(kernel_size=1, stride=2), None]
+)
 def test_onednn_ops_match_their_emulation(geometry, signed):
     """Where oneDNN's op is exact its integer sums are the emulation's: the outputs differ only by the
     float32 rounding of scale * sum (+ the other half, + bias)."""
@@ -329,9 +336,8 @@ def _pass_keeps_spikes_outputs_and_keys(mode, signed):
     plain, fast = _float_and_int8(ann, calib, signed)
     assert list(fast.state_dict()) == list(plain.state_dict()) == list(ann.state_dict())
     convs = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
-    assert [m.mode for m in convs] == [
-        mode
-    ] * 3  # a1, a2, b2 (3x3 after neurons); b1 is 1x1, the stem reads the input, fc a cat
+    expect = 3 if mode == "sparse" else 4  # a1, a2, b2 (3x3 after neurons), b1 (1x1, not in 'sparse')
+    assert [m.mode for m in convs] == [mode] * expect  # not the stem (it reads the input) nor fc (a cat)
     assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
     assert all(m.signed is signed for m in convs)
     y_plain, s_plain = record_spikes(plain, lambda: plain(x, per_step=True))
