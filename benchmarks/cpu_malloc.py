@@ -23,16 +23,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def child(what: str, reps: int) -> dict:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     with torch.no_grad():
@@ -48,7 +38,10 @@ def child(what: str, reps: int) -> dict:
             x = x.contiguous(memory_format=torch.channels_last)
             s, geometry = torch.full((64,), 1e-3), ((1, 1), (1, 1), (1, 1))
             packed = int8._pack_conv(w, s, *geometry, False, x.shape)
-            return {"conv": _median_ms(lambda: int8._qconv(packed, x, s, None, *geometry), reps)}
+            sys.path.insert(0, HERE)
+            from sparsity import _time  # median seconds of reps calls after one warm-up
+
+            return {"conv": _time(lambda: int8._qconv(packed, x, s, None, *geometry), reps) * 1e3}
         sys.path.insert(0, HERE)
         from cpu_inference import build
 
