@@ -488,19 +488,23 @@ class SpikeLayer(nn.Module):
         return x.reshape(-1, x.shape[-1]), x.shape[:-1], hwc
 
     def _integers(self, x: torch.Tensor, code: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-        """The spikes as uint8 integers (spike / theta, +1 if signed) in `shape`: [m, k] rows of `x` [m, k], or
-        [n, h, w, c] channels-last of a map `x` [n, c, h, w]. The neuron kernel's code where it wrote one, else
-        encoded here into a reused buffer."""
+        """The spikes as this layer's uint8 input, u = spike / theta (+1 if signed), in `shape`: [m, k] rows of `x`
+        [m, k], or [n, h, w, c] channels-last of a map `x` [n, c, h, w]; in 'vnni' [base * u, u] along the last
+        dim (twice as long). The neuron kernel's code where it wrote one, else encoded here into a reused buffer."""
+        vnni = self.mode.startswith("vnni")
+        full = (*shape[:-1], 2, shape[-1]) if vnni else shape
         if code is not None:
-            return code.view(shape)
-        buf = _input_buffer(shape)
-        _encode(x, buf if len(shape) == 2 else buf.permute(0, 3, 1, 2), self.signed)
-        return buf
+            return code.view(*shape[:-1], -1)
+        buf = _input_buffer(full)
+        u = buf[..., 1, :] if vnni else buf
+        _encode(x, u if len(shape) == 2 else u.permute(0, 3, 1, 2), self.signed)
+        if vnni:
+            torch.mul(u, _HI_SIGNED if self.signed else _HI, out=buf[..., 0, :])
+        return buf.view(*shape[:-1], -1)
 
     def run(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """The int8 layer on spikes x (each 0 or its channel's theta; signed: or -theta), float32 out."""
-        inner, vnni, signed = self.inner, self.mode.startswith("vnni"), self.signed
-        base = _HI_SIGNED if signed else _HI
+        inner, vnni = self.inner, self.mode.startswith("vnni")
         fused = getattr(self._neuron, "int8_input", None)
         code = fused(x) if fused is not None else None  # written by the neuron's CPU kernel as it fired
         if self.mode == "sparse":
@@ -509,34 +513,21 @@ class SpikeLayer(nn.Module):
             x, lead, hwc = self._linear_rows(x)
             m, k = x.shape
             packed, s, bias, _ = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
+            buf = self._integers(x, code, (m, k))
             if vnni:
-                if code is None:  # [base * u, u] per row
-                    buf = _input_buffer((m, 2, k))
-                    _encode(x, buf[:, 1], signed)
-                    torch.mul(buf[:, 1], base, out=buf[:, 0])
-                else:
-                    buf = code.view(m, 2, k)
-                y = _qlinear(packed, buf.view(-1, 2 * k), s, bias)
+                y = _qlinear(packed, buf, s, bias)
             else:
-                buf = self._integers(x, code, (m, k))
                 y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
             return y.view(*lead, -1)  # no border: a linear layer's layer(1) is all interior, in the bias
         n, c, h, w = x.shape
         if _pointwise(inner):
             return self._run_pointwise(x, theta, code)
         geometry = (inner.stride, inner.padding, inner.dilation)
+        packed, s, bias, border = self._packed_for((n, 2 * c if vnni else c, h, w), theta)
+        buf = self._integers(x, code, (n, h, w, c)).permute(0, 3, 1, 2)  # channels-last
         if vnni:
-            packed, s, bias, border = self._packed_for((n, 2 * c, h, w), theta)
-            if code is None:  # [base * u, u] along the channels, channels-last
-                buf = _input_buffer((n, h, w, 2, c))
-                _encode(x, buf[:, :, :, 1].permute(0, 3, 1, 2), signed)
-                torch.mul(buf[:, :, :, 1], base, out=buf[:, :, :, 0])
-            else:
-                buf = code.view(n, h, w, 2, c)
-            y = _qconv(packed, buf.view(n, h, w, 2 * c).permute(0, 3, 1, 2), s, bias, *geometry)
+            y = _qconv(packed, buf, s, bias, *geometry)
         else:
-            packed, s, bias, border = self._packed_for((n, c, h, w), theta)
-            buf = self._integers(x, code, (n, h, w, c)).permute(0, 3, 1, 2)  # channels-last
             lo = _qconv(packed[1], buf, s[1], bias, *geometry)
             y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
         if border is not None:
@@ -550,15 +541,9 @@ class SpikeLayer(nn.Module):
         """A 1x1 convolution as a matmul: the channels-last integer map (its positions the stride reads, copied
         out when strided) as [positions, channels] rows against the weights; no padding, so no border."""
         n, c, h, w = x.shape
-        (sh, sw), vnni, base = self.inner.stride, self.mode.startswith("vnni"), _HI_SIGNED if self.signed else _HI
-        k = 2 * c if vnni else c
-        if vnni and code is None:  # [base * u, u] along the channels, channels-last
-            u = _input_buffer((n, h, w, 2, c))
-            _encode(x, u[:, :, :, 1].permute(0, 3, 1, 2), self.signed)
-            torch.mul(u[:, :, :, 1], base, out=u[:, :, :, 0])
-        else:
-            u = code.view(n, h, w, 2, c) if vnni else self._integers(x, code, (n, h, w, c))
-        u = u.view(n, h, w, k)
+        (sh, sw), vnni = self.inner.stride, self.mode.startswith("vnni")
+        u = self._integers(x, code, (n, h, w, c))
+        k = u.shape[-1]
         if (sh, sw) != (1, 1):
             picked = u[:, ::sh, ::sw]
             u = _input_buffer((*picked.shape[:3], k, 1))[..., 0]  # its own key: the full map's buffer may be u
