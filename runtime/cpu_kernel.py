@@ -24,6 +24,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -221,7 +222,14 @@ def openmp() -> bool:
         return False
 
 
-def _compile() -> tuple:
+class Kernels(NamedTuple):
+    """The compiled library's entry points, each (function over rows [row0, row1), its OpenMP driver or None)."""
+
+    neuron: tuple
+    pool: tuple
+
+
+def _compile() -> Kernels:
     # GCC would turn the loops loading and storing a block of membranes into memcpy calls (measured: 20% of the
     # kernel's time on 64-float blocks)
     lib = compile_library(SOURCE, "neuron_cpu", ("-fno-tree-loop-distribute-patterns",))
@@ -233,8 +241,10 @@ def _compile() -> tuple:
     for fn in (lib.pool_steps, lib.pool_steps_par):
         fn.argtypes = [ptr] * 4 + [i64] * 9
         fn.restype = None
-    pool = (lib.pool_steps, lib.pool_steps_par if openmp() else None)
-    return lib.neuron_steps, (lib.neuron_steps_par if openmp() else None), pool
+    omp = openmp()
+    return Kernels(
+        (lib.neuron_steps, lib.neuron_steps_par if omp else None), (lib.pool_steps, lib.pool_steps_par if omp else None)
+    )
 
 
 def load_once(state: dict, build, off: str | None = None):
@@ -254,9 +264,8 @@ def load_once(state: dict, build, off: str | None = None):
     return state["fn"]
 
 
-def _kernel():
-    """(neuron kernel, its OpenMP driver or None, (pooling kernel, its driver or None)), or None (then
-    `why_not()` says why)."""
+def _kernel() -> Kernels | None:
+    """The compiled kernels, or None (then `why_not()` says why)."""
     return load_once(_state, _compile, f"{ENV}=off" if os.environ.get(ENV, "").lower() == "off" else None)
 
 
@@ -338,7 +347,7 @@ def multistep(
         width,
     )
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
-    split(*kernel[:2], args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
+    split(*kernel.neuron, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
     return True
 
 
@@ -361,7 +370,7 @@ def pool_steps(x: torch.Tensor, acc: torch.Tensor, last: torch.Tensor, out: torc
         return False
     steps, rows = x.shape[0] // n, n * (h // k[0])
     head = (*(t.data_ptr() for t in tensors), n, h, w, c, *k)
-    split(*kernel[2], head, rows, (steps,), parallel=x.numel() >= _PARALLEL_MIN)
+    split(*kernel.pool, head, rows, (steps,), parallel=x.numel() >= _PARALLEL_MIN)
     return True
 
 

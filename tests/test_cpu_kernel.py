@@ -80,13 +80,14 @@ def test_kernel_equals_the_torch_backend_bitwise(variant, grid):
 def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
     """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's
     OpenMP threads (the kernel's own loop, where built with OpenMP) and on the Python thread pool."""
-    fn, par, (pool, pool_par) = cpu_kernel._kernel()
+    (fn, par), (pool, pool_par) = cpu_kernel._kernel()
     if split == "openmp":
         assert (par is not None) == cpu_kernel.openmp()  # built with OpenMP where torch's runtime is loaded
         if par is None:
             pytest.skip("torch runs no libgomp here: the kernels split rows on the pool")
     on_omp = split == "openmp"
-    monkeypatch.setitem(cpu_kernel._state, "fn", (fn, par if on_omp else None, (pool, pool_par if on_omp else None)))
+    kernels = cpu_kernel.Kernels((fn, par if on_omp else None), (pool, pool_par if on_omp else None))
+    monkeypatch.setitem(cpu_kernel._state, "fn", kernels)
     case = _case(True, False, 1.0, True, True, True, True, T=8, shape=(7, 16, 24, 24))
     ref = _reference(*case)
     x = torch.randn(8 * 7, 16, 24, 24, generator=torch.Generator().manual_seed(1))
