@@ -189,24 +189,26 @@ int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w
             expand(mn + p * nch, nch, pixels, width, en + p * CHUNK, cn + p);
         }
         int64_t k = 0;
-        for (int64_t i = 0; i < nch * outs; i++) { /* chunk-major, as the sums read them */
-            const int64_t j = i / outs, oy = i % outs / g[WO], ox = i % g[WO];
-            start[i] = k;
-            count[2 * i] = (int32_t)gather(g, ep, cp, nch, j, oy, ox, width, lists + k);
-            count[2 * i + 1] = (int32_t)gather(g, en, cn, nch, j, oy, ox, width, lists + k + count[2 * i]);
-            k += count[2 * i] + count[2 * i + 1];
-        }
+        for (int64_t j = 0, i = 0; j < nch; j++) /* chunk-major, as the sums read them (no divisions: measured 1-2%) */
+            for (int64_t oy = 0; oy < g[HO]; oy++)
+                for (int64_t ox = 0; ox < g[WO]; ox++, i++) {
+                    start[i] = k;
+                    count[2 * i] = (int32_t)gather(g, ep, cp, nch, j, oy, ox, width, lists + k);
+                    count[2 * i + 1] = (int32_t)gather(g, en, cn, nch, j, oy, ox, width, lists + k + count[2 * i]);
+                    k += count[2 * i] + count[2 * i + 1];
+                }
         for (int64_t cb = 0; cb < g[COUT]; cb += BLOCK) {
             const int64_t nv = width / VL;
             const int64_t lanes = g[COUT] - cb < width ? g[COUT] - cb : width;
             const int32_t *restrict wb = w + cb * nch * taps * CHUNK;
             const rows_fn rows = ROWS_BY_NV[nv];
             memset(acc, 0, sizeof(int32_t) * outs * width);
-            for (int64_t i = 0; i < nch * outs; i++) { /* chunk-major: one chunk's rows serve every output pixel */
-                const int64_t j = i / outs, o = i % outs;
-                const int32_t *restrict l = lists + start[i];
-                rows(acc + o * width, wb + j * taps * CHUNK * width, l, count[2 * i], l + count[2 * i],
-                     count[2 * i + 1]);
+            for (int64_t j = 0, i = 0; j < nch; j++) { /* chunk-major: one chunk's rows serve every output pixel */
+                const int32_t *restrict wj = wb + j * taps * CHUNK * width;
+                for (int64_t o = 0; o < outs; o++, i++) {
+                    const int32_t *restrict l = lists + start[i];
+                    rows(acc + o * width, wj, l, count[2 * i], l + count[2 * i], count[2 * i + 1]);
+                }
             }
             for (int64_t o = 0; o < outs; o++) {
                 const int32_t *restrict a = acc + o * width;
