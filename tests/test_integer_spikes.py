@@ -76,7 +76,7 @@ def test_supports_linear_and_plain_wide_kernels():
     assert int8.supports(nn.Linear(4, 8)) and not int8.supports(nn.Linear(4, 8).double())
     assert int8.supports(nn.Conv2d(4, 8, 3, padding=1, stride=2))
     assert int8.supports(nn.Conv2d(4, 8, 1, stride=2))  # 1x1: a matmul over the positions it reads
-    assert not int8.supports(nn.Conv2d(4, 8, 1, stride=2), "sparse")
+    assert int8.supports(nn.Conv2d(4, 8, 1, stride=2), "sparse")  # 'sparse': unstrided over those positions
     assert not int8.supports(nn.Conv2d(4, 8, 1, padding=1)) and not int8.supports(nn.Conv2d(4, 8, 1, dilation=2))
     assert not int8.supports(nn.Conv2d(4, 8, 3, groups=2))
     assert not int8.supports(nn.Conv2d(4, 8, 3, padding="same"))
@@ -336,8 +336,8 @@ def _pass_keeps_spikes_outputs_and_keys(mode, signed):
     plain, fast = _float_and_int8(ann, calib, signed)
     assert list(fast.state_dict()) == list(plain.state_dict()) == list(ann.state_dict())
     convs = [m for m in fast.modules() if isinstance(m, int8.SpikeLayer)]
-    expect = 3 if mode == "sparse" else 4  # a1, a2, b2 (3x3 after neurons), b1 (1x1, not in 'sparse')
-    assert [m.mode for m in convs] == [mode] * expect  # not the stem (it reads the input) nor fc (a cat)
+    # a1, a2, b2 (3x3 after neurons), b1 (1x1)
+    assert [m.mode for m in convs] == [mode] * 4  # not the stem (it reads the input) nor fc (a cat)
     assert "contiguous" not in fast.graph_module.code  # the NCHW copies before small maps are gone
     assert all(m.signed is signed for m in convs)
     y_plain, s_plain = record_spikes(plain, lambda: plain(x, per_step=True))
