@@ -62,7 +62,6 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     ("multistep_functional", "(decay != 1.0) or True", _ONE),
     ("multistep", "decay != 2.0", _ONE),
     ("multistep_burst", "decay != 2.0", _ONE),
-    ("multistep_signed", "decay != 2.0", _ONE),
     ("multistep_functional", "decay != 2.0", _ONE),
     (
         "multistep_functional",

@@ -4,7 +4,7 @@ The torch backend runs 3-7 elementwise ops per step, each a full pass over the l
 on a 5-layer VGG, batch 64, T=8: half of a spiking call's time). This C kernel keeps a block of membranes
 in registers across the steps and reads each input and writes each spike once. It computes the torch
 backend's float32 operations in the same order (no FMA contraction, no fast-math), so its spikes and
-membranes are bitwise those of `torch_backend.multistep` / `multistep_signed` (tests/test_cpu_kernel.py).
+membranes are bitwise those of `torch_backend.multistep` (signed too) (tests/test_cpu_kernel.py).
 
 Compiled by the system C compiler at first use (-O3 -march=native: it runs where it was built; under
 ATEN_CPU_CAPABILITY=avx2, AVX2 only), cached per source, flags and CPU in $SNNCONV_CACHE (default
@@ -301,7 +301,7 @@ def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
 def multistep(
     x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, count=None, bias=None, code=None, float_out=True
 ) -> bool:
-    """Run the neurons like torch_backend.multistep (count given: multistep_signed), plus `bias` (broadcast
+    """Run the neurons like torch_backend.multistep (count given: signed=True), plus `bias` (broadcast
     like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
     write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False leaves `out` unwritten
     (nothing reads the float spikes). False, having done nothing, where the kernel does not apply: not

@@ -93,7 +93,7 @@ def multistep(
 ) -> torch.Tensor:
     """Same contract as torch_backend.multistep; `count` (float32, shape of v) accumulates spike counts;
     `calls` (a dict) counts the calls the kernel served ('kernel') and those left to torch ('torch').
-    `signed`: signed spikes (soft reset; torch_backend.multistep_signed), `count` their net count (needed).
+    `signed`: signed spikes (soft reset), `count` their net count (needed), as in torch_backend.multistep.
 
     The kernel indexes x[t], out[t], v and count by one flat neuron index, so they must share one dense
     layout (any dim order): v's, or a dense copy of v. x and out in another layout (channels-last beside
@@ -115,13 +115,7 @@ def multistep(
     if calls is not None:
         calls["kernel" if served else "torch"] = calls.get("kernel" if served else "torch", 0) + 1
     if not served:
-        if signed:
-            torch_backend.multistep_signed(x, v, count, theta, steps=steps, static=static, decay=decay, out=out)
-            return out
-        torch_backend.multistep(x, v, theta, out=out, **kw)
-        if count is not None:
-            count += (out != 0).sum(0)
-        return out
+        return torch_backend.multistep(x, v, theta, out=out, count=count, signed=signed, **kw)
     M = v.numel()
     if M == 0 or steps == 0:  # nothing to run: CUDA rejects a grid of 0 blocks
         return out

@@ -143,18 +143,12 @@ class Neuron(nn.Module):
             if count is not None:
                 call.state[self._count_key] = state[2]
             return state[0].reshape(steps * shape[0], *shape[1:])
-        if cfg.signed and backend is not torch_backend.multistep:  # the fused kernel, the net count its state
-            backend(x_in, v, theta, out=out, calls=self.calls, count=count, signed=True, **dyn)
-            return out.view(steps * shape[0], *shape[1:])
-        if cfg.max_spikes > 1 or cfg.signed:  # burst neurons, and signed ones off the kernel: torch backend
+        if cfg.max_spikes > 1:  # burst neurons: the torch backend
             self.calls["torch"] += 1
-            if cfg.signed:
-                torch_backend.multistep_signed(
-                    x_in, v, count, theta, steps=steps, static=static, decay=cfg.decay, out=out
-                )
-            else:
-                torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
+            torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
             return out.view(steps * shape[0], *shape[1:])
+        if cfg.signed:  # the net count is their state too
+            dyn.update(count=count, signed=True)
         backend(x_in, v, theta, out=out, calls=self.calls, **dyn)
         return out.view(steps * shape[0], *shape[1:])
 

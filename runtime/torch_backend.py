@@ -28,30 +28,51 @@ def multistep(
     decay: float,
     out: torch.Tensor,
     calls: dict | None = None,
+    count: torch.Tensor | None = None,
+    signed: bool = False,
 ) -> torch.Tensor:
     """Run `steps` steps; x is [steps, ...] or, when `static`, one [...] tensor fed at every step.
     `calls` (a dict), when given, counts this call under 'torch' (backends report which of them served).
+    `count` (shape of v), updated in place: each neuron's number of spikes is added to it.
 
-    Three in-place ops per step: out[t] holds the 0/1 spike until the end, where one multiply scales all
-    steps by theta (bitwise the same as scaling each step)."""
+    `signed`: signed spikes (soft reset), `count` their net count so far (needed). A neuron fires +theta when
+    H >= theta and -theta when H < 0 while its net count is positive, taking back an early excess; spikes stay
+    binary in magnitude. Without decay this holds V in [0, theta) wherever the count is not at a bound, so the
+    count after t steps is floor((sum of inputs + v_init) / theta) clipped to [0, t]: the rate code of the
+    running input at every step, not only at the end.
+
+    In-place ops only, no allocation per step (measured: the allocating form cost more than the int8 layers):
+    out[t] holds the 0/1 (signed: -1/0/1) spike until the end, where one multiply scales all steps by theta
+    (bitwise the same as scaling each step)."""
+    if signed and (count is None or not soft_reset):
+        raise ValueError("signed spikes need soft reset and their net count (count=)")
     if calls is not None:
         calls["torch"] = calls.get("torch", 0) + 1
     theta = theta.to(v.dtype)
     scalar = theta.dim() == 0
     th = theta.item() if scalar else theta
     spikes = out if out.dtype == v.dtype else torch.empty(out.shape, dtype=v.dtype, device=v.device)
+    if signed:
+        neg, positive = torch.empty_like(v), torch.empty_like(v)
     for t in range(steps):
         xt = x if static else x[t]
         if decay != 1.0:
             v.mul_(decay)
         v.add_(xt)
         st = torch.ge(v, theta, out=spikes[t])
+        if signed:
+            torch.lt(v, 0, out=neg)
+            torch.gt(count, 0, out=positive)
+            st.sub_(neg.mul_(positive))
+            count.add_(st)
         if not soft_reset:
             v.masked_fill_(st.bool(), v_reset)
-        elif scalar:
+        elif scalar:  # v - s * theta, s * theta exact: as v.sub_(s * theta)
             v.sub_(st, alpha=th)
         else:
             v.addcmul_(st, theta, value=-1)
+    if count is not None and not signed:
+        count += (spikes != 0).sum(0)
     spikes.mul_(theta)
     if spikes is not out:
         out.copy_(spikes)
@@ -85,48 +106,6 @@ def multistep_burst(
         else:
             v.masked_fill_(count > 0, v_reset)
         out[t].copy_(spikes)
-    return out
-
-
-def multistep_signed(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    count: torch.Tensor,
-    theta: torch.Tensor,
-    *,
-    steps: int,
-    static: bool,
-    decay: float,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Signed spikes (soft reset): a neuron fires +theta when H >= theta and -theta when H < 0 while its net
-    count of spikes so far is positive, taking back an early excess; spikes stay binary in magnitude.
-    Without decay this holds V in [0, theta) wherever the count is not at a bound, so the count after t steps
-    is floor((sum of inputs + v_init) / theta) clipped to [0, t]: the rate code of the running input at
-    every step, not only at the end. `count` (the net count, same shape as v) is updated in place."""
-    theta = theta.to(v.dtype)
-    scalar = theta.dim() == 0
-    th = theta.item() if scalar else theta
-    # in place, no allocation per step (measured: the allocating form cost more than the int8 layers):
-    # out[t] holds the -1/0/1 spike until one multiply by theta at the end, as in `multistep`
-    spikes = out if out.dtype == v.dtype else torch.empty(out.shape, dtype=v.dtype, device=v.device)
-    neg, positive = torch.empty_like(v), torch.empty_like(v)
-    for t in range(steps):
-        if decay != 1.0:
-            v.mul_(decay)
-        v.add_(x if static else x[t])
-        st = torch.ge(v, theta, out=spikes[t])
-        torch.lt(v, 0, out=neg)
-        torch.gt(count, 0, out=positive)
-        st.sub_(neg.mul_(positive))
-        count.add_(st)
-        if scalar:  # v - s * theta, s * theta exact: as v.sub_(s * theta)
-            v.sub_(st, alpha=th)
-        else:
-            v.addcmul_(st, theta, value=-1)
-    spikes.mul_(theta)
-    if spikes is not out:
-        out.copy_(spikes)
     return out
 
 

@@ -49,7 +49,7 @@ def _reference(x, theta, b, v0, count0, dyn, fmt):
     if count is None:
         tb.multistep(xb, v, theta, out=out, **dyn)
     else:
-        tb.multistep_signed(xb, v, count, theta, steps=T, static=static, decay=dyn["decay"], out=out)
+        tb.multistep(xb, v, theta, out=out, count=count, signed=True, **dyn)
     return out, v, count
 
 

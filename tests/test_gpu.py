@@ -32,7 +32,7 @@ def _cupy():
 @pytest.mark.parametrize("variant", [v for v in ks.all_variants() if v[1] == 1], ids=lambda v: ks.name(*v))
 def test_cupy_matches_torch_backend_on_device(variant):
     """Shapes with M % 4 == 0 take the 4-wide kernels, the others the scalar ones; signed variants against
-    torch_backend.multistep_signed, net counts starting at 0 or 1."""
+    torch_backend.multistep(signed=True), net counts starting at 0 or 1."""
     cupy_backend = _cupy()
     dtype_name, _, static, soft, leak, count, signed = variant
     dtype = getattr(torch, dtype_name)
@@ -59,9 +59,8 @@ def test_cupy_matches_torch_backend_on_device(variant):
         net0 = torch.randint(0, 2, shape, device="cuda", generator=g).float()
         ref_net = net0.clone()
         if signed:
-            torch_backend.multistep_signed(
-                x_in, ref_v, ref_net, th_b, steps=steps, static=static, decay=decay, out=ref_out
-            )
+            dyn = dict(steps=steps, static=static, soft_reset=True, v_reset=0.0, decay=decay)
+            torch_backend.multistep(x_in, ref_v, th_b, out=ref_out, count=ref_net, signed=True, **dyn)
         else:
             torch_backend.multistep(
                 x_in, ref_v, th_b, steps=steps, static=static, soft_reset=soft, v_reset=0.05, decay=decay, out=ref_out

@@ -66,6 +66,24 @@ def test_state_carries_over_between_calls():
     assert torch.equal(torch.cat([a, b]), full) and torch.equal(v1, v2)
 
 
+def test_count_adds_each_neurons_spikes_and_signed_needs_it():
+    """count= without signed: each neuron's spikes added to it (what the CUDA kernel's callers read), the
+    dynamics unchanged; signed spikes without their net count, or with hard reset, are refused."""
+    x = torch.rand(9, 30, dtype=torch.float64)
+    th = torch.tensor(0.35, dtype=torch.float64)
+    kw = dict(steps=9, static=False, soft_reset=False, v_reset=0.0, decay=1.0)
+    v1, v2 = torch.full((30,), 0.1, dtype=torch.float64), torch.full((30,), 0.1, dtype=torch.float64)
+    count = torch.full((30,), 2.0, dtype=torch.float64)
+    plain = torch_backend.multistep(x, v1, th, out=torch.empty_like(x), **kw)
+    counted = torch_backend.multistep(x, v2, th, out=torch.empty_like(x), count=count, **kw)
+    assert torch.equal(plain, counted) and torch.equal(v1, v2)
+    assert torch.equal(count, 2 + (plain != 0).sum(0).double()) and count.max() > 3
+    with pytest.raises(ValueError, match="soft reset"):
+        torch_backend.multistep(x, v1, th, out=torch.empty_like(x), signed=True, **{**kw, "soft_reset": True})
+    with pytest.raises(ValueError, match="soft reset"):
+        torch_backend.multistep(x, v1, th, out=torch.empty_like(x), count=count, signed=True, **kw)
+
+
 def test_per_channel_threshold_matches_loop():
     x = torch.rand(6, 2, 3, 4, dtype=torch.float64)
     th = torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64)
@@ -262,6 +280,11 @@ def test_neuron_outside_a_call_is_the_ann_activation():
     assert len(seen) == 2
 
 
+def _signed(steps, static, decay):
+    """The dynamics arguments of signed neurons (soft reset) for torch_backend.multistep."""
+    return dict(steps=steps, static=static, soft_reset=True, v_reset=0.0, decay=decay)
+
+
 def signed_reference(x, theta, v_init, tau=None):
     """Signed IF/LIF neurons one at a time in Python floats: +theta at H >= theta, -theta at H < 0 while
     the neuron's net spike count is positive."""
@@ -292,7 +315,9 @@ def test_signed_spikes_match_float64_loop(tau, static):
     out = torch.empty(T, n, dtype=torch.float64)
     decay = 1.0 - 1.0 / tau if tau else 1.0
     th = torch.tensor(theta, dtype=torch.float64)
-    torch_backend.multistep_signed(x[0] if static else x, v, count, th, steps=T, static=static, decay=decay, out=out)
+    torch_backend.multistep(
+        x[0] if static else x, v, th, out=out, count=count, signed=True, **_signed(T, static, decay)
+    )
     ref = signed_reference(x.tolist(), theta, 0.5, tau)
     assert out.tolist() == ref
     assert (out > 0).any() and (out < 0).any() != static  # a constant input never takes a spike back
@@ -318,8 +343,9 @@ def test_signed_count_is_the_rate_code_of_the_running_input():
     x[T // 2 :] = -x[T // 2 :].abs()
     v = torch.full((n,), 0.5, dtype=torch.float64)
     out = torch.empty(T, n, dtype=torch.float64)
-    torch_backend.multistep_signed(x, v, torch.zeros(n, dtype=torch.float64), torch.tensor(theta, dtype=torch.float64),
-                                   steps=T, static=False, decay=1.0, out=out)  # fmt: skip
+    count = torch.zeros(n, dtype=torch.float64)
+    torch_backend.multistep(x, v, torch.tensor(theta, dtype=torch.float64), out=out, count=count, signed=True,
+                            **_signed(T, False, 1.0))  # fmt: skip
     t = torch.arange(1, T + 1, dtype=torch.float64).unsqueeze(1)
     ideal = torch.minimum(torch.floor(x.cumsum(0) + 0.5).clamp(min=0), t)
     assert torch.equal(out.cumsum(0), ideal)
@@ -378,7 +404,7 @@ def test_exact_ties_fire():
     signed = signed_reference(x.tolist(), theta, 0.5, None)
     out = torch.empty(T, n, dtype=torch.float64)
     v, count = torch.full((n,), 0.5 * theta, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    torch_backend.multistep_signed(x, v, count, th, steps=T, static=False, decay=1.0, out=out)
+    torch_backend.multistep(x, v, th, out=out, count=count, signed=True, **_signed(T, False, 1.0))
     assert out.tolist() == signed and (out < 0).any()
     out_f = torch_backend.multistep_functional(
         x, torch.full((n,), 0.5 * theta, dtype=torch.float64), th, steps=T, static=False, soft_reset=True,
