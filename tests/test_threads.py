@@ -83,8 +83,8 @@ def test_threads_signed_spikes(chunk):
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_threads_int8_path(chunk):
     snn = _model(chunk, None, signed_spikes=False)  # the int8 layers take binary spikes
-    layers = 3 if int8.mode() == "sparse" else 4  # the 1x1 convolution too, except in 'sparse'
-    assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == layers
+    # the 1x1 convolution too, in every mode
+    assert sum(isinstance(m, int8.SpikeLayer) for m in snn.modules()) == 4
     _concurrent_equals_sequential(snn, "cpu")
 
 
