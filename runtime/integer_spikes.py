@@ -514,11 +514,7 @@ class SpikeLayer(nn.Module):
             x, lead, hwc = self._linear_rows(x)
             m, k = x.shape
             packed, s, bias, _ = self._packed_for((m, 2 * k) if vnni else (m, k), theta, hwc)
-            buf = self._integers(x, code, (m, k))
-            if vnni:
-                y = _qlinear(packed, buf, s, bias)
-            else:
-                y = _qlinear(packed[0], buf, s[0], None, accum=_qlinear(packed[1], buf, s[1], bias))
+            y = self._matmul(packed, self._integers(x, code, (m, k)), s, bias)
             return y.view(*lead, -1)  # no border: a linear layer's layer(1) is all interior, in the bias
         n, c, h, w = x.shape
         if _pointwise(inner):
@@ -538,6 +534,13 @@ class SpikeLayer(nn.Module):
         # or a later x.view(n, -1) in the model's code fails
         return y.contiguous() if x.is_contiguous() else y
 
+    def _matmul(self, packed, rows: torch.Tensor, s, bias) -> torch.Tensor:
+        """The int8 matmul of [m, k] integer rows: one op ('vnni'), or against hi and lo, the second adding into the
+        first's output."""
+        if self.mode.startswith("vnni"):
+            return _qlinear(packed, rows, s, bias)
+        return _qlinear(packed[0], rows, s[0], None, accum=_qlinear(packed[1], rows, s[1], bias))
+
     def _positions(self, u: torch.Tensor) -> torch.Tensor:
         """The channels-last integer map u [n, h, w, k] at the positions a 1x1 convolution's stride reads: u itself,
         or those copied out (contiguous) where strided."""
@@ -553,16 +556,10 @@ class SpikeLayer(nn.Module):
         """A 1x1 convolution as a matmul: the channels-last integer map (its positions the stride reads, copied
         out when strided) as [positions, channels] rows against the weights; no padding, so no border."""
         n, c, h, w = x.shape
-        vnni = self.mode.startswith("vnni")
         u = self._positions(self._integers(x, code, (n, h, w, c)))
-        k = u.shape[-1]
-        rows = u.reshape(-1, k)
+        rows = u.reshape(-1, u.shape[-1])
         packed, s, bias, _ = self._packed_for(tuple(rows.shape), theta)
-        if vnni:
-            y = _qlinear(packed, rows, s, bias)
-        else:
-            y = _qlinear(packed[0], rows, s[0], None, accum=_qlinear(packed[1], rows, s[1], bias))
-        y = y.view(*u.shape[:3], -1).permute(0, 3, 1, 2)  # channels-last [n, C_out, h_out, w_out]
+        y = self._matmul(packed, rows, s, bias).view(*u.shape[:3], -1).permute(0, 3, 1, 2)  # channels-last
         return y.contiguous() if x.is_contiguous() else y
 
     def _run_sparse(self, x: torch.Tensor, theta: torch.Tensor, code: torch.Tensor | None) -> torch.Tensor:
