@@ -175,8 +175,9 @@ int sparse_layer(const uint8_t *restrict u, int shift, const int32_t *restrict w
     const int64_t nch = (c_in + CHUNK - 1) / CHUNK, taps = g[KH] * g[KW];
     const int32_t width = (int32_t)(g[CP] < BLOCK ? g[CP] : BLOCK); /* of a block: its rows' length */
     /* samples summed together: each block's weights then serve GROUP_OUTS outputs or more before the next block's
-       (small maps re-read every weight per sample otherwise) */
-    const int64_t group = outs >= GROUP_OUTS ? 1 : (GROUP_OUTS + outs - 1) / outs;
+       (small maps re-read every weight per sample otherwise); no more than this part has, its scratch sized so */
+    const int64_t want = outs >= GROUP_OUTS ? 1 : (GROUP_OUTS + outs - 1) / outs;
+    const int64_t group = want < n1 - n0 ? want : (n1 - n0 > 1 ? n1 - n0 : 1);
     const int64_t gp = group * pixels, go = group * outs;
     mask_t *mp = malloc(sizeof(mask_t) * gp * nch), *mn = malloc(sizeof(mask_t) * gp * nch);
     int32_t *ep = NULL, *en = NULL; /* gather reads them as aligned vectors */
