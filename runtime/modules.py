@@ -255,9 +255,10 @@ class SpikeMaxPool(nn.Module):
             # the fused CPU kernel: running sums, maxima and increments in one pass (the steps below take ~20)
             acc, last = call.state.get(self, (None, None))
             if acc is None:  # the call's first chunk: sums from zero
-                acc = torch.zeros((n, *x.shape[1:]), device=x.device).contiguous(memory_format=fmt)
-                last = torch.zeros((n, x.shape[1], x.shape[2] // k[0], x.shape[3] // k[1]), device=x.device)
-                last = last.contiguous(memory_format=fmt)
+                pooled = (n, x.shape[1], x.shape[2] // k[0], x.shape[3] // k[1])
+                acc, last = (
+                    torch.empty(s, device=x.device, memory_format=fmt).zero_() for s in ((n, *x.shape[1:]), pooled)
+                )
             out = reused(self, (x.shape[0], *last.shape[1:]), dtype, x.device, fmt)
             if cpu_kernel.pool_steps(x, acc, last, out, k):
                 call.state[self] = (acc, last)  # updated in place: the running sum and its max pool now
