@@ -26,6 +26,7 @@ class Call:
     input_static: bool = True  # the input is one [N, ...] tensor fed at every step (direct encoding)
     backend: str = "auto"  # neuron backend: 'auto', 'torch', 'cupy'
     state: dict = field(default_factory=dict)  # module -> its state (membrane, pooling sums) in this call
+    last: bool = False  # this graph run is the call's last: nothing reads the state it leaves
 
 
 _current: ContextVar[Call | None] = ContextVar("snnconv_call", default=None)

@@ -39,12 +39,15 @@ SOURCE = r"""
    theta_row / bias_row: one row's thresholds and biases (per channel, laid out as the row is).
    code (optional): the spikes again as the uint8 integers an int8 layer reads, u = s (+1 if signed), in
    groups of `group` neurons; `interleave` writes each group as [code_base * u, u] (2 * group bytes).
-   out NULL: the spikes only as code (no reader of the float spikes), their values left in a block scratch. */
+   out NULL: the spikes only as code (no reader of the float spikes), their values left in a block scratch.
+   v0_row (optional): the call's first steps: every row starts from this membrane (laid out as theta_row) and a
+   zero count, v and count are not read. store 0: the call's last steps: v and count are not written back. */
 void neuron_steps(const float *restrict x, float *restrict v, float *restrict count, float *restrict out,
                   const float *restrict theta_row, const float *restrict bias_row, int64_t rows, int64_t width,
                   int64_t row0, int64_t row1,
                   int64_t steps, int static_input, int leak, float decay, int soft, float v_reset, int is_signed,
-                  uint8_t *restrict code, int64_t group, int interleave, int code_base)
+                  uint8_t *restrict code, int64_t group, int interleave, int code_base,
+                  const float *restrict v0_row, int store)
 {
     const int64_t per_step = rows * width;
     const int64_t code_step = interleave ? 2 * per_step : per_step;
@@ -70,8 +73,8 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
                 len = group - base % group;
             const float *restrict th = theta_row + c0;
             for (int64_t j = 0; j < len; j++) {
-                vb[j] = v[base + j];
-                cb[j] = is_signed ? count[base + j] : 0.0f;
+                vb[j] = v0_row ? v0_row[c0 + j] : v[base + j];
+                cb[j] = is_signed && !v0_row ? count[base + j] : 0.0f;
             }
             for (int64_t t = 0; t < steps; t++) {
                 const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
@@ -93,11 +96,12 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
                             at[j] = (uint8_t)(((int)sb[j] + shift) * code_base);
                 }
             }
-            for (int64_t j = 0; j < len; j++) {
-                v[base + j] = vb[j];
-                if (is_signed)
-                    count[base + j] = cb[j];
-            }
+            if (store)
+                for (int64_t j = 0; j < len; j++) {
+                    v[base + j] = vb[j];
+                    if (is_signed)
+                        count[base + j] = cb[j];
+                }
         }
     }
 }
@@ -161,12 +165,13 @@ void pool_steps_par(const float *x, float *acc, float *last, float *out, int64_t
 void neuron_steps_par(const float *x, float *v, float *count, float *out, const float *theta_row, const float *bias_row,
                       int64_t rows, int64_t width, int64_t n, int64_t parts, int64_t steps, int static_input, int leak,
                       float decay, int soft, float v_reset, int is_signed, uint8_t *code, int64_t group, int interleave,
-                      int code_base)
+                      int code_base, const float *v0_row, int store)
 { /* n: the rows to split, all of them */
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
     for (int64_t i = 0; i < parts; i++)
         neuron_steps(x, v, count, out, theta_row, bias_row, rows, width, n * i / parts, n * (i + 1) / parts, steps,
-                     static_input, leak, decay, soft, v_reset, is_signed, code, group, interleave, code_base);
+                     static_input, leak, decay, soft, v_reset, is_signed, code, group, interleave, code_base, v0_row,
+                     store);
 }
 """
 FLAGS = ["-O3", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC"]
@@ -236,7 +241,7 @@ def _compile() -> Kernels:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     c_int = ctypes.c_int
     for fn in (lib.neuron_steps, lib.neuron_steps_par):
-        fn.argtypes = [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int]
+        fn.argtypes = [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int, ptr, c_int]
         fn.restype = None
     for fn in (lib.pool_steps, lib.pool_steps_par):
         fn.argtypes = [ptr] * 4 + [i64] * 9
@@ -299,13 +304,30 @@ def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
 
 
 def multistep(
-    x, v, theta, *, steps, static, soft_reset, v_reset, decay, out, count=None, bias=None, code=None, float_out=True
+    x,
+    v,
+    theta,
+    *,
+    steps,
+    static,
+    soft_reset,
+    v_reset,
+    decay,
+    out,
+    count=None,
+    bias=None,
+    code=None,
+    float_out=True,
+    v0=None,
+    store=True,
 ) -> bool:
     """Run the neurons like torch_backend.multistep (count given: signed=True), plus `bias` (broadcast
     like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
     write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False leaves `out` unwritten
-    (nothing reads the float spikes). False, having done nothing, where the kernel does not apply: not
-    compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
+    (nothing reads the float spikes). v0 (broadcast like theta): the membranes start from it and the count from
+    zero, v and count unread (a call's first steps: no fill passes). store=False: v and count are left unwritten
+    (a call's last steps: nothing reads them again). False, having done nothing, where the kernel does not
+    apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
     kernel = _kernel()
     dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
     if (
@@ -336,6 +358,7 @@ def multistep(
 
     theta_row = row_of(theta)
     bias_row = None if bias is None else row_of(bias)
+    v0_row = None if v0 is None else row_of(v0)
     args = (
         x.data_ptr(),
         v.data_ptr(),
@@ -347,6 +370,7 @@ def multistep(
         width,
     )
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
+    tail += (0 if v0_row is None else v0_row.data_ptr(), int(store))
     split(*kernel.neuron, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
     return True
 

@@ -100,40 +100,51 @@ class Neuron(nn.Module):
         if theta.dim() > 0:  # per-channel: [C] -> broadcast over the channel dim (dim 1 of [N, C, ...])
             theta = theta.view(-1, *([1] * (len(shape) - 2)))
         fmt = _memory_format(x)
-        v = call.state.get(self)  # the membrane, carried over from the call's previous chunk or step
-        if v is None or v.shape != shape:
-            state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            v = (self.config.v_init * theta.to(state_dtype)).expand(shape).contiguous(memory_format=fmt)
-        call.state[self] = v
         cfg = self.config
-        # the dynamics every backend takes
-        dyn = dict(steps=steps, static=static, soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay)
-        count = None
-        if cfg.signed:  # the net spike count so far, carried like the membrane
-            count = call.state.get(self._count_key)
-            if count is None or count.shape != shape:
-                count = torch.zeros_like(v)
-            call.state[self._count_key] = count
         capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
         # reused per thread (SpikingModel copies anything it hands out; graph capture gets none); the backends
         # update v in place
         out = None
         if not capturing:
             out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
-        if out is not None and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu":
+        kernel_may_run = out is not None and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu"
+        state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        v0 = cfg.v_init * theta.to(state_dtype)  # the initial membrane
+        v = call.state.get(self)  # the membrane, carried over from the call's previous chunk or step
+        first = v is None or v.shape != shape  # the call's first steps: the CPU kernel starts v and count itself
+        if first:  # the CPU kernel fills it; elsewhere (graph capture too: ONNX has no in-place copy) made filled
+            if kernel_may_run:
+                v = torch.empty(shape, dtype=state_dtype, device=x.device, memory_format=fmt)
+            else:
+                v = v0.expand(shape).contiguous(memory_format=fmt)
+        call.state[self] = v
+        # the dynamics every backend takes
+        dyn = dict(steps=steps, static=static, soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay)
+        count = None
+        if cfg.signed:  # the net spike count so far, carried like the membrane
+            count = call.state.get(self._count_key)
+            if first or count is None or count.shape != shape:
+                count = torch.empty_like(v) if first and kernel_may_run else torch.zeros_like(v)
+            call.state[self._count_key] = count
+        backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
+        if kernel_may_run:
             # the fused CPU kernel takes the bias itself; it declines (False) layouts and dtypes it does not walk
             x_in = x if static else x.view(steps, *shape)  # splitting dim 0 is always a view
             code = self._code_buffer(out, fmt)
             hooked = self._forward_hooks or torch.nn.modules.module._global_forward_hooks
             float_out = not self.int8_only or bool(hooked)
             kw = dict(out=out, count=count, bias=bias, code=code, float_out=float_out)
+            kw.update(v0=v0 if first else None, store=not call.last)
             if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
                 self.calls["cpu"] += 1
                 flat = out.view(steps * shape[0], *shape[1:])
                 if code is not None:  # valid while `flat` is not written again (its version counter says)
                     call.state[self._code_key] = (flat, flat._version, code[0])
                 return flat
+            if first:  # declined: v and count start here
+                v.copy_(v0.expand(shape))
+                if count is not None:
+                    count.zero_()
         if bias is not None:
             x = x + bias
         x_in = x if static else x.reshape(steps, *shape)

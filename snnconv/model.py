@@ -145,7 +145,7 @@ class SpikingModel(nn.Module):
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
                 xin = x[t0 : t0 + steps].flatten(0, 1) if time_major else x
-                call.steps, call.input_static = steps, not time_major
+                call.steps, call.input_static, call.last = steps, not time_major, t0 + steps == T
                 y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self.graph_module(xin))
                 if per_step:
                     outs.append(_map(torch.clone, y))

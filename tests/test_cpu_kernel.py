@@ -76,6 +76,28 @@ def test_kernel_equals_the_torch_backend_bitwise(variant, grid):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_first_steps_start_from_v0_and_last_steps_leave_the_state_unwritten(signed):
+    """v0: the kernel starts every membrane from v0 * theta and the count from zero without reading v or count
+    (they hold garbage here) and equals the torch backend started from filled ones; store=False computes the same
+    spikes and leaves v and count as they were."""
+    x, theta, b, _, _, dyn, fmt = _case(signed, False, 1.0, True, True, True, True, seed=3)
+    start = (0.5 * theta).expand(3, 4, 5, 6).contiguous(memory_format=fmt)  # _case's shape
+    zeros = torch.zeros_like(start) if signed else None
+    ref_out, ref_v, ref_count = _reference(x, theta, b, start, zeros, dyn, fmt)
+    garbage = torch.full_like(start, float("nan"))
+    v, count = garbage.clone(), garbage.clone() if signed else None
+    out = torch.empty_like(ref_out)
+    xin = x.view(dyn["steps"], *v.shape)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, v0=0.5 * theta, **dyn)
+    assert (ref_out != 0).any() and torch.equal(out, ref_out) and torch.equal(v, ref_v)
+    assert not signed or torch.equal(count, ref_count)
+    v, count, out = start.clone(), zeros.clone() if signed else None, torch.empty_like(ref_out)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, store=False, **dyn)
+    assert torch.equal(out, ref_out) and torch.equal(v, start)
+    assert not signed or torch.equal(count, zeros)
+
+
 @pytest.mark.parametrize("split", ["openmp", "pool"])
 def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
     """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's
