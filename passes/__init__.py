@@ -24,12 +24,28 @@ from snnconv.passes.inplace_add import inplace_add
 from snnconv.passes.integer_spikes import integer_spikes
 from snnconv.passes.lower_activations import lower_activations
 from snnconv.passes.remove_identity import remove_identity
+from snnconv.passes.residual_into_neuron import residual_into_neuron
 
 Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
 PREPARE: list[Pass] = [fold_batch_sizes, remove_identity, lower_activations, commute_maxpool]
-LOWER: list[Pass] = [fold_batchnorm, broadcast_input, hoist_static_input, channels_last, integer_spikes, inplace_add]
-OPTIONAL = {"fold_batchnorm", "hoist_static_input", "channels_last", "integer_spikes", "inplace_add"}
+LOWER: list[Pass] = [
+    fold_batchnorm,
+    broadcast_input,
+    hoist_static_input,
+    channels_last,
+    integer_spikes,
+    residual_into_neuron,
+    inplace_add,
+]
+OPTIONAL = {
+    "fold_batchnorm",
+    "hoist_static_input",
+    "channels_last",
+    "integer_spikes",
+    "residual_into_neuron",
+    "inplace_add",
+}
 check_order(PREPARE + LOWER)  # the pipeline as built: every fact provided before it is needed
 __all__ = ["FACTS", "LOWER", "OPTIONAL", "PREPARE", "describe", "enabled", "facts", "mark", "run"]
 

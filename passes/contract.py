@@ -27,6 +27,7 @@ FACTS = {
     "layout_planned": "convolutions have node.meta['layout']; NCHW copies before them have snn_kind 'layout_copy'",
     "int8_packed": "layers reading binary spikes run as int8 SpikeLayers (node.meta['int8'])",
     "inplace_adds": "residual adds write into a private left operand",
+    "residuals_in_neurons": "a sum of two tensors only a neuron reads is that neuron's second input, neuron(a, b)",
 }
 
 

@@ -47,7 +47,11 @@ def _same_shape_sum(a, b) -> bool:
         return False
 
 
-@contract(requires=("ops_classified",), provides=("inplace_adds",), after=("batchnorm_folded", "int8_packed"))
+@contract(
+    requires=("ops_classified",),
+    provides=("inplace_adds",),
+    after=("batchnorm_folded", "int8_packed", "residuals_in_neurons"),
+)
 def inplace_add(gm: fx.GraphModule, settings) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if (

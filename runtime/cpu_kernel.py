@@ -40,6 +40,7 @@ SOURCE = r"""
    code (optional): the spikes again as the uint8 integers an int8 layer reads, u = s (+1 if signed), in
    groups of `group` neurons; `interleave` writes each group as [code_base * u, u] (2 * group bytes).
    out NULL: the spikes only as code (no reader of the float spikes), their values left in a block scratch.
+   r (optional): a residual, laid out as x, added to x first ((x + r) + bias: the order of the add it replaces).
    v0_row (optional): the call's first steps: every row starts from this membrane (laid out as theta_row) and a
    zero count, v and count are not read. store 0: the call's last steps: v and count are not written back. */
 void neuron_steps(const float *restrict x, float *restrict v, float *restrict count, float *restrict out,
@@ -47,7 +48,7 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
                   int64_t row0, int64_t row1,
                   int64_t steps, int static_input, int leak, float decay, int soft, float v_reset, int is_signed,
                   uint8_t *restrict code, int64_t group, int interleave, int code_base,
-                  const float *restrict v0_row, int store)
+                  const float *restrict v0_row, int store, const float *restrict r)
 {
     const int64_t per_step = rows * width;
     const int64_t code_step = interleave ? 2 * per_step : per_step;
@@ -78,11 +79,16 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             }
             for (int64_t t = 0; t < steps; t++) {
                 const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
+                const float *restrict rt = r ? r + base + t * per_step : xt;
                 float *restrict ot = out ? out + base + t * per_step : unread;
                 /* no conditional stores in the vector loops (masked stores are slow on some CPUs): the bias
                    is a separate copy of the loop, the net count is kept (and ignored) without signed spikes */
-                if (bias_row)
-                    STEP(xt[j] + bias_row[c0 + j]) /* x + bias, then v += x, as the torch path adds */
+                if (bias_row && r)
+                    STEP((xt[j] + rt[j]) + bias_row[c0 + j]) /* x + bias, then v += x, as the torch path adds */
+                else if (bias_row)
+                    STEP(xt[j] + bias_row[c0 + j])
+                else if (r)
+                    STEP(xt[j] + rt[j])
                 else
                     STEP(xt[j])
                 if (code) {
@@ -165,13 +171,13 @@ void pool_steps_par(const float *x, float *acc, float *last, float *out, int64_t
 void neuron_steps_par(const float *x, float *v, float *count, float *out, const float *theta_row, const float *bias_row,
                       int64_t rows, int64_t width, int64_t n, int64_t parts, int64_t steps, int static_input, int leak,
                       float decay, int soft, float v_reset, int is_signed, uint8_t *code, int64_t group, int interleave,
-                      int code_base, const float *v0_row, int store)
+                      int code_base, const float *v0_row, int store, const float *r)
 { /* n: the rows to split, all of them */
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
     for (int64_t i = 0; i < parts; i++)
         neuron_steps(x, v, count, out, theta_row, bias_row, rows, width, n * i / parts, n * (i + 1) / parts, steps,
                      static_input, leak, decay, soft, v_reset, is_signed, code, group, interleave, code_base, v0_row,
-                     store);
+                     store, r);
 }
 """
 FLAGS = ["-O3", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC"]
@@ -241,7 +247,9 @@ def _compile() -> Kernels:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     c_int = ctypes.c_int
     for fn in (lib.neuron_steps, lib.neuron_steps_par):
-        fn.argtypes = [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int, ptr, c_int]
+        fn.argtypes = (
+            [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int, ptr, c_int, ptr]
+        )
         fn.restype = None
     for fn in (lib.pool_steps, lib.pool_steps_par):
         fn.argtypes = [ptr] * 4 + [i64] * 9
@@ -320,13 +328,15 @@ def multistep(
     float_out=True,
     v0=None,
     store=True,
+    residual=None,
 ) -> bool:
     """Run the neurons like torch_backend.multistep (count given: signed=True), plus `bias` (broadcast
     like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
     write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False leaves `out` unwritten
     (nothing reads the float spikes). v0 (broadcast like theta): the membranes start from it and the count from
     zero, v and count unread (a call's first steps: no fill passes). store=False: v and count are left unwritten
-    (a call's last steps: nothing reads them again). False, having done nothing, where the kernel does not
+    (a call's last steps: nothing reads them again). residual (x's layout, not static): added to each step's
+    input before the bias, as the add it replaces did. False, having done nothing, where the kernel does not
     apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
     kernel = _kernel()
     dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
@@ -339,6 +349,7 @@ def multistep(
         or not _aligned(x, v, not static)
         or not _aligned(out, v, True)
         or (count is not None and not _aligned(count, v, False))
+        or (residual is not None and (static or not _aligned(residual, v, True)))
     ):
         return False
     rows = v.shape[0]
@@ -370,7 +381,7 @@ def multistep(
         width,
     )
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
-    tail += (0 if v0_row is None else v0_row.data_ptr(), int(store))
+    tail += (0 if v0_row is None else v0_row.data_ptr(), int(store), 0 if residual is None else residual.data_ptr())
     split(*kernel.neuron, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
     return True
 

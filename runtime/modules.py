@@ -77,8 +77,12 @@ class Neuron(nn.Module):
         call.state.pop(self, None)
         call.state.pop(self._count_key, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the input current; residual (passes/residual_into_neuron.py): a second one, x + residual is the input."""
         call = current()
+        static = call is not None and self.static_input and call.input_static
+        if residual is not None and (call is None or static or residual.shape != x.shape):
+            x, residual = x + residual, None  # added first, as the graph's add did; else the CPU kernel adds it
         if call is None:  # the ANN
             if self.levels is not None:
                 y = torch.clamp(torch.floor(x * (self.levels / self.clip) + 0.5) / self.levels, 0, 1) * self.clip
@@ -88,7 +92,6 @@ class Neuron(nn.Module):
                 self.observer(y)
             return y
         steps = call.steps
-        static = self.static_input and call.input_static
         bias = None  # calibrated correction of the input current (bias calibration), broadcast over channels
         if self.bias is not None:
             b = self.bias.to(x.device, x.dtype)
@@ -135,6 +138,7 @@ class Neuron(nn.Module):
             float_out = not self.int8_only or bool(hooked)
             kw = dict(out=out, count=count, bias=bias, code=code, float_out=float_out)
             kw.update(v0=v0 if first else None, store=not call.last)
+            kw.update(residual=None if residual is None else residual.view(steps, *shape))
             if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
                 self.calls["cpu"] += 1
                 flat = out.view(steps * shape[0], *shape[1:])
@@ -145,6 +149,8 @@ class Neuron(nn.Module):
                 v.copy_(v0.expand(shape))
                 if count is not None:
                     count.zero_()
+        if residual is not None:
+            x = x + residual
         if bias is not None:
             x = x + bias
         x_in = x if static else x.reshape(steps, *shape)

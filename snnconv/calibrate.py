@@ -246,7 +246,7 @@ def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET
         gap = gap if gap.numel() > 1 else gap.reshape(())
         n.bias = gap if n.bias is None else n.bias + gap
         n.forget(current())  # rerun the layer from its initial state with the corrected current
-        return n.forward(inputs[0])
+        return n.forward(*inputs)  # the input current, and the residual where a pass made it the second input
 
     chunk, settings.chunk = settings.chunk, snn.T  # one call covers all T steps (the hook needs them all)
     try:

@@ -186,8 +186,8 @@ class _Exporter:
             m = gm.get_submodule(node.target)
             inner = getattr(m, "_layer", None) if hasattr(m, "_neuron") else None  # int8 spike layer: its float form
             m = inner if inner is not None else m
-            if isinstance(m, Neuron):
-                terms[node] = self.neuron(node, m, src, shape)
+            if isinstance(m, Neuron):  # a second input (a residual, passes/residual_into_neuron.py) adds to the first
+                terms[node] = self.neuron(node, m, [t for a in args for t in terms[a]], shape)
             elif isinstance(m, (TimeBroadcast, nn.Identity, nn.Dropout)):
                 terms[node] = src
             elif isinstance(m, FoldedBN):

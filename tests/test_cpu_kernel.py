@@ -98,6 +98,27 @@ def test_first_steps_start_from_v0_and_last_steps_leave_the_state_unwritten(sign
     assert not signed or torch.equal(count, zeros)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("signed", [False, True])
+def test_residual_is_added_first_bitwise(signed, bias):
+    """A residual (passes/residual_into_neuron.py): the kernel computes (x + r) + bias, the torch path's order after
+    the graph's add; a static input or a residual in another layout is declined (the neuron adds it then)."""
+    x, theta, b, v0, count0, dyn, fmt = _case(signed, False, 1.0, True, True, True, bias, seed=5)
+    r = (torch.rand(x.shape, generator=torch.Generator().manual_seed(6)) - 0.5).contiguous(memory_format=fmt)
+    ref = _reference(x + r, theta, b, v0, count0, dyn, fmt)
+    v, count = v0.clone(), None if count0 is None else count0.clone()
+    out = torch.empty_like(ref[0])
+    steps = dyn["steps"]
+    xin, rin = x.view(steps, *v.shape), r.view(steps, *v.shape)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, residual=rin, **dyn)
+    assert (ref[0] != 0).any() and not torch.equal(ref[0], _reference(x, theta, b, v0, count0, dyn, fmt)[0])
+    for want, got in zip(ref, (out, v, count)):
+        assert (want is None and got is None) or torch.equal(want, got)
+    nchw = r.contiguous().view(steps, *v.shape)
+    assert not cpu_kernel.multistep(xin, v, theta, out=out, count=count, residual=nchw, **dyn)
+    assert not cpu_kernel.multistep(xin[0], v, theta, out=out, count=count, residual=rin, **{**dyn, "static": True})
+
+
 @pytest.mark.parametrize("split", ["openmp", "pool"])
 def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
     """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's

@@ -4,6 +4,7 @@ Each model converts, keeps its state_dict keys (strict load both ways) and appro
 batch size other than the calibration's."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -261,10 +262,16 @@ class Residual(nn.Module):
 
 
 def test_broadcasting_add_stays_out_of_place():
-    snn = converts_and_agrees(Residual())
-    code = snn.graph_module.code
+    import snnconv.passes as P
+
+    without_fusion = sorted(P.OPTIONAL - {"residual_into_neuron"})
+    code = converts_and_agrees(Residual(), passes=without_fusion).graph_module.code
     assert "g = self.g" in code and "add_(" in code
     assert code.count("add_(") == 1  # only the same-shape residual
+    # by default both sums are their neuron's second input: the broadcasting one is added by the neuron first
+    code = converts_and_agrees(Residual()).graph_module.code
+    assert "add" not in code and " + " not in code
+    assert re.search(r"relu_1\(g, _snn_relu\)", code) and re.search(r"relu_2\(\w+, _snn_relu_1\)", code), code
 
 
 def test_unrepresentable_ops_listed_in_one_error():

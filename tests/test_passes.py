@@ -78,6 +78,25 @@ def test_hoisting_runs_stem_once():
     assert batches[0] == 4 and 32 in batches
 
 
+def test_residual_in_the_cpu_kernel_keeps_every_spike():
+    """float32 on CPU: the neuron kernel adds the residual itself (passes/residual_into_neuron.py), bit for bit the
+    graph's add; both sums of ResCatNet move into their neurons, and the kernel serves every neuron call."""
+    from snnconv.runtime import cpu_kernel
+
+    if cpu_kernel.why_not() is not None:
+        pytest.skip(f"no CPU kernel: {cpu_kernel.why_not()}")
+    ann = randomize_bn(ResCatNet())
+    calib, x = torch.rand(64, 3, 16, 16), torch.rand(16, 3, 16, 16)
+    without = snnconv.convert(ann, T=6, calib=calib, passes=sorted(passes.OPTIONAL - {"residual_into_neuron"}))
+    with_ = snnconv.convert(ann, T=6, calib=calib)
+    fused = [n for n in with_.graph_module.graph.nodes if n.meta.get("snn_kind") == "neuron" and len(n.args) == 2]
+    assert len(fused) == 2 and "add" not in with_.graph_module.code and "add" in without.graph_module.code
+    y0, s0 = record_spikes(without, lambda: without(x, per_step=True))
+    y1, s1 = record_spikes(with_, lambda: with_(x, per_step=True))
+    assert torch.equal(y0, y1) and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert all(n.calls["torch"] == 0 and n.calls["cpu"] > 0 for n in with_.neurons().values())
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_chunked_equals_unchunked(chunk):
     """Identical in float64. In float32 oneDNN may pick another convolution algorithm for another batch
