@@ -119,6 +119,27 @@ def test_residual_is_added_first_bitwise(signed, bias):
     assert not cpu_kernel.multistep(xin[0], v, theta, out=out, count=count, residual=rin, **{**dyn, "static": True})
 
 
+@pytest.mark.parametrize("channels", [64, 80, 128])
+@pytest.mark.parametrize("signed", [False, True])
+def test_wide_channels_last_rows_read_one_pixel_of_values(signed, channels):
+    """Channels-last maps of 64 channels or more: thresholds, biases and starting membranes go in as one pixel's
+    values (they repeat every C neurons) and blocks stop at each pixel's end (C = 80: blocks of 64 and 16); the
+    same spikes as the torch backend."""
+    case = _case(signed, False, 1.0, True, True, True, True, seed=4, shape=(2, channels, 3, 5))
+    ref, fused = _reference(*case), _fused(*case)
+    assert (ref[0] != 0).any() and (ref[0] == 0).any()
+    for a, b in zip(ref, fused):
+        assert (a is None and b is None) or torch.equal(a, b)
+    x, theta, bias, v0, count0, dyn, fmt = case  # and started from v0 * theta in the kernel
+    start = (0.5 * theta).expand(v0.shape).contiguous(memory_format=fmt)
+    ref = _reference(x, theta, bias, start, None if count0 is None else torch.zeros_like(count0), dyn, fmt)
+    v, count = torch.full_like(v0, float("nan")), None if count0 is None else torch.full_like(count0, float("nan"))
+    out = torch.empty_like(ref[0])
+    xin = x.view(dyn["steps"], *v.shape)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=bias, v0=0.5 * theta, **dyn)
+    assert torch.equal(out, ref[0]) and torch.equal(v, ref[1])
+
+
 @pytest.mark.parametrize("split", ["openmp", "pool"])
 def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
     """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's
