@@ -78,6 +78,8 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             if (period - c0 % period < len) /* nor two periods of the rows */
                 len = period - c0 % period;
             const int64_t p0 = c0 % period;
+            /* where the block's code goes in each step (divisions once per block, not per step) */
+            const int64_t code_at = interleave ? (base / group) * 2 * group + base % group : base;
             const float *restrict th = theta_row + p0;
             const float *restrict bias = bias_row ? bias_row + p0 : 0;
             for (int64_t j = 0; j < len; j++) {
@@ -99,8 +101,7 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
                 else
                     STEP(xt[j])
                 if (code) {
-                    uint8_t *restrict at = code + t * code_step;
-                    at += interleave ? (base / group) * 2 * group + base % group : base;
+                    uint8_t *restrict at = code + t * code_step + code_at;
                     uint8_t *restrict u = at + (interleave ? group : 0);
                     for (int64_t j = 0; j < len; j++)
                         u[j] = (uint8_t)((int)sb[j] + shift);
