@@ -44,6 +44,8 @@ SOURCE = (
    groups of `group` neurons; `interleave` writes each group as [code_base * u, u] (2 * group bytes).
    out NULL: the spikes only as code (no reader of the float spikes), their values left in a block scratch.
    r (optional): a residual, laid out as x, added to x first ((x + r) + bias: the order of the add it replaces).
+   rcode (optional, instead of r): the residual is another neuron's spikes, read from the code that neuron wrote
+   (groups rgroup, rinterleave) as (u - rshift) * rtheta_row: the very floats it would have written.
    v0_row (optional): the call's first steps: every row starts from this membrane (laid out as theta_row) and a
    zero count, v and count are not read. store 0: the call's last steps: v and count are not written back. */
 void neuron_steps(const float *restrict x, float *restrict v, float *restrict count, float *restrict out,
@@ -51,12 +53,14 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
                   int64_t row0, int64_t row1,
                   int64_t steps, int static_input, int leak, float decay, int soft, float v_reset, int is_signed,
                   uint8_t *restrict code, int64_t group, int interleave, int code_base,
-                  const float *restrict v0_row, int store, const float *restrict r, int64_t period)
+                  const float *restrict v0_row, int store, const float *restrict r, int64_t period,
+                  const uint8_t *restrict rcode, int64_t rgroup, int rinterleave, const float *restrict rtheta_row,
+                  int rshift)
 {
     const int64_t per_step = rows * width;
     const int64_t code_step = interleave ? 2 * per_step : per_step;
     const uint8_t shift = is_signed ? 1 : 0;
-    float vb[BLOCK], cb[BLOCK], sb[BLOCK], unread[BLOCK];
+    float vb[BLOCK], cb[BLOCK], sb[BLOCK], unread[BLOCK], rb[BLOCK];
 #define STEP(IN)                                                                                             \
     for (int64_t j = 0; j < len; j++) {                                                                      \
         float h = (leak ? vb[j] * decay : vb[j]) + (IN);                                                      \
@@ -77,9 +81,12 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
                 len = group - base % group;
             if (period - c0 % period < len) /* nor two periods of the rows */
                 len = period - c0 % period;
+            if (rcode && rgroup - base % rgroup < len) /* nor two groups of the residual's code */
+                len = rgroup - base % rgroup;
             const int64_t p0 = c0 % period;
             /* where the block's code goes in each step (divisions once per block, not per step) */
             const int64_t code_at = interleave ? (base / group) * 2 * group + base % group : base;
+            const int64_t rcode_at = rinterleave ? (base / rgroup) * 2 * rgroup + base % rgroup + rgroup : base;
             const float *restrict th = theta_row + p0;
             const float *restrict bias = bias_row ? bias_row + p0 : 0;
             for (int64_t j = 0; j < len; j++) {
@@ -88,15 +95,24 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             }
             for (int64_t t = 0; t < steps; t++) {
                 const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
-                const float *restrict rt = r ? r + base + t * per_step : xt;
+                if (rcode) { /* the residual's spikes, as the floats its neuron did not write */
+                    const uint8_t *restrict ru = rcode + t * (rinterleave ? 2 * per_step : per_step) + rcode_at;
+                    /* 4 blocks ahead: the hardware prefetchers miss this half-used stride (measured 1.9x slower
+                       without, on the layer-1 shape) */
+                    __builtin_prefetch(ru + 8 * BLOCK);
+                    __builtin_prefetch(ru + 9 * BLOCK);
+                    for (int64_t j = 0; j < len; j++)
+                        rb[j] = (float)((int)ru[j] - rshift) * rtheta_row[p0 + j];
+                }
+                const float *restrict rt = rcode ? rb : r ? r + base + t * per_step : xt;
                 float *restrict ot = out ? out + base + t * per_step : unread;
                 /* no conditional stores in the vector loops (masked stores are slow on some CPUs): the bias
                    is a separate copy of the loop, the net count is kept (and ignored) without signed spikes */
-                if (bias && r)
+                if (bias && (r || rcode))
                     STEP((xt[j] + rt[j]) + bias[j]) /* x + bias, then v += x, as the torch path adds */
                 else if (bias)
                     STEP(xt[j] + bias[j])
-                else if (r)
+                else if (r || rcode)
                     STEP(xt[j] + rt[j])
                 else
                     STEP(xt[j])
@@ -179,13 +195,14 @@ void pool_steps_par(const float *x, float *acc, float *last, float *out, int64_t
 void neuron_steps_par(const float *x, float *v, float *count, float *out, const float *theta_row, const float *bias_row,
                       int64_t rows, int64_t width, int64_t n, int64_t parts, int64_t steps, int static_input, int leak,
                       float decay, int soft, float v_reset, int is_signed, uint8_t *code, int64_t group, int interleave,
-                      int code_base, const float *v0_row, int store, const float *r, int64_t period)
+                      int code_base, const float *v0_row, int store, const float *r, int64_t period,
+                      const uint8_t *rcode, int64_t rgroup, int rinterleave, const float *rtheta_row, int rshift)
 { /* n: the rows to split, all of them */
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
     for (int64_t i = 0; i < parts; i++)
         neuron_steps(x, v, count, out, theta_row, bias_row, rows, width, n * i / parts, n * (i + 1) / parts, steps,
                      static_input, leak, decay, soft, v_reset, is_signed, code, group, interleave, code_base, v0_row,
-                     store, r, period);
+                     store, r, period, rcode, rgroup, rinterleave, rtheta_row, rshift);
 }
 """
 )
@@ -257,7 +274,10 @@ def _compile() -> Kernels:
     c_int = ctypes.c_int
     for fn in (lib.neuron_steps, lib.neuron_steps_par):
         fn.argtypes = (
-            [ptr] * 6 + [i64] * 5 + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int, ptr, c_int, ptr, i64]
+            [ptr] * 6
+            + [i64] * 5
+            + [c_int, c_int, f32, c_int, f32, c_int, ptr, i64, c_int, c_int, ptr, c_int, ptr, i64]
+            + [ptr, i64, c_int, ptr, c_int]
         )
         fn.restype = None
     for fn in (lib.pool_steps, lib.pool_steps_par):
@@ -320,6 +340,14 @@ def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
     return same and (not lead or t.shape[0] == 1 or t.stride(0) == v.numel())
 
 
+def _is_code(code: tuple, v: torch.Tensor, steps: int) -> bool:
+    """Is code[0] a uint8 buffer of `steps` steps of v's neurons in groups of code[1] (code[2]: interleaved)?"""
+    buf, group, interleave = code[:3]
+    size = steps * v.numel() * (2 if interleave else 1)
+    width = v.numel() // v.shape[0]
+    return buf.dtype == torch.uint8 and buf.is_contiguous() and buf.numel() == size and width % group == 0
+
+
 def multistep(
     x,
     v,
@@ -338,6 +366,7 @@ def multistep(
     v0=None,
     store=True,
     residual=None,
+    residual_code=None,
 ) -> bool:
     """Run the neurons like torch_backend.multistep (count given: signed=True), plus `bias` (broadcast
     like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
@@ -345,7 +374,9 @@ def multistep(
     (nothing reads the float spikes). v0 (broadcast like theta): the membranes start from it and the count from
     zero, v and count unread (a call's first steps: no fill passes). store=False: v and count are left unwritten
     (a call's last steps: nothing reads them again). residual (x's layout, not static): added to each step's
-    input before the bias, as the add it replaces did. False, having done nothing, where the kernel does not
+    input before the bias, as the add it replaces did. residual_code = (uint8 tensor, group, interleave, theta,
+    shift), instead: the residual is the spikes of a neuron (threshold theta, signed: shift 1) read from the code it
+    wrote (`code` above), the floats it did not write. False, having done nothing, where the kernel does not
     apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
     kernel = _kernel()
     dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
@@ -359,22 +390,24 @@ def multistep(
         or not _aligned(out, v, True)
         or (count is not None and not _aligned(count, v, False))
         or (residual is not None and (static or not _aligned(residual, v, True)))
+        or (residual_code is not None and (static or residual is not None or not _is_code(residual_code, v, steps)))
     ):
         return False
     rows = v.shape[0]
     width = v.numel() // rows
     code_args = (0, 1, 0, 0)
     if code is not None:
-        buf, group, interleave, base = code
-        size = steps * v.numel() * (2 if interleave else 1)
-        if buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.numel() != size or width % group:
+        if not _is_code(code, v, steps):
             return False
+        buf, group, interleave, base = code
         code_args = (buf.data_ptr(), group, int(interleave), base)
+    r_theta = None if residual_code is None else residual_code[3]
 
     # per-channel values repeat every C neurons of a channels-last row: pass one pixel's (C >= BLOCK: blocks stay
     # whole), else the whole row
     cl = v.dim() == 4 and not v.is_contiguous() and v.shape[1] >= BLOCK
-    period = v.shape[1] if cl and all(t is None or t.numel() in (1, v.shape[1]) for t in (theta, bias, v0)) else width
+    per_channel = all(t is None or t.numel() in (1, v.shape[1]) for t in (theta, bias, v0, r_theta))
+    period = v.shape[1] if cl and per_channel else width
 
     def row_of(t):  # one row's values of theta (or bias), laid out in memory as v's rows are (its first period)
         if period < width:
@@ -399,6 +432,12 @@ def multistep(
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
     tail += (0 if v0_row is None else v0_row.data_ptr(), int(store), 0 if residual is None else residual.data_ptr())
     tail += (period,)
+    if residual_code is None:
+        tail += (0, 1, 0, 0, 0)
+    else:
+        buf, group, interleave, _, shift = residual_code
+        r_theta_row = row_of(r_theta)
+        tail += (buf.data_ptr(), group, int(interleave), r_theta_row.data_ptr(), shift)
     split(*kernel.neuron, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
     return True
 

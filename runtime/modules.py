@@ -62,9 +62,11 @@ class Neuron(nn.Module):
         # (interleave, base, per_channel) of each int8 layer reading these spikes (SpikeLayer adds it): if they
         # agree, the CPU kernel writes their uint8 input as it fires, in groups of C (per_channel) or of a row
         self.int8_readers: list[tuple[bool, int, bool]] = []
-        # every reader of the spikes is such a layer (the integer_spikes pass says): with the uint8 input written
-        # and no forward hook to see them, the float spikes are not written at all
+        # every reader of the spikes is such a layer, or a neuron reading them as its residual (the integer_spikes
+        # and residual_into_neuron passes say): with the uint8 input written and no forward hook to see them, the
+        # float spikes are not written at all
         self.int8_only = False
+        self.set_residual_source(None)  # the neuron whose spikes are this one's residual, if another neuron's
 
     def extra_repr(self) -> str:
         th = self.threshold
@@ -82,7 +84,7 @@ class Neuron(nn.Module):
         call = current()
         static = call is not None and self.static_input and call.input_static
         if residual is not None and (call is None or static or residual.shape != x.shape):
-            x, residual = x + residual, None  # added first, as the graph's add did; else the CPU kernel adds it
+            x, residual = x + self._residual_floats(residual), None  # added first, as the graph's add did
         if call is None:  # the ANN
             if self.levels is not None:
                 y = torch.clamp(torch.floor(x * (self.levels / self.clip) + 0.5) / self.levels, 0, 1) * self.clip
@@ -95,13 +97,12 @@ class Neuron(nn.Module):
         bias = None  # calibrated correction of the input current (bias calibration), broadcast over channels
         if self.bias is not None:
             b = self.bias.to(x.device, x.dtype)
-            bias = b.view(-1, *([1] * (x.dim() - 2))) if b.dim() > 0 else b
+            bias = _per_channel(b, x.dim())
         shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
         theta = self.threshold
         if theta.device != x.device:
             self.threshold = theta = theta.to(x.device)
-        if theta.dim() > 0:  # per-channel: [C] -> broadcast over the channel dim (dim 1 of [N, C, ...])
-            theta = theta.view(-1, *([1] * (len(shape) - 2)))
+        theta = _per_channel(theta, len(shape))
         fmt = _memory_format(x)
         cfg = self.config
         capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -138,13 +139,21 @@ class Neuron(nn.Module):
             float_out = not self.int8_only or bool(hooked)
             kw = dict(out=out, count=count, bias=bias, code=code, float_out=float_out)
             kw.update(v0=v0 if first else None, store=not call.last)
-            kw.update(residual=None if residual is None else residual.view(steps, *shape))
+            source = self.residual_source
+            written = None if residual is None or source is None else source.written_code(residual)
+            if written is not None:  # the residual neuron's spikes, read from the code it wrote for int8 layers
+                buf, group, interleave, _ = written[0]
+                r_theta = _per_channel(source.threshold, len(shape))
+                kw.update(residual_code=(buf, group, interleave, r_theta, int(source.config.signed)))
+            elif residual is not None:
+                kw.update(residual=residual.view(steps, *shape))
             if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
                 self.calls["cpu"] += 1
                 flat = out.view(steps * shape[0], *shape[1:])
                 if code is not None:  # valid while `flat` is not written again (its version counter says)
-                    call.state[self._code_key] = (flat, flat._version, code[0])
+                    call.state[self._code_key] = (flat, flat._version, code, float_out)
                 return flat
+            residual = None if residual is None else self._residual_floats(residual)  # declined
             if first:  # declined: v and count start here
                 v.copy_(v0.expand(shape))
                 if count is not None:
@@ -180,15 +189,46 @@ class Neuron(nn.Module):
         buf = reused(self._code_key, (out.numel() * (2 if interleave else 1),), torch.uint8, out.device)
         return buf, group, interleave, base
 
-    def int8_input(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The uint8 input the CPU kernel wrote beside x, if x is this call's spikes of this neuron, unchanged."""
+    def set_residual_source(self, source: Neuron | None) -> None:
+        """Read the residual input as `source`'s spikes (residual_into_neuron); held unregistered (a plain attribute
+        assignment would make `source` a submodule of this neuron too)."""
+        self.__dict__["residual_source"] = source
+
+    def written_code(self, x: torch.Tensor) -> tuple | None:
+        """((uint8 buffer, group, interleave, base), were the float spikes written too) if x is this call's spikes
+        of this neuron, unchanged, and the CPU kernel wrote them as an int8 layer's input; else None."""
         call = current()
         hit = None if call is None else call.state.get(self._code_key)
         if hit is None:
             return None
-        spikes, version, code = hit
+        spikes, version, code, float_out = hit
         same = x.data_ptr() == spikes.data_ptr() and x.shape == spikes.shape and x.stride() == spikes.stride()
-        return code if same and x._version == version else None
+        return (code, float_out) if same and x._version == version else None
+
+    def int8_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The uint8 input the CPU kernel wrote beside x, if x is this call's spikes of this neuron, unchanged."""
+        written = self.written_code(x)
+        return None if written is None else written[0][0]
+
+    def spikes_from_code(self, x: torch.Tensor, code: tuple) -> torch.Tensor:
+        """This neuron's float spikes, laid out as x (its unwritten output), from the code it wrote: (u - shift) *
+        theta, the product the kernel would have stored."""
+        buf, group, interleave, _ = code
+        u = buf.view(-1, 2, group)[:, 1] if interleave else buf.view(-1, group)  # in x's memory order
+        spikes = torch.empty_like(x)
+        torch.sub(u.reshape(-1).float(), int(self.config.signed), out=spikes.as_strided((spikes.numel(),), (1,)))
+        return spikes.mul_(_per_channel(self.threshold, x.dim()))
+
+    def _residual_floats(self, residual: torch.Tensor) -> torch.Tensor:
+        """The residual as floats: itself, or made from its neuron's code where that neuron wrote no floats."""
+        source = self.residual_source
+        written = None if source is None else source.written_code(residual)
+        return residual if written is None or written[1] else source.spikes_from_code(residual, written[0])
+
+
+def _per_channel(theta: torch.Tensor, dims: int) -> torch.Tensor:
+    """A per-channel value broadcast over a [N, C, ...] tensor of `dims` dims: [C] -> [C, 1, ...]; a scalar as is."""
+    return theta.view(-1, *([1] * (dims - 2))) if theta.dim() > 0 else theta
 
 
 class _Scratch:

@@ -53,13 +53,14 @@ def _reference(x, theta, b, v0, count0, dyn, fmt):
     return out, v, count
 
 
-def _fused(x, theta, b, v0, count0, dyn, fmt, code=None):
+def _fused(x, theta, b, v0, count0, dyn, fmt, code=None, residual=None):
     T, static = dyn["steps"], dyn["static"]
     v = v0.clone()
     count = None if count0 is None else count0.clone()
     out = torch.empty((T * v.shape[0], *v.shape[1:]), memory_format=fmt).view(T, *v.shape)
     xin = x if static else x.view(T, *v.shape)
-    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, code=code, **dyn)
+    kw = dict(code=code, residual=residual)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, **kw, **dyn)
     return out, v, count
 
 
@@ -138,6 +139,30 @@ def test_wide_channels_last_rows_read_one_pixel_of_values(signed, channels):
     xin = x.view(dyn["steps"], *v.shape)
     assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=bias, v0=0.5 * theta, **dyn)
     assert torch.equal(out, ref[0]) and torch.equal(v, ref[1])
+
+
+@pytest.mark.parametrize("channels", [4, 64, 80])
+@pytest.mark.parametrize("interleave", [False, True])
+def test_residual_read_from_a_neurons_code_is_its_float_spikes(interleave, channels):
+    """A residual given as the uint8 code another neuron's kernel wrote ((u - shift) * its theta): the same spikes,
+    membranes and counts as with that neuron's float spikes as the residual."""
+    shape = (2, channels, 3, 5)
+    src = _case(True, False, 1.0, True, True, True, False, seed=8, shape=shape)
+    x, theta, b, v0, count0, dyn, fmt = _case(True, False, 1.0, True, True, True, True, seed=9, shape=shape)
+    code = (
+        torch.empty(dyn["steps"] * v0.numel() * (2 if interleave else 1), dtype=torch.uint8),
+        channels,
+        interleave,
+        127,
+    )
+    spikes = _fused(*src, code=code)[0]  # the source neuron: float spikes and their code
+    assert (spikes < 0).any() and (spikes > 0).any()
+    want = _fused(x, theta, b, v0, count0, dyn, fmt, residual=spikes)
+    v, count, out = v0.clone(), count0.clone(), torch.empty_like(want[0])
+    r_code = (code[0], channels, interleave, src[1], 1)
+    xin = x.view(dyn["steps"], *v.shape)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, residual_code=r_code, **dyn)
+    assert torch.equal(out, want[0]) and torch.equal(v, want[1]) and torch.equal(count, want[2])
 
 
 @pytest.mark.parametrize("split", ["openmp", "pool"])

@@ -8,6 +8,7 @@ from nets import ResCatNet, randomize_bn, record_spikes
 
 import snnconv
 from snnconv import passes
+from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import release_scratch
 
 
@@ -95,6 +96,35 @@ def test_residual_in_the_cpu_kernel_keeps_every_spike():
     y1, s1 = record_spikes(with_, lambda: with_(x, per_step=True))
     assert torch.equal(y0, y1) and all(torch.equal(s0[k], s1[k]) for k in s0)
     assert all(n.calls["torch"] == 0 and n.calls["cpu"] > 0 for n in with_.neurons().values())
+    # with int8 layers, an identity shortcut's neuron writes no float spikes: the kernel reads its uint8 code
+    sources = [n.residual_source for n in with_.neurons().values() if n.residual_source is not None]
+    assert len(sources) == (2 if int8.mode() else 0) and all(s.int8_only for s in sources)
+    reference = without(x, per_step=True)  # no hooks: the float spikes really are left unwritten
+    assert torch.equal(with_(x, per_step=True), reference)
+
+
+def test_residual_made_from_code_where_the_kernel_declines(monkeypatch):
+    """A neuron whose residual's neuron wrote only uint8 code, and whose own kernel call declines: it makes the
+    float spikes from that code ((u - shift) * theta) and adds them; the output is unchanged."""
+    from snnconv.runtime import cpu_kernel
+
+    if cpu_kernel.why_not() is not None or int8.mode() is None:
+        pytest.skip("needs the CPU kernel and an int8 mode")
+    ann = randomize_bn(ResCatNet())
+    calib, x = torch.rand(64, 3, 16, 16), torch.rand(16, 3, 16, 16)
+    snn = snnconv.convert(ann, T=6, calib=calib)
+    reference = snn(x, per_step=True)
+    real = cpu_kernel.multistep
+    declined = []
+
+    def decline_residual_code(*args, **kw):
+        if kw.get("residual_code") is not None:
+            declined.append(1)
+            return False
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cpu_kernel, "multistep", decline_residual_code)
+    assert torch.equal(snn(x, per_step=True), reference) and declined
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5])
