@@ -147,13 +147,19 @@ class Neuron(nn.Module):
                 kw.update(residual_code=(buf, group, interleave, r_theta, int(source.config.signed)))
             elif residual is not None:
                 kw.update(residual=residual.view(steps, *shape))
-            if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
-                self.calls["cpu"] += 1
-                flat = out.view(steps * shape[0], *shape[1:])
-                if code is not None:  # valid while `flat` is not written again (its version counter says)
-                    call.state[self._code_key] = (flat, flat._version, code, float_out)
-                return flat
-            residual = None if residual is None else self._residual_floats(residual)  # declined
+            for retry in (False, True):
+                if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
+                    self.calls["cpu"] += 1
+                    flat = out.view(steps * shape[0], *shape[1:])
+                    if code is not None:  # valid while `flat` is not written again (its version counter says)
+                        call.state[self._code_key] = (flat, flat._version, code, float_out)
+                    return flat
+                if residual is None or retry:
+                    break
+                # declined, perhaps for the residual's layout alone: add it first (as floats) and try once more
+                x, residual = x + self._residual_floats(residual), None
+                x_in = x if static else x.view(steps, *shape)
+                kw.update(residual=None, residual_code=None)
             if first:  # declined: v and count start here
                 v.copy_(v0.expand(shape))
                 if count is not None:

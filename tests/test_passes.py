@@ -103,6 +103,28 @@ def test_residual_in_the_cpu_kernel_keeps_every_spike():
     assert torch.equal(with_(x, per_step=True), reference)
 
 
+def test_residual_in_another_layout_is_added_first_and_the_kernel_still_runs():
+    """A residual the kernel cannot walk with the input (NCHW beside channels-last, as a 1x1 shortcut on a small map
+    can be): the neuron adds it first and the CPU kernel runs the sum; spikes as for the graph's add."""
+    from snnconv.runtime import cpu_kernel
+    from snnconv.runtime.context import Call, running
+    from snnconv.runtime.modules import Neuron, NeuronConfig
+
+    if cpu_kernel.why_not() is not None:
+        pytest.skip(f"no CPU kernel: {cpu_kernel.why_not()}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * 3, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(4 * 3, 8, 5, 5, generator=g)  # NCHW
+    outs = []
+    for args in ((x, r), (x + r,)):
+        neuron = Neuron(NeuronConfig(signed=True))
+        neuron.threshold = torch.rand(8, generator=g) + 0.5 if not outs else outs[0][1]
+        with running(Call(steps=4, input_static=False)):
+            outs.append((neuron(*args).clone(), neuron.threshold))
+        assert neuron.calls == {"kernel": 0, "cpu": 1, "torch": 0}
+    assert (outs[0][0] != 0).any() and torch.equal(outs[0][0], outs[1][0])
+
+
 def test_residual_made_from_code_where_the_kernel_declines(monkeypatch):
     """A neuron whose residual's neuron wrote only uint8 code, and whose own kernel call declines: it makes the
     float spikes from that code ((u - shift) * theta) and adds them; the output is unchanged."""
