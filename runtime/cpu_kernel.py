@@ -375,8 +375,9 @@ def multistep(
     zero, v and count unread (a call's first steps: no fill passes). store=False: v and count are left unwritten
     (a call's last steps: nothing reads them again). residual (x's layout, not static): added to each step's
     input before the bias, as the add it replaces did. residual_code = (uint8 tensor, group, interleave, theta,
-    shift), instead: the residual is the spikes of a neuron (threshold theta, signed: shift 1) read from the code it
-    wrote (`code` above), the floats it did not write. False, having done nothing, where the kernel does not
+    shift), with it: the residual is the spikes of a neuron (threshold theta, signed: shift 1), their values read
+    from the code it wrote (`code` above), not from `residual`, which may be unwritten but gives their layout (the
+    code is in that neuron's memory order). False, having done nothing, where the kernel does not
     apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then use torch)."""
     kernel = _kernel()
     dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
@@ -390,7 +391,7 @@ def multistep(
         or not _aligned(out, v, True)
         or (count is not None and not _aligned(count, v, False))
         or (residual is not None and (static or not _aligned(residual, v, True)))
-        or (residual_code is not None and (static or residual is not None or not _is_code(residual_code, v, steps)))
+        or (residual_code is not None and (residual is None or not _is_code(residual_code, v, steps)))
     ):
         return False
     rows = v.shape[0]
@@ -430,7 +431,8 @@ def multistep(
         width,
     )
     tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
-    tail += (0 if v0_row is None else v0_row.data_ptr(), int(store), 0 if residual is None else residual.data_ptr())
+    floats = residual is not None and residual_code is None
+    tail += (0 if v0_row is None else v0_row.data_ptr(), int(store), residual.data_ptr() if floats else 0)
     tail += (period,)
     if residual_code is None:
         tail += (0, 1, 0, 0, 0)

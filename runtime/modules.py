@@ -112,11 +112,12 @@ class Neuron(nn.Module):
         if not capturing:
             out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
         kernel_may_run = out is not None and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu"
-        state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        v0 = cfg.v_init * theta.to(state_dtype)  # the initial membrane
         v = call.state.get(self)  # the membrane, carried over from the call's previous chunk or step
         first = v is None or v.shape != shape  # the call's first steps: the CPU kernel starts v and count itself
+        v0 = None
         if first:  # the CPU kernel fills it; elsewhere (graph capture too: ONNX has no in-place copy) made filled
+            state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            v0 = cfg.v_init * theta.to(state_dtype)  # the initial membrane
             if kernel_may_run:
                 v = torch.empty(shape, dtype=state_dtype, device=x.device, memory_format=fmt)
             else:
@@ -138,15 +139,15 @@ class Neuron(nn.Module):
             hooked = self._forward_hooks or torch.nn.modules.module._global_forward_hooks
             float_out = not self.int8_only or bool(hooked)
             kw = dict(out=out, count=count, bias=bias, code=code, float_out=float_out)
-            kw.update(v0=v0 if first else None, store=not call.last)
+            kw.update(v0=v0, store=not call.last)
             source = self.residual_source
             written = None if residual is None or source is None else source.written_code(residual)
-            if written is not None:  # the residual neuron's spikes, read from the code it wrote for int8 layers
+            if residual is not None:  # its layout; its values too unless read from the code its neuron wrote
+                kw.update(residual=residual.view(steps, *shape))
+            if written is not None:
                 buf, group, interleave, _ = written[0]
                 r_theta = _per_channel(source.threshold, len(shape))
                 kw.update(residual_code=(buf, group, interleave, r_theta, int(source.config.signed)))
-            elif residual is not None:
-                kw.update(residual=residual.view(steps, *shape))
             for retry in (False, True):
                 if cpu_kernel.multistep(x_in, v, theta, **kw, **dyn):
                     self.calls["cpu"] += 1

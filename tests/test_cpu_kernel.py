@@ -144,8 +144,8 @@ def test_wide_channels_last_rows_read_one_pixel_of_values(signed, channels):
 @pytest.mark.parametrize("channels", [4, 64, 80])
 @pytest.mark.parametrize("interleave", [False, True])
 def test_residual_read_from_a_neurons_code_is_its_float_spikes(interleave, channels):
-    """A residual given as the uint8 code another neuron's kernel wrote ((u - shift) * its theta): the same spikes,
-    membranes and counts as with that neuron's float spikes as the residual."""
+    """A residual given as the uint8 code another neuron's kernel wrote ((u - shift) * its theta), its float tensor
+    unwritten: the same spikes, membranes and counts as with that neuron's float spikes as the residual."""
     shape = (2, channels, 3, 5)
     src = _case(True, False, 1.0, True, True, True, False, seed=8, shape=shape)
     x, theta, b, v0, count0, dyn, fmt = _case(True, False, 1.0, True, True, True, True, seed=9, shape=shape)
@@ -161,8 +161,14 @@ def test_residual_read_from_a_neurons_code_is_its_float_spikes(interleave, chann
     v, count, out = v0.clone(), count0.clone(), torch.empty_like(want[0])
     r_code = (code[0], channels, interleave, src[1], 1)
     xin = x.view(dyn["steps"], *v.shape)
-    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, residual_code=r_code, **dyn)
+    unwritten = torch.full_like(spikes, float("nan"))  # the source neuron's float output: its layout, no values
+    kw = dict(out=out, count=count, bias=b, residual=unwritten, residual_code=r_code)
+    assert cpu_kernel.multistep(xin, v, theta, **kw, **dyn)
     assert torch.equal(out, want[0]) and torch.equal(v, want[1]) and torch.equal(count, want[2])
+    # the code is in its neuron's memory order: a residual laid out otherwise (NCHW here) is declined
+    other = torch.empty(spikes.shape)
+    assert not cpu_kernel.multistep(xin, v0.clone(), theta, **{**kw, "residual": other}, **dyn)
+    assert not cpu_kernel.multistep(xin, v0.clone(), theta, **{**kw, "residual": None}, **dyn)
 
 
 @pytest.mark.parametrize("split", ["openmp", "pool"])
