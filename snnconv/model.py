@@ -93,7 +93,7 @@ class SpikingModel(nn.Module):
         """One step that updates `state`'s membranes in place. Each step's input may differ (input_static
         False): max pooling then pools running sums, as a time-major multi-step call does."""
         call = Call(1, False, self.settings.backend, state.modules)
-        with torch.no_grad(), running(call):
+        with torch.inference_mode(False), torch.no_grad(), running(call):  # caches read version counters
             y = _map(torch.clone, self.graph_module(x))  # neuron outputs live in reused buffers
         return y, StepState(state.batch, call.state, state.t + 1)
 
@@ -136,7 +136,7 @@ class SpikingModel(nn.Module):
         if x.device.type == "cpu":  # large activations reuse freed memory, not fresh pages (runtime/malloc.py)
             keep_freed_memory()
         call = Call(backend=self.settings.backend)  # this call's state: membranes carry across time chunks
-        with torch.no_grad(), running(call):
+        with torch.inference_mode(False), torch.no_grad(), running(call):  # caches read version counters
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
             chunk = self._chunk(T, n, x.device)

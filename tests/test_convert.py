@@ -133,6 +133,17 @@ def test_time_major_input_and_per_step_output():
     assert torch.allclose(snn(x), direct.mean(0), atol=1e-6)
 
 
+def test_calls_under_inference_mode_equal_plain_calls():
+    # inference tensors have no version counter, which the runtime's caches read: such a call once raised
+    ann = randomize_bn(ResCatNet())
+    x = torch.rand(8, 3, 16, 16)
+    snn = snnconv.convert(ann, T=4, calib=x)
+    plain, steps = snn(x), snn._step(x, snn.init_state(8))[0]
+    with torch.inference_mode():
+        assert torch.equal(snn(x.clone()), plain)
+        assert torch.equal(snn.step(x.clone(), snn.init_state(8))[0], steps)
+
+
 @pytest.mark.parametrize(
     "form",
     [
