@@ -308,6 +308,9 @@ def load_once(state: dict, build, off: str | None = None):
 
 def _kernel() -> Kernels | None:
     """The compiled kernels, or None (then `why_not()` says why)."""
+    fn = _state.get("fn", _state)  # loaded: no environment lookup on every neuron call
+    if fn is not _state:
+        return fn
     return load_once(_state, _compile, f"{ENV}=off" if os.environ.get(ENV, "").lower() == "off" else None)
 
 
@@ -336,7 +339,8 @@ def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
     size-1 dims are ignored (torch leaves them arbitrary: a batch of 1 has any batch stride)."""
     if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape[int(lead) :] != v.shape:
         return False
-    same = all(a == b for a, b, n in zip(t.stride()[int(lead) :], v.stride(), v.shape) if n > 1)
+    strides, v_strides = t.stride()[int(lead) :], v.stride()
+    same = strides == v_strides or all(a == b for a, b, n in zip(strides, v_strides, v.shape) if n > 1)
     return same and (not lead or t.shape[0] == 1 or t.stride(0) == v.numel())
 
 
@@ -410,16 +414,9 @@ def multistep(
     per_channel = all(t is None or t.numel() in (1, v.shape[1]) for t in (theta, bias, v0, r_theta))
     period = v.shape[1] if cl and per_channel else width
 
-    def row_of(t):  # one row's values of theta (or bias), laid out in memory as v's rows are (its first period)
-        if period < width:
-            return t.to(torch.float32).reshape(-1).expand(period).contiguous()
-        row = torch.empty_like(v[:1], dtype=torch.float32)
-        row.copy_(t.to(torch.float32).expand(row.shape))
-        return row
-
-    theta_row = row_of(theta)
-    bias_row = None if bias is None else row_of(bias)
-    v0_row = None if v0 is None else row_of(v0)
+    theta_row = _row(theta, v, period, width)
+    bias_row = None if bias is None else _row(bias, v, period, width)
+    v0_row = None if v0 is None else _row(v0, v, period, width)
     args = (
         x.data_ptr(),
         v.data_ptr(),
@@ -438,10 +435,31 @@ def multistep(
         tail += (0, 1, 0, 0, 0)
     else:
         buf, group, interleave, _, shift = residual_code
-        r_theta_row = row_of(r_theta)
+        r_theta_row = _row(r_theta, v, period, width)
         tail += (buf.data_ptr(), group, int(interleave), r_theta_row.data_ptr(), shift)
     split(*kernel.neuron, args, rows, tail, parallel=v.numel() * steps >= _PARALLEL_MIN)
     return True
+
+
+_rows: dict = {}  # per-channel rows already laid out, by their source's identity and version and the layout
+
+
+def _row(t: torch.Tensor, v: torch.Tensor, period: int, width: int) -> torch.Tensor:
+    """One row's values of t (theta, a bias, a starting membrane: per channel or one value), laid out in memory as
+    v's rows are, or its first `period` values where they repeat so. Made once per source, version and layout, not on
+    every neuron call; the entry holds its source, so no other tensor takes that memory while it is kept."""
+    key = (t.data_ptr(), t._version, t.dtype, t.shape, t.stride(), v.shape[1:], v.stride()[1:], period)
+    hit = _rows.get(key)
+    if hit is None:
+        if period < width:
+            row = t.to(torch.float32).reshape(-1).expand(period).contiguous()
+        else:
+            row = torch.empty_like(v[:1], dtype=torch.float32)
+            row.copy_(t.to(torch.float32).expand(row.shape))
+        if len(_rows) >= 256:  # many models or shapes: start again rather than keep every row (each <= a sample)
+            _rows.clear()
+        hit = _rows[key] = (t, row)
+    return hit[1]
 
 
 def pool_steps(x: torch.Tensor, acc: torch.Tensor, last: torch.Tensor, out: torch.Tensor, k: tuple[int, int]) -> bool:

@@ -107,11 +107,17 @@ def _finish(acc: torch.Tensor, scale, bias, accum=None) -> torch.Tensor:
     return y
 
 
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> torch.Tensor:
+    """The output zero points the ops take (all zero; read only), made once per size, not at every call."""
+    return torch.zeros(n, dtype=torch.int32)
+
+
 def _qconv(packed, x, scale, bias, stride, padding, dilation, accum=None) -> torch.Tensor:
     """float32 scale[c] * conv(x, w)[c] + bias[c] (+ accum, in place) for uint8 x and int8 w."""
     if isinstance(packed, _Emulated):
         return _finish(_emulate(packed, x), scale, bias, accum)
-    zero = torch.zeros(scale.numel(), dtype=torch.int32)
+    zero = _zero_points(scale.numel())
     geometry = (list(stride), list(padding), list(dilation), 1)
     if accum is None:
         return torch.ops.onednn.qconv2d_pointwise(
@@ -143,7 +149,7 @@ def _qconv(packed, x, scale, bias, stride, padding, dilation, accum=None) -> tor
 def _qlinear(packed, x, scale, bias, accum=None) -> torch.Tensor:
     if isinstance(packed, _Emulated):
         return _finish(_emulate(packed, x), scale, bias, accum)
-    zero = torch.zeros(scale.numel(), dtype=torch.int32)
+    zero = _zero_points(scale.numel())
     if accum is None:
         return torch.ops.onednn.qlinear_pointwise(
             x, 1.0, 0, packed, scale, zero, bias, 1.0, 0, torch.float32, "none", [], ""
@@ -414,8 +420,8 @@ class SpikeLayer(nn.Module):
         """Signed spikes into a padded convolution: s * (layer(1) - its interior value), the taps zero padding
         cuts off, [1, C_out, H_out, W_out] float32 (zero inside), subtracted from each output; None without
         padding. Exact integers until the scale: the ones map against the weights summed over input channels.
-        Returned with the (rows, columns) slices that cover its nonzero ring: the subtraction touches only
-        those (a full pass over the output was 3% of a ResNet's call)."""
+        Returned with the (rows, columns, that part of the map) that cover its nonzero ring: the subtraction
+        touches only those (a full pass over the output was 3% of a ResNet's call)."""
         inner = self.inner
         if not any(inner.padding):
             return None
@@ -430,7 +436,7 @@ class SpikeLayer(nn.Module):
                 d.shape[2:], inner.stride, inner.padding, inner.dilation, inner.kernel_size, chw[1:]
             )
         ]
-        return d, _ring(d, *cut)
+        return d, [(rows, cols, d[:, :, rows, cols]) for rows, cols in _ring(d, *cut)]
 
     def _packed_for(self, x_shape: tuple[int, ...], theta: torch.Tensor, hwc: tuple[int, ...] | None = None):
         """(packed weights for inputs of x_shape, scales, bias, border map or None) for this mode (see
@@ -528,8 +534,8 @@ class SpikeLayer(nn.Module):
             lo = _qconv(packed[1], buf, s[1], bias, *geometry)
             y = _qconv(packed[0], buf, s[0], None, *geometry, accum=lo)
         if border is not None:
-            for rows, cols in border[1]:
-                y[:, :, rows, cols].sub_(border[0][:, :, rows, cols])
+            for rows, cols, part in border[1]:
+                y[:, :, rows, cols].sub_(part)
         # oneDNN answers channels-last; NCHW spikes (no channels_last pass) get NCHW back, as from F.conv2d,
         # or a later x.view(n, -1) in the model's code fails
         return y.contiguous() if x.is_contiguous() else y

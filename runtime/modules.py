@@ -117,11 +117,12 @@ class Neuron(nn.Module):
         v0 = None
         if first:  # the CPU kernel fills it; elsewhere (graph capture too: ONNX has no in-place copy) made filled
             state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            v0 = cfg.v_init * theta.to(state_dtype)  # the initial membrane
+            # the initial membrane (graph capture: computed in the graph, not a constant of an earlier call)
+            v0 = cfg.v_init * theta.to(state_dtype) if capturing else self._initial_membrane(theta, state_dtype)
             if kernel_may_run:
-                v = torch.empty(shape, dtype=state_dtype, device=x.device, memory_format=fmt)
-            else:
-                v = v0.expand(shape).contiguous(memory_format=fmt)
+                v = torch.empty(shape, dtype=v0.dtype, device=x.device, memory_format=fmt)
+            else:  # a copy always (contiguous() may return v0 itself, which the backends would then update)
+                v = v0.expand(shape).clone(memory_format=fmt)
         call.state[self] = v
         # the dynamics every backend takes
         dyn = dict(steps=steps, static=static, soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay)
@@ -184,6 +185,14 @@ class Neuron(nn.Module):
             dyn.update(count=count, signed=True)
         backend(x_in, v, theta, out=out, calls=self.calls, **dyn)
         return out.view(steps * shape[0], *shape[1:])
+
+    def _initial_membrane(self, theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """v_init * theta (read only), kept while theta is unchanged: the CPU kernel then finds its row made."""
+        key = (theta.data_ptr(), theta._version, theta.shape, theta.device, dtype, self.config.v_init)
+        hit = self.__dict__.get("_v0")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_v0"] = (key, self.config.v_init * theta.to(dtype))
+        return hit[1]
 
     def _code_buffer(self, out: torch.Tensor, fmt) -> tuple | None:
         """(uint8 buffer, group, interleave, base) for the CPU kernel to write the int8 layer's input into."""

@@ -2,6 +2,7 @@
 of the dynamics, both layouts, the thread split, the uint8 int8-layer input it writes, and whole converted
 networks with the kernel on and off."""
 
+import copy
 import itertools
 
 import pytest
@@ -139,6 +140,25 @@ def test_wide_channels_last_rows_read_one_pixel_of_values(signed, channels):
     xin = x.view(dyn["steps"], *v.shape)
     assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=bias, v0=0.5 * theta, **dyn)
     assert torch.equal(out, ref[0]) and torch.equal(v, ref[1])
+
+
+@pytest.mark.parametrize("channels", [4, 80])
+def test_rows_follow_thresholds_and_biases_changed_in_place(channels):
+    """The kernel's per-channel rows are made once per tensor and version: a threshold or bias changed in place
+    (a new calibration, load_state_dict) is read at the next call, as the torch backend reads it."""
+    case = _case(True, False, 1.0, True, True, True, True, seed=5, shape=(2, channels, 3, 5))
+    theta, bias = case[1], case[2]
+    for change in (
+        lambda: None,
+        lambda: theta.mul_(1.5),
+        lambda: bias.add_(0.25),
+        lambda: theta.copy_(bias.abs() + 0.1),
+    ):
+        change()
+        ref, fused = _reference(*case), _fused(*case)
+        assert (ref[0] != 0).any()
+        for a, b in zip(ref, fused):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("channels", [4, 64, 80])
@@ -312,6 +332,22 @@ def test_converted_net_is_the_same_with_the_kernel_on_and_off(monkeypatch, mode,
     assert torch.equal(on, off)
     assert all(n.calls == {"kernel": 0, "cpu": 1, "torch": 1} for n in neurons)
     assert any(n.int8_only for n in neurons) == bool(mode)  # these wrote only the int8 layers' input
+
+
+def test_thresholds_changed_in_place_between_calls_are_read(monkeypatch):
+    """Each neuron keeps its starting membrane (v_init * theta) and the kernel its rows while the threshold is
+    unchanged; scaled in place between calls, the next call starts from the new one: equal to a copy's call on
+    the torch backend."""
+    monkeypatch.setenv(int8.ENV, "vnni-emulated")
+    calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    snn = snnconv.convert(_net(), T=6, calib=calib)
+    before = snn(x)
+    for n in snn.neurons().values():
+        n.threshold.mul_(1.25)
+    after = snn(x)
+    fresh = copy.deepcopy(snn)  # a copy made after the change: its thresholds are new tensors, nothing kept
+    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    assert torch.equal(after, fresh(x)) and not torch.equal(after, before)
 
 
 def test_a_hook_sees_the_spikes_of_a_neuron_only_int8_layers_read(monkeypatch):

@@ -553,11 +553,12 @@ def test_border_is_subtracted_on_its_ring_only(geometry, hw):
     _, _, _, border = layer._packed_for((3, 12, *hw), theta)
     full, ring = border
     covered = torch.zeros(full.shape[-2:], dtype=torch.bool)
-    for rows, cols in ring:
+    for rows, cols, part in ring:
         covered[rows, cols] = True
+        assert torch.equal(part, full[:, :, rows, cols])
     assert not full[..., ~covered].any()  # every nonzero is on the ring
     interior = full.shape[-1] * full.shape[-2] - int(covered.sum())
     assert interior > 0 or hw == (4, 4)  # and the ring is not the whole map where an interior exists
     y = _spiking(layer, x)
-    layer._cache[2][(3, 12, *hw)] = (layer._cache[2][(3, 12, *hw)][0], (full, [(slice(None), slice(None))]))
+    layer._cache[2][(3, 12, *hw)] = (layer._cache[2][(3, 12, *hw)][0], (full, [(slice(None), slice(None), full)]))
     assert torch.equal(y, _spiking(layer, x))
