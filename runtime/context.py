@@ -27,6 +27,7 @@ class Call:
     backend: str = "auto"  # neuron backend: 'auto', 'torch', 'cupy'
     state: dict = field(default_factory=dict)  # module -> its state (membrane, pooling sums) in this call
     last: bool = False  # this graph run is the call's last: nothing reads the state it leaves
+    total_steps: int | None = None  # the steps of the whole call (None: a stream, unbounded)
 
 
 _current: ContextVar[Call | None] = ContextVar("snnconv_call", default=None)

@@ -48,7 +48,7 @@ SOURCE = (
    (groups rgroup, rinterleave) as (u - rshift) * rtheta_row: the very floats it would have written.
    v0_row (optional): the call's first steps: every row starts from this membrane (laid out as theta_row) and a
    zero count, v and count are not read. store 0: the call's last steps: v and count are not written back. */
-void neuron_steps(const float *restrict x, float *restrict v, float *restrict count, float *restrict out,
+void neuron_steps(const float *restrict x, float *restrict v, void *restrict count_p, float *restrict out,
                   const float *restrict theta_row, const float *restrict bias_row, int64_t rows, int64_t width,
                   int64_t row0, int64_t row1,
                   int64_t steps, int static_input, int leak, float decay, int soft, float v_reset, int is_signed,
@@ -60,6 +60,11 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
     const int64_t per_step = rows * width;
     const int64_t code_step = interleave ? 2 * per_step : per_step;
     const uint8_t shift = is_signed ? 1 : 0;
+    /* the net count (signed spikes): float (is_signed 1), or uint8 (2: a call of at most 255 steps; the count is
+       0..steps, as a negative spike needs a positive count), a quarter of the state traffic (measured: ResNet-18
+       CIFAR 1.6-2.3% faster on 2 threads) */
+    float *restrict count = is_signed == 1 ? (float *)count_p : 0;
+    uint8_t *restrict count8 = is_signed == 2 ? (uint8_t *)count_p : 0;
     float vb[BLOCK], cb[BLOCK], sb[BLOCK], unread[BLOCK], rb[BLOCK];
 #define STEP(IN)                                                                                             \
     for (int64_t j = 0; j < len; j++) {                                                                      \
@@ -91,7 +96,7 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             const float *restrict bias = bias_row ? bias_row + p0 : 0;
             for (int64_t j = 0; j < len; j++) {
                 vb[j] = v0_row ? v0_row[p0 + j] : v[base + j];
-                cb[j] = is_signed && !v0_row ? count[base + j] : 0.0f;
+                cb[j] = v0_row ? 0.0f : count8 ? (float)count8[base + j] : count ? count[base + j] : 0.0f;
             }
             for (int64_t t = 0; t < steps; t++) {
                 const float *restrict xt = x + base + (static_input ? 0 : t * per_step);
@@ -129,7 +134,9 @@ void neuron_steps(const float *restrict x, float *restrict v, float *restrict co
             if (store)
                 for (int64_t j = 0; j < len; j++) {
                     v[base + j] = vb[j];
-                    if (is_signed)
+                    if (count8)
+                        count8[base + j] = (uint8_t)cb[j];
+                    else if (count)
                         count[base + j] = cb[j];
                 }
         }
@@ -192,7 +199,7 @@ void pool_steps_par(const float *x, float *acc, float *last, float *out, int64_t
 
 /* The rows split into `parts` ranges, run as one OpenMP parallel loop (built with -fopenmp: on torch's own
    threads; without it, one after another) */
-void neuron_steps_par(const float *x, float *v, float *count, float *out, const float *theta_row, const float *bias_row,
+void neuron_steps_par(const float *x, float *v, void *count, float *out, const float *theta_row, const float *bias_row,
                       int64_t rows, int64_t width, int64_t n, int64_t parts, int64_t steps, int static_input, int leak,
                       float decay, int soft, float v_reset, int is_signed, uint8_t *code, int64_t group, int interleave,
                       int code_base, const float *v0_row, int store, const float *r, int64_t period,
@@ -333,11 +340,11 @@ def thread_pool() -> ThreadPoolExecutor | None:
     return pool
 
 
-def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool) -> bool:
+def _aligned(t: torch.Tensor, v: torch.Tensor, lead: bool, dtype: torch.dtype = torch.float32) -> bool:
     """t is [steps, *v.shape] (lead) or v's shape, float32 on the CPU, with v's strides after the lead dim
     and steps packed back to back: element i of a step's memory is neuron i of v's memory. Strides of
     size-1 dims are ignored (torch leaves them arbitrary: a batch of 1 has any batch stride)."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape[int(lead) :] != v.shape:
+    if t.dtype != dtype or t.device.type != "cpu" or t.shape[int(lead) :] != v.shape:
         return False
     strides, v_strides = t.stride()[int(lead) :], v.stride()
     same = strides == v_strides or all(a == b for a, b, n in zip(strides, v_strides, v.shape) if n > 1)
@@ -372,7 +379,8 @@ def multistep(
     residual=None,
     residual_code=None,
 ) -> bool:
-    """Run the neurons like torch_backend.multistep (count given: signed=True), plus `bias` (broadcast
+    """Run the neurons like torch_backend.multistep (count given: signed=True; float32, or uint8 where the call has at
+    most 255 steps), plus `bias` (broadcast
     like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
     write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False leaves `out` unwritten
     (nothing reads the float spikes). v0 (broadcast like theta): the membranes start from it and the count from
@@ -393,7 +401,8 @@ def multistep(
         or not _aligned(v, v, False)
         or not _aligned(x, v, not static)
         or not _aligned(out, v, True)
-        or (count is not None and not _aligned(count, v, False))
+        or (count is not None and not _aligned(count, v, False, count.dtype))
+        or (count is not None and count.dtype not in (torch.float32, torch.uint8))
         or (residual is not None and (static or not _aligned(residual, v, True)))
         or (residual_code is not None and (residual is None or not _is_code(residual_code, v, steps)))
     ):
@@ -427,7 +436,8 @@ def multistep(
         rows,
         width,
     )
-    tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, int(count is not None), *code_args)
+    signed = 0 if count is None else 2 if count.dtype == torch.uint8 else 1
+    tail = (steps, int(static), int(decay != 1.0), decay, int(soft_reset), v_reset, signed, *code_args)
     floats = residual is not None and residual_code is None
     tail += (0 if v0_row is None else v0_row.data_ptr(), int(store), residual.data_ptr() if floats else 0)
     tail += (period,)

@@ -130,7 +130,12 @@ class Neuron(nn.Module):
         if cfg.signed:  # the net spike count so far, carried like the membrane
             count = call.state.get(self._count_key)
             if first or count is None or count.shape != shape:
-                count = torch.empty_like(v) if first and kernel_may_run else torch.zeros_like(v)
+                # the kernel starts it; uint8 (0..255) where the call cannot count higher: less state traffic
+                small = call.total_steps is not None and call.total_steps <= 255
+                if first and kernel_may_run:
+                    count = torch.empty_like(v, dtype=torch.uint8 if small else None)
+                else:
+                    count = torch.zeros_like(v)
             call.state[self._count_key] = count
         backend = get_backend(call.backend, x.device) if cfg.max_spikes == 1 else None
         if kernel_may_run:
@@ -165,7 +170,9 @@ class Neuron(nn.Module):
             if first:  # declined: v and count start here
                 v.copy_(v0.expand(shape))
                 if count is not None:
-                    count.zero_()
+                    count = call.state[self._count_key] = torch.zeros_like(v)
+            elif count is not None and count.dtype != v.dtype:  # the kernel's uint8 count, now for torch ops
+                count = call.state[self._count_key] = count.to(v.dtype)
         if residual is not None:
             x = x + residual
         if bias is not None:

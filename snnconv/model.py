@@ -146,6 +146,7 @@ class SpikingModel(nn.Module):
                 steps = min(chunk, T - t0)
                 xin = x[t0 : t0 + steps].flatten(0, 1) if time_major else x
                 call.steps, call.input_static, call.last = steps, not time_major, t0 + steps == T
+                call.total_steps = T
                 y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self.graph_module(xin))
                 if per_step:
                     outs.append(_map(torch.clone, y))

@@ -142,6 +142,39 @@ def test_wide_channels_last_rows_read_one_pixel_of_values(signed, channels):
     assert torch.equal(out, ref[0]) and torch.equal(v, ref[1])
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uint8_net_count_equals_the_float_count(static, channels_last):
+    """Signed spikes with the net count held as uint8 (calls of at most 255 steps): the same spikes, membranes and
+    counts as the torch backend's float count, read back and stored, with and without a first-steps start."""
+    x, theta, b, v0, count0, dyn, fmt = _case(True, static, 1.0, True, channels_last, True, True, seed=6, T=9)
+    ref = _reference(x, theta, b, v0, count0, dyn, fmt)
+    v, count = v0.clone(), count0.to(torch.uint8)
+    out = torch.empty_like(ref[0])
+    xin = x if static else x.view(9, *v.shape)
+    assert cpu_kernel.multistep(xin, v, theta, out=out, count=count, bias=b, **dyn)
+    assert count.dtype == torch.uint8 and (ref[2] > 2).any()  # counts rose past their start
+    assert torch.equal(out, ref[0]) and torch.equal(v, ref[1]) and torch.equal(count.float(), ref[2])
+
+
+@pytest.mark.parametrize("T", [8, 300])
+def test_calls_hold_the_net_count_as_uint8_only_when_it_fits(monkeypatch, T):
+    """A call of T <= 255 steps gives the kernel uint8 counts, a longer one float32 counts, streaming (step by
+    step, no bound) float32 too; every way equal to the torch backend."""
+    monkeypatch.setenv(int8.ENV, "vnni-emulated")
+    calib, x = torch.rand(32, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    snn = snnconv.convert(_net(), T=T, calib=calib)
+    seen, real = set(), cpu_kernel.multistep
+    monkeypatch.setattr(cpu_kernel, "multistep", lambda *a, **k: seen.add(k["count"].dtype) or real(*a, **k))
+    on = snn(x)
+    assert seen == {torch.uint8 if T <= 255 else torch.float32}
+    seen.clear()
+    snn.step(x, snn.init_state(4))
+    assert seen == {torch.float32}
+    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    assert torch.equal(on, snn(x))
+
+
 @pytest.mark.parametrize("channels", [4, 80])
 def test_rows_follow_thresholds_and_biases_changed_in_place(channels):
     """The kernel's per-channel rows are made once per tensor and version: a threshold or bias changed in place
