@@ -401,8 +401,10 @@ def multistep(
         or not _aligned(v, v, False)
         or not _aligned(x, v, not static)
         or not _aligned(out, v, True)
-        or (count is not None and not _aligned(count, v, False, count.dtype))
-        or (count is not None and count.dtype not in (torch.float32, torch.uint8))
+        or (
+            count is not None
+            and (count.dtype not in (torch.float32, torch.uint8) or not _aligned(count, v, False, count.dtype))
+        )
         or (residual is not None and (static or not _aligned(residual, v, True)))
         or (residual_code is not None and (residual is None or not _is_code(residual_code, v, steps)))
     ):

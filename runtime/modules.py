@@ -130,9 +130,8 @@ class Neuron(nn.Module):
         if cfg.signed:  # the net spike count so far, carried like the membrane
             count = call.state.get(self._count_key)
             if first or count is None or count.shape != shape:
-                # the kernel starts it; uint8 (0..255) where the call cannot count higher: less state traffic
-                small = call.total_steps is not None and call.total_steps <= 255
-                if first and kernel_may_run:
+                if first and kernel_may_run:  # the kernel starts it; uint8 where the call cannot count past 255
+                    small = call.total_steps is not None and call.total_steps <= 255  # (less state traffic)
                     count = torch.empty_like(v, dtype=torch.uint8 if small else None)
                 else:
                     count = torch.zeros_like(v)

@@ -140,13 +140,13 @@ class SpikingModel(nn.Module):
             T = x.shape[0] if time_major else self.T
             n = x.shape[1] if time_major else x.shape[0]
             chunk = self._chunk(T, n, x.device)
+            call.total_steps = T
             delay = min(self.settings.readout_delay, T - 1)  # leading steps left out of the mean
             total, outs = None, []
             for t0 in range(0, T, chunk):
                 steps = min(chunk, T - t0)
                 xin = x[t0 : t0 + steps].flatten(0, 1) if time_major else x
                 call.steps, call.input_static, call.last = steps, not time_major, t0 + steps == T
-                call.total_steps = T
                 y = _map(lambda a, s=steps: a.view(s, n, *a.shape[1:]), self.graph_module(xin))
                 if per_step:
                     outs.append(_map(torch.clone, y))
