@@ -69,6 +69,28 @@ def test_kernel_sums_do_not_overflow_at_the_largest_weights():
     assert sparse_layer.MAX_INPUTS * 32512 < 2**31
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0, None])
+def test_kernel_16_bit_sums_at_their_bounds(sign):
+    """Every input spiking, all +1, all -1 or mixed: each output's list is 9 taps x 64 channels per chunk, summed
+    in pieces of 256 entries. Weights at +-32512 and at low bytes of 0 and 255 (-1, 255, -256...) drive the
+    kernel's 16-bit sums (high bytes, and the whole sum mod 2^16) to their limits; still the float64 layer."""
+    g = torch.Generator().manual_seed(7)
+    n, c, c_out = 2, 128, 80
+    spikes = torch.full((n, c, 5, 5), sign, dtype=torch.float64) if sign else torch.ones(n, c, 5, 5).double()
+    if sign is None:
+        spikes[torch.rand(n, c, 5, 5, generator=g) < 0.5] = -1.0
+    picks = torch.tensor([-32512, -32511, -32257, -257, -256, -255, -1, 0, 1, 255, 256, 32511, 32512]).double()
+    whole = picks[torch.randint(len(picks), (c_out, c, 3, 3), generator=g)]
+    for i, value in enumerate((32512, -32512, -1, 255, -32257)):  # whole output channels at one extreme
+        whole[8 * i : 8 * i + 8] = value
+    scale, bias = torch.rand(c_out, generator=g) * 1e-3, torch.randn(c_out, generator=g)
+    u = (spikes + 1).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    y = sparse_layer.run(u, 1, sparse_layer.pack(whole), c_out, ((1, 1), (1, 1), (1, 1), (3, 3)), scale, bias)
+    assert torch.equal(y.permute(0, 3, 1, 2), _reference(spikes, whole, scale, bias, 1, 1, 1))
+    with pytest.raises(ValueError, match="32512"):
+        sparse_layer.pack(whole + 1)
+
+
 def test_kernel_threads_split_samples_alike(monkeypatch):
     """1 and 3 threads, on torch's OpenMP threads (where built with OpenMP) and on the Python thread pool."""
     spikes, whole, scale, bias, u = _case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)
