@@ -380,9 +380,9 @@ def multistep(
     residual_code=None,
 ) -> bool:
     """Run the neurons like torch_backend.multistep (count given: signed=True; float32, or uint8 where the call has at
-    most 255 steps), plus `bias` (broadcast
-    like theta) added to every step's input first. `code` = (uint8 tensor, group, interleave, base): also
-    write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False leaves `out` unwritten
+    most 255 steps), plus `bias` (broadcast like theta) added to every step's input first. `code` = (uint8 tensor,
+    group, interleave, base): also write the spikes as an int8 layer's input (see SOURCE); with it, float_out=False
+    leaves `out` unwritten
     (nothing reads the float spikes). v0 (broadcast like theta): the membranes start from it and the count from
     zero, v and count unread (a call's first steps: no fill passes). store=False: v and count are left unwritten
     (a call's last steps: nothing reads them again). residual (x's layout, not static): added to each step's
