@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from snnconv import trusted
 from snnconv.errors import ConversionError
 from snnconv.io import atomic_write
 from snnconv.model import SpikingModel
@@ -83,11 +84,12 @@ def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = 
     """Rebuild the SNN from a checkpoint: the ANN from `model` or the recorded source, its weights
     strictly, then the recorded conversion state (no calibration data needed).
 
-    The file is data: a recorded factory is imported and called only if it names one of the model libraries
-    in snnconv.io.TRUSTED_FACTORIES, and an embedded torch.export program (deserialised with pickle) is
-    loaded only with trust_source=True. An embedded ONNX graph is data (onnx2torch maps each op)."""
+    The file is data: a recorded factory is imported and called only if it is one of the model constructors
+    listed in snnconv.trusted, with arguments its table accepts, and an embedded torch.export program
+    (deserialised with pickle) is loaded only with trust_source=True. An embedded ONNX graph is data
+    (onnx2torch maps each op)."""
     from snnconv.convert import rebuild
-    from snnconv.io import check_recorded_factory, load_exported, load_factory, load_onnx, load_state_strict
+    from snnconv.io import load_exported, load_factory, load_onnx, load_state_strict
 
     tensors, meta = read(path)
     model_file = tensors.pop(MODEL_KEY, None)
@@ -107,10 +109,10 @@ def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = 
                     "file's origin, or the model yourself (--model / model=)"
                 )
             model = load_exported(bytes(model_file.numpy()), f"{path} (embedded torch.export program)")
-        elif "factory" in source:
-            if not trust_source:
-                check_recorded_factory(source["factory"], source.get("kwargs"), str(path))
+        elif "factory" in source and trust_source:
             model = load_factory(source["factory"], source.get("kwargs"))
+        elif "factory" in source:
+            model = trusted.build(source["factory"], source.get("kwargs"), str(path))
         else:
             raise ConversionError(
                 f"{path}: the checkpoint does not record how to build the model; pass "

@@ -196,6 +196,7 @@ def _load(a):
     """The checkpoint's SNN; the ANN from --model (the user's own factory; --kwargs, else the recorded
     ones when the recorded factory is the same) or from the recorded source when the file may name it."""
     import snnconv
+    from snnconv import trusted
     from snnconv.checkpoint import recorded_source
     from snnconv.io import load_factory, parse_kwargs
 
@@ -204,9 +205,11 @@ def _load(a):
         recorded = recorded_source(a.checkpoint)
         if a.kwargs:
             kwargs = parse_kwargs(a.kwargs)
+        elif recorded.get("factory") == a.model:  # the file's arguments are still the file's words
+            found = trusted.listed(a.model)
+            kwargs = trusted.check_kwargs(a.model, recorded.get("kwargs"), a.checkpoint, found and found[0].kwargs)
         else:
-            kwargs = recorded.get("kwargs") if recorded.get("factory") == a.model else None
-            kwargs = kwargs if isinstance(kwargs, dict) else {}
+            kwargs = {}
         model = load_factory(a.model, kwargs)
     snn = snnconv.load(a.checkpoint, model=model, trust_source=getattr(a, "trust_source", False))
     if getattr(a, "T", None) is not None:

@@ -111,51 +111,6 @@ def load_state_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
     model.load_state_dict(sd, strict=True)
 
 
-# Model libraries whose factories a checkpoint may name without the user's say-so: their functions build
-# architectures from plain arguments. Anything else a file names is code the user did not choose.
-TRUSTED_FACTORIES = ("torchvision.models", "timm", "efficientnet_lite_pytorch")
-# arguments that make even those factories fetch or read files (the checkpoint carries the weights anyway)
-_FETCHING_KWARGS = {
-    "weights",
-    "pretrained",
-    "weights_backbone",
-    "checkpoint_path",
-    "pretrained_cfg",
-    "pretrained_cfg_overlay",
-}
-_ALLOW_HINT = (
-    "pass the model yourself (CLI: --model pkg.module:factory; API: model=), or --trust-source "
-    "(API: trust_source=True) if you trust the file's origin"
-)
-
-
-def check_recorded_factory(spec, kwargs, what: str) -> None:
-    """Refuse a factory spec read from a file unless it names an allow-listed model library (TRUSTED_FACTORIES)
-    with plain arguments: loading a file must never import or call code the user did not choose."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConversionError(f"{what}: source.factory must be a 'package.module:function' string, got {spec!r}")
-    mod_name, attr = spec.split(":")
-    allowed = any(mod_name == lib or mod_name.startswith(lib + ".") for lib in TRUSTED_FACTORIES)
-    parts = attr.split(".")  # a function, or a class's constructor method (EfficientNet.from_name)
-    plain = all(p.isidentifier() and not p.startswith("_") and "pretrained" not in p.lower() for p in parts)
-    if not allowed or not plain or len(parts) > 2:
-        raise ConversionError(
-            f"{what}: refusing to import and call {spec!r} named by the file (not one of the model libraries "
-            f"{', '.join(TRUSTED_FACTORIES)}); {_ALLOW_HINT}"
-        )
-    if kwargs is None:
-        return
-    if not isinstance(kwargs, dict):
-        raise ConversionError(f"{what}: source.kwargs must be a JSON object, got {type(kwargs).__name__}")
-    for k, v in kwargs.items():
-        plain = v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and not set(v) & set(":/\\"))
-        if (k in _FETCHING_KWARGS and v not in (None, False)) or not plain:
-            raise ConversionError(
-                f"{what}: refusing factory argument {k}={v!r} named by the file (it could fetch or read files); "
-                f"{_ALLOW_HINT}"
-            )
-
-
 def _why(exc: BaseException) -> str:
     """One line about an exception: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
@@ -163,8 +118,9 @@ def _why(exc: BaseException) -> str:
 
 
 def load_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """Build a model from 'package.module:callable' (e.g. torchvision.models:resnet18). Whatever the module or
-    the factory raises (import errors, syntax errors, rejected arguments) becomes one ConversionError."""
+    """Build a model from 'package.module:callable' the user named (e.g. torchvision.models:resnet18; a file's
+    record goes through snnconv.trusted instead). Whatever the module or the factory raises (import errors,
+    syntax errors, rejected arguments) becomes one ConversionError."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ConversionError(f"model factory {spec!r} must look like 'package.module:function'")
     mod_name, _, attr = spec.partition(":")
@@ -183,6 +139,11 @@ def load_factory(spec: str, kwargs: dict | None = None) -> nn.Module:
         fn = getattr(fn, part, None)
     if fn is None or not callable(fn):
         raise ConversionError(f"{mod_name} has no callable {attr!r} (factory {spec!r})")
+    return call_factory(fn, spec, kwargs)
+
+
+def call_factory(fn, spec: str, kwargs: dict | None) -> nn.Module:
+    """fn(**kwargs); whatever it raises, or a result that is not an nn.Module, becomes one ConversionError."""
     try:
         model = fn(**(kwargs or {}))
     except TypeError as exc:
