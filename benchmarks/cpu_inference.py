@@ -136,7 +136,7 @@ def build(net: str, method: str, T: int, batch: int):
         return (lambda: model(x)), None
     if method.startswith("snnconv"):
         import snnconv
-        from snnconv.runtime import integer_spikes as int8
+        from snnconv import config
 
         float32 = sorted(snnconv.passes.OPTIONAL - {"integer_spikes"})  # every pass but the int8 layers
         opts = {
@@ -149,14 +149,8 @@ def build(net: str, method: str, T: int, batch: int):
         if method == "snnconv_chunk1":
             opts = {"chunk": 1}
         forced = {"snnconv_vnni": "vnni", "snnconv_binary": "binary", "snnconv_sparse": "sparse"}.get(method)
-        old = os.environ.get(int8.ENV)
-        if forced:
-            os.environ[int8.ENV] = forced
-        try:
+        with config.Context(**({config.INT8.name: forced} if forced else {})):
             snn = snnconv.convert(model, T=T, calib=calib, **opts)
-        finally:
-            if forced:
-                os.environ.pop(int8.ENV) if old is None else os.environ.__setitem__(int8.ENV, old)
         return (lambda: snn(x)), snn
     return spikingjelly_runner(model, calib, x, T), None
 
@@ -268,6 +262,7 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(peak_worker(*args.worker, args.T, args.batch[0])))
         return
+    from snnconv import config
     from snnconv.runtime import integer_spikes as int8
 
     methods = ["ann"] + [m for m in args.methods if m != "ann" and runnable(m)]
@@ -276,7 +271,7 @@ def main(argv=None):
     sparse = "compiled" if int8.exact("sparse") else "not compiled"
     print(
         f"int8 spike layers: oneDNN u8 x s8 {exact}; event-driven kernel {sparse}; default mode here: {int8.mode()} "
-        f"(${int8.ENV}={os.environ.get(int8.ENV, 'auto')})"
+        f"(${config.INT8.name}={config.INT8.get()})"
     )
     from snnconv.runtime import cpu_kernel
 

@@ -13,21 +13,19 @@ import torch
 
 from snnconv.errors import ConversionError
 from snnconv.runtime import torch_backend
+from snnconv.runtime.lazy import Lazy
 
 Backend = Callable[..., torch.Tensor]
-_cupy_state: dict = {}
 
 
-def _cupy_backend() -> Backend:
-    if "fn" not in _cupy_state:
-        try:
-            from snnconv.runtime import cupy_backend
+def _load_cupy() -> Backend:
+    from snnconv.runtime import cupy_backend
 
-            cupy_backend.check_available()
-            _cupy_state["fn"] = cupy_backend.multistep
-        except Exception as exc:  # remember why, so 'auto' stays quiet and 'cupy' can explain
-            _cupy_state["fn"], _cupy_state["why"] = None, f"{type(exc).__name__}: {exc}"
-    return _cupy_state["fn"]
+    cupy_backend.check_available()
+    return cupy_backend.multistep
+
+
+CUPY = Lazy(_load_cupy)  # None where CuPy cannot run: 'auto' stays quiet and 'cupy' explains (CUPY.why)
 
 
 BACKENDS = ("auto", "torch", "cupy")
@@ -38,8 +36,8 @@ def get_backend(name: str, device: torch.device) -> Backend:
     if name == "torch":
         return torch_backend.multistep
     if name == "auto":
-        if device.type == "cuda" and _cupy_backend() is not None:
-            return _cupy_state["fn"]
+        if device.type == "cuda" and CUPY.get() is not None:
+            return CUPY.value
         return torch_backend.multistep
     if name == "cupy":
         if device.type != "cuda":
@@ -47,11 +45,11 @@ def get_backend(name: str, device: torch.device) -> Backend:
                 f"backend 'cupy' runs CUDA tensors only, got a tensor on {device}; "
                 "move the model and input with .cuda() or use backend='torch'"
             )
-        if _cupy_backend() is None:
+        if CUPY.get() is None:
             raise ConversionError(
-                f"backend 'cupy' cannot run here ({_cupy_state['why']}); install the "
+                f"backend 'cupy' cannot run here ({CUPY.why}); install the "
                 "extra with `pip install snnconv[cuda]` (cupy-cuda12x) on a machine with "
                 "an NVIDIA driver, or use backend='torch'"
             )
-        return _cupy_state["fn"]
+        return CUPY.value
     raise ConversionError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")

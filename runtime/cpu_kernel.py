@@ -29,10 +29,9 @@ from typing import NamedTuple
 
 import torch
 
+from snnconv import config
 from snnconv.runtime.kernel_source import KERNEL_DIR
-
-ENV = "SNNCONV_CPU_KERNEL"  # 'off' disables the kernel
-OPENMP_ENV = "SNNCONV_CPU_OPENMP"  # 'off': split rows over a Python thread pool instead of torch's OpenMP threads
+from snnconv.runtime.lazy import Lazy
 
 
 def c_source(name: str) -> tuple[str, dict[str, int]]:
@@ -47,7 +46,7 @@ FLAGS = ["-O3", "-ffp-contract=off", "-std=c99", "-shared", "-fPIC"]
 # the instruction set: this CPU's, or the cap torch's own kernels run under (to time an AVX2 machine on a newer one)
 _MARCH = {"avx2": "-march=haswell", "default": "-march=x86-64"}
 _lock = threading.Lock()
-_state: dict = {}
+_pool: dict = {}  # the Python thread pool (SNNCONV_CPU_OPENMP=off), rebuilt when the thread count changes
 _PARALLEL_MIN = 1 << 18  # neurons x steps below which one thread does the layer (a task costs ~20 us)
 
 
@@ -63,13 +62,13 @@ def compile_library(source: str, stem: str, extra: tuple[str, ...] = ()) -> ctyp
     """`source` built into a shared library by the system C compiler (FLAGS + extra, this CPU's instruction set),
     cached per source, compiler, flags and CPU in $SNNCONV_CACHE (default ~/.cache/snnconv). Raises where
     there is no compiler or it fails."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = config.CC.get() or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    flags = [*FLAGS, *extra, _MARCH.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower(), "-march=native")]
+    flags = [*FLAGS, *extra, _MARCH.get(config.CPU_CAPABILITY.get().lower(), "-march=native")]
     flags += ["-fopenmp"] if openmp() else []
     key = hashlib.sha256("\0".join([source, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SNNCONV_CACHE") or Path.home() / ".cache" / "snnconv")
+    cache = Path(config.CACHE.get()).expanduser()
     lib = cache / f"{stem}_{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -88,7 +87,7 @@ def openmp() -> bool:
     -fopenmp library binds to that same runtime, so the kernels' parallel loops run on torch's threads. A
     second pool's threads compete with torch's idle workers, which spin for a while after each torch op
     (measured on 2 cores inside a network: the neuron kernel 1.0x faster on 2 threads; on torch's threads 1.8x)."""
-    if os.environ.get(OPENMP_ENV, "").lower() == "off":
+    if config.CPU_OPENMP.off():
         return False
     try:
         return "libgomp" in Path("/proc/self/maps").read_text()
@@ -126,47 +125,28 @@ def _compile() -> Kernels:
     )
 
 
-def load_once(state: dict, build, off: str | None = None):
-    """build() once per process (under the module lock), kept in state["fn"]; None, with state["why"] saying
-    why, where `off` names the setting that turned it off or build raised (no compiler, a failed compile).
-    Shared by the neuron kernel and the event-driven layer (sparse_layer.py)."""
-    if "fn" not in state:
-        with _lock:
-            if "fn" not in state:
-                if off:
-                    state["fn"], state["why"] = None, off
-                else:
-                    try:
-                        state["fn"] = build()
-                    except Exception as exc:  # any failure leaves torch (or another int8 mode) in charge
-                        state["fn"], state["why"] = None, f"{type(exc).__name__}: {exc}"
-    return state["fn"]
+def _compile_or_off() -> str | None:
+    return f"{config.CPU_KERNEL.name}=off" if config.CPU_KERNEL.off() else None
 
 
-def _kernel() -> Kernels | None:
-    """The compiled kernels, or None (then `why_not()` says why)."""
-    fn = _state.get("fn", _state)  # loaded: no environment lookup on every neuron call
-    if fn is not _state:
-        return fn
-    return load_once(_state, _compile, f"{ENV}=off" if os.environ.get(ENV, "").lower() == "off" else None)
+KERNELS = Lazy(_compile, _compile_or_off)  # the compiled Kernels, or None (then why_not() says why)
 
 
 def why_not() -> str | None:
     """Why the kernel does not run here, or None if it does."""
-    _kernel()
-    return _state.get("why")
+    return KERNELS.why_not()
 
 
 def thread_pool() -> ThreadPoolExecutor | None:
     threads = torch.get_num_threads()
     if threads < 2:
         return None
-    pool = _state.get("pool")
+    pool = _pool.get("pool")
     if pool is None or pool._max_workers != threads:
         with _lock:
-            pool = _state.get("pool")
+            pool = _pool.get("pool")
             if pool is None or pool._max_workers != threads:
-                _state["pool"] = pool = ThreadPoolExecutor(threads, thread_name_prefix="snnconv-neurons")
+                _pool["pool"] = pool = ThreadPoolExecutor(threads, thread_name_prefix="snnconv-neurons")
     return pool
 
 
@@ -221,7 +201,7 @@ def multistep(
     be unwritten but gives their layout (the code is in that neuron's memory order). False, having done nothing,
     where the kernel does not apply: not compiled here, not float32 CPU tensors, or layouts it does not walk (then
     use torch)."""
-    kernel = _kernel()
+    kernel = KERNELS.get()
     dense = v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
     if (
         kernel is None
@@ -308,7 +288,7 @@ def pool_steps(x: torch.Tensor, acc: torch.Tensor, last: torch.Tensor, out: torc
     """SpikeMaxPool's steps in one pass (kernels/neuron_cpu.c): x [steps * N, C, H, W], acc [N, C, H, W], last and
     out pooled by the non-overlapping window k, all float32 channels-last on the CPU; acc and last updated in place.
     False, having done nothing, where the kernel is not compiled or a tensor is not laid out so."""
-    kernel = _kernel()
+    kernel = KERNELS.get()
     n, c, h, w = acc.shape
     tensors = (x, acc, last, out)
     if (

@@ -38,7 +38,6 @@ state_dict stays the ANN's and loading new weights or thresholds re-derives them
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from snnconv import config
 from snnconv.errors import ConversionError
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import current
@@ -55,7 +55,6 @@ from snnconv.runtime.modules import Neuron, NeuronConfig
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
-ENV = "SNNCONV_INT8"  # 'auto' (default), 'off', or a mode to force: one of MODES
 MODES = ("vnni", "binary", "sparse", "vnni-emulated", "binary-emulated")
 
 
@@ -232,7 +231,8 @@ def mode() -> str | None:
     """The mode convert() uses here: $SNNCONV_INT8 if it names one ('off': none), else 'vnni' where
     that is exact, else the faster of 'sparse' and 'binary' where exact here and measured faster than
     float32 (`probe_times`), else None."""
-    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    ENV = config.INT8.name  # 'auto' (default), 'off', or a mode to force: one of MODES
+    want = config.INT8.get().lower()
     if want == "off":
         return None
     if want != "auto":

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
 
-ENV = "SNNCONV_CPU_MALLOC"  # 'off': leave malloc's settings alone
+from snnconv import config
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
 _TRIM = (1 << 31) - 1  # mallopt takes an int
 
@@ -27,7 +27,7 @@ _TRIM = (1 << 31) - 1  # mallopt takes an int
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed large blocks for reuse (once per process); False where it was left alone
     (not glibc, or $SNNCONV_CPU_MALLOC=off)."""
-    if os.environ.get(ENV, "").strip().lower() == "off" or platform.libc_ver()[0] != "glibc":
+    if config.CPU_MALLOC.off() or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -26,9 +26,9 @@ import ctypes
 import torch
 
 from snnconv.runtime import cpu_kernel
+from snnconv.runtime.lazy import Lazy
 
 SOURCE, _DEFINES = cpu_kernel.c_source("sparse_layer.c")
-_state: dict = {}
 LANES, BLOCK, CHUNK = _DEFINES["SL"], _DEFINES["BLOCK"], _DEFINES["CHUNK"]  # SL: int16 lanes of a vector
 MAX_WEIGHT = 32512  # |w| the 16-bit sums take (255 * 127 + 127, split_weight's largest)
 MAX_INPUTS = 66000  # taps x input channels per output: 32512 * 66000 < 2^31, the int32 sum cannot overflow
@@ -43,19 +43,16 @@ def _compile() -> tuple:
     return lib.sparse_layer, (lib.sparse_layer_par if cpu_kernel.openmp() else None)
 
 
-def _kernel():
-    """(the compiled function, its OpenMP driver or None), or None: no compiler, the int8 pass picks another
-    mode (then `why_not()` says why)."""
-    return cpu_kernel.load_once(_state, _compile)
+# (the compiled function, its OpenMP driver or None), or None: no compiler, the int8 pass picks another mode
+KERNEL = Lazy(_compile)
 
 
 def available() -> bool:
-    return _kernel() is not None
+    return KERNEL.get() is not None
 
 
 def why_not() -> str | None:
-    _kernel()
-    return _state.get("why")
+    return KERNEL.why_not()
 
 
 def pack(whole: torch.Tensor) -> torch.Tensor:
@@ -77,7 +74,7 @@ def pack(whole: torch.Tensor) -> torch.Tensor:
 def run(u: torch.Tensor, shift: int, packed: torch.Tensor, c_out: int, geometry, scale, bias) -> torch.Tensor:
     """u: [N, H, W, C] uint8, contiguous (a linear layer: [N, C]); geometry: (stride, padding, dilation, kernel
     size) pairs (a linear layer: None). Returns [N, H_out, W_out, C_out] float32 ([N, C_out] for a linear layer)."""
-    fn, par = _kernel()
+    fn, par = KERNEL.get()
     linear = u.dim() == 2
     n, h, w, c = (u.shape[0], 1, 1, u.shape[1]) if linear else u.shape
     (sy, sx), (py, px), (dy, dx), (kh, kw) = geometry if geometry is not None else ((1, 1), (0, 0), (1, 1), (1, 1))

@@ -11,6 +11,7 @@ import torch.nn as nn
 from nets import ResCatNet, randomize_bn
 
 import snnconv
+from snnconv import config
 from snnconv.runtime import cpu_kernel
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime import torch_backend as tb
@@ -161,7 +162,7 @@ def test_uint8_net_count_equals_the_float_count(static, channels_last):
 def test_calls_hold_the_net_count_as_uint8_only_when_it_fits(monkeypatch, T):
     """A call of T <= 255 steps gives the kernel uint8 counts, a longer one float32 counts, streaming (step by
     step, no bound) float32 too; every way equal to the torch backend."""
-    monkeypatch.setenv(int8.ENV, "vnni-emulated")
+    monkeypatch.setenv(config.INT8.name, "vnni-emulated")
     calib, x = torch.rand(32, 3, 16, 16), torch.rand(4, 3, 16, 16)
     snn = snnconv.convert(_net(), T=T, calib=calib)
     seen, real = set(), cpu_kernel.multistep
@@ -171,7 +172,7 @@ def test_calls_hold_the_net_count_as_uint8_only_when_it_fits(monkeypatch, T):
     seen.clear()
     snn.step(x, snn.init_state(4))
     assert seen == {torch.float32}
-    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
     assert torch.equal(on, snn(x))
 
 
@@ -228,14 +229,14 @@ def test_residual_read_from_a_neurons_code_is_its_float_spikes(interleave, chann
 def test_threads_split_rows_without_changing_a_bit(split, monkeypatch):
     """Above the size where rows are split over threads, 1, 2 and 3 threads give the same bits: on torch's
     OpenMP threads (the kernel's own loop, where built with OpenMP) and on the Python thread pool."""
-    (fn, par), (pool, pool_par) = cpu_kernel._kernel()
+    (fn, par), (pool, pool_par) = cpu_kernel.KERNELS.get()
     if split == "openmp":
         assert (par is not None) == cpu_kernel.openmp()  # built with OpenMP where torch's runtime is loaded
         if par is None:
             pytest.skip("torch runs no libgomp here: the kernels split rows on the pool")
     on_omp = split == "openmp"
     kernels = cpu_kernel.Kernels((fn, par if on_omp else None), (pool, pool_par if on_omp else None))
-    monkeypatch.setitem(cpu_kernel._state, "fn", kernels)
+    monkeypatch.setattr(cpu_kernel.KERNELS, "value", kernels)
     case = _case(True, False, 1.0, True, True, True, True, T=8, shape=(7, 16, 24, 24))
     ref = _reference(*case)
     x = torch.randn(8 * 7, 16, 24, 24, generator=torch.Generator().manual_seed(1))
@@ -347,9 +348,9 @@ def test_converted_net_is_the_same_with_the_kernel_on_and_off(monkeypatch, mode,
     """A whole network (residual adds, cat, pooling, flatten-linear head), int8 layers in each layout
     (emulated: the same integers on every machine) reading the kernel's uint8 code, or float32 layers."""
     if mode:
-        monkeypatch.setenv(int8.ENV, mode)
+        monkeypatch.setenv(config.INT8.name, mode)
     else:
-        monkeypatch.setenv(int8.ENV, "off")
+        monkeypatch.setenv(config.INT8.name, "off")
     calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
     snn = snnconv.convert(_net(), T=6, calib=calib, signed_spikes=signed, bias_calibration=False)
     layers = [m for m in snn.graph_module.modules() if isinstance(m, int8.SpikeLayer)]
@@ -360,7 +361,7 @@ def test_converted_net_is_the_same_with_the_kernel_on_and_off(monkeypatch, mode,
     with torch.no_grad():
         on = snn(x)
         assert all(n.calls == {"kernel": 0, "cpu": 1, "torch": 0} for n in neurons)  # none declined
-        monkeypatch.setitem(cpu_kernel._state, "fn", None)  # the torch backend and in-layer encoding
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)  # the torch backend and in-layer encoding
         off = snn(x)
     assert torch.equal(on, off)
     assert all(n.calls == {"kernel": 0, "cpu": 1, "torch": 1} for n in neurons)
@@ -371,7 +372,7 @@ def test_thresholds_changed_in_place_between_calls_are_read(monkeypatch):
     """Each neuron keeps its starting membrane (v_init * theta) and the kernel its rows while the threshold is
     unchanged; scaled in place between calls, the next call starts from the new one: equal to a copy's call on
     the torch backend."""
-    monkeypatch.setenv(int8.ENV, "vnni-emulated")
+    monkeypatch.setenv(config.INT8.name, "vnni-emulated")
     calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
     snn = snnconv.convert(_net(), T=6, calib=calib)
     before = snn(x)
@@ -379,26 +380,26 @@ def test_thresholds_changed_in_place_between_calls_are_read(monkeypatch):
         n.threshold.mul_(1.25)
     after = snn(x)
     fresh = copy.deepcopy(snn)  # a copy made after the change: its thresholds are new tensors, nothing kept
-    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
     assert torch.equal(after, fresh(x)) and not torch.equal(after, before)
 
 
 def test_a_hook_sees_the_spikes_of_a_neuron_only_int8_layers_read(monkeypatch):
     """A neuron whose readers are all int8 layers skips its float spikes, unless a forward hook would see them:
     the hook gets this call's spikes, not what its reused buffer held before (another input's)."""
-    monkeypatch.setenv(int8.ENV, "vnni-emulated")
+    monkeypatch.setenv(config.INT8.name, "vnni-emulated")
     g = torch.Generator().manual_seed(2)
     calib, x, other = (torch.rand(n, 3, 16, 16, generator=g) for n in (32, 6, 6))
     snn = snnconv.convert(_net(), T=6, calib=calib, bias_calibration=False)
     neuron = next(n for n in snn.neurons().values() if n.int8_only)
-    kernel, seen = cpu_kernel._state["fn"], []
+    kernel, seen = cpu_kernel.KERNELS.get(), []
     with torch.no_grad():
-        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
         snn(other)  # the torch backend fills the neuron's buffer with other's spikes
         handle = neuron.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
-        monkeypatch.setitem(cpu_kernel._state, "fn", kernel)
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", kernel)
         on = snn(x)
-        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
         off = snn(x)
         handle.remove()
     assert neuron.calls["cpu"] >= 1 and torch.equal(on, off)
@@ -411,14 +412,14 @@ def test_int8_layers_on_nchw_spikes_encode_for_themselves(monkeypatch, mode):
     their memory order, so the kernel writes no code for it and the layer encodes (same outputs either way)."""
     from snnconv import passes
 
-    monkeypatch.setenv(int8.ENV, mode)
+    monkeypatch.setenv(config.INT8.name, mode)
     calib, x = torch.rand(32, 3, 16, 16), torch.rand(6, 3, 16, 16)
     chosen = sorted(passes.OPTIONAL - {"channels_last"})
     snn = snnconv.convert(_net(), T=4, calib=calib, passes=chosen, bias_calibration=False)
     assert any(isinstance(m, int8.SpikeLayer) for m in snn.graph_module.modules())
     with torch.no_grad():
         on = snn(x)
-        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
         assert torch.equal(on, snn(x))
 
 
@@ -449,7 +450,7 @@ def test_bias_calibrated_default_conversion_agrees_with_the_torch_backend(monkey
     assert any(n.bias is not None for n in snn.neurons().values())
     with torch.no_grad():
         on = snn(x)
-        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
         off = snn(x)
     assert torch.equal(on, off)
 
@@ -475,7 +476,7 @@ def test_mlp_converts_the_same_either_way(monkeypatch):
     x = torch.rand(7, 20)
     with torch.no_grad():
         on = snn(x)
-        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+        monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
         assert torch.equal(on, snn(x))
 
 
@@ -498,6 +499,6 @@ def test_a_batch_of_one_runs_on_the_kernel(monkeypatch):
     with torch.no_grad():
         y = snn(x)
     assert all(n.calls["cpu"] == 1 and n.calls["torch"] == 0 for n in neurons), [n.calls for n in neurons]
-    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    monkeypatch.setattr(cpu_kernel.KERNELS, "value", None)
     with torch.no_grad():
         assert torch.equal(y, snn(x))  # the linear head read the kernel's code, a row of one sample

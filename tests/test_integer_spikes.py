@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from nets import ResCatNet, randomize_bn, record_spikes
 
 import snnconv
-from snnconv import passes
+from snnconv import config, passes
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import Call, running
 from snnconv.runtime.modules import Neuron, NeuronConfig
@@ -123,7 +123,7 @@ def _spiking(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=MODES)
 def mode(request, monkeypatch):
     """Each int8 layout, as the pass would pick it ($SNNCONV_INT8)."""
-    monkeypatch.setenv(int8.ENV, request.param)
+    monkeypatch.setenv(config.INT8.name, request.param)
     return request.param
 
 
@@ -254,6 +254,7 @@ def _x86() -> bool:
 
 _NO_VNNI = """
 import json, torch, snnconv
+from snnconv import config
 from snnconv.runtime import integer_spikes as int8
 import test_integer_spikes as t
 
@@ -266,7 +267,7 @@ if out["binary"]:
         out["diff"].append(((a - b).abs().max() / b.abs().max()).item())
 try:
     import os
-    os.environ[int8.ENV] = "vnni"
+    os.environ[config.INT8.name] = "vnni"
     int8.mode()
     out["forced"] = "accepted"
 except snnconv.ConversionError as exc:
@@ -282,7 +283,7 @@ def test_integer_paths_without_vnni():
     if not _x86():
         pytest.xfail("ONEDNN_MAX_CPU_ISA caps x86 instruction sets only")  # pragma: no cover
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.path.dirname(__file__)}
-    env.pop(int8.ENV, None)
+    env.pop(config.INT8.name, None)
     proc = subprocess.run([sys.executable, "-c", _NO_VNNI], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -292,13 +293,13 @@ def test_integer_paths_without_vnni():
 
 
 def test_int8_mode_setting(monkeypatch):
-    monkeypatch.setenv(int8.ENV, "off")
+    monkeypatch.setenv(config.INT8.name, "off")
     assert int8.mode() is None
-    monkeypatch.setenv(int8.ENV, "binary-emulated")
+    monkeypatch.setenv(config.INT8.name, "binary-emulated")
     assert int8.mode() == "binary-emulated"
     snn = convert_binary(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
     assert [m.mode for m in snn.modules() if isinstance(m, int8.SpikeLayer)] == ["binary-emulated"]
-    monkeypatch.setenv(int8.ENV, "avx9")
+    monkeypatch.setenv(config.INT8.name, "avx9")
     with pytest.raises(snnconv.ConversionError, match="SNNCONV_INT8='avx9'"):
         convert_binary(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
 
@@ -306,7 +307,7 @@ def test_int8_mode_setting(monkeypatch):
 @pytest.fixture(params=SIGNED_MODES)
 def signed_mode(request, monkeypatch):
     """Each int8 layout for signed spikes: through oneDNN where exact here, and emulated everywhere."""
-    monkeypatch.setenv(int8.ENV, request.param)
+    monkeypatch.setenv(config.INT8.name, request.param)
     return request.param
 
 

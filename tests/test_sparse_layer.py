@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import snnconv
+from snnconv import config
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import Call, running
@@ -95,11 +96,11 @@ def test_kernel_threads_split_samples_alike(monkeypatch):
     """1 and 3 threads, on torch's OpenMP threads (where built with OpenMP) and on the Python thread pool."""
     spikes, whole, scale, bias, u = _case(7, 20, 6, 6, 12, (3, 3), 0.3, True, seed=4)
     packed, geometry = sparse_layer.pack(whole), ((1, 1), (1, 1), (1, 1), (3, 3))
-    fn, par = sparse_layer._kernel()
+    fn, par = sparse_layer.KERNEL.get()
     before, runs = torch.get_num_threads(), []
     try:
         for split in (par, None):
-            monkeypatch.setitem(sparse_layer._state, "fn", (fn, split))
+            monkeypatch.setattr(sparse_layer.KERNEL, "value", (fn, split))
             for threads in (1, 3):
                 torch.set_num_threads(threads)
                 runs.append(sparse_layer.run(u, 1, packed, 12, geometry, scale, bias))
@@ -157,7 +158,7 @@ def test_supports_refuses_what_could_overflow():
 
 
 def test_mode_sparse_forced_and_without_a_compiler(monkeypatch):
-    monkeypatch.setenv(int8.ENV, "sparse")
+    monkeypatch.setenv(config.INT8.name, "sparse")
     assert int8.mode() == "sparse"
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
     snn = snnconv.convert(net, T=4, calib=torch.rand(8, 3, 8, 8))
@@ -189,7 +190,7 @@ def test_kernel_built_for_avx2_and_the_mode_probe(tmp_path):
         "SNNCONV_CACHE": str(tmp_path),
         "PYTHONPATH": os.path.dirname(__file__),
     }
-    env.pop(int8.ENV, None)
+    env.pop(config.INT8.name, None)
     proc = subprocess.run([sys.executable, "-c", _AVX2], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert any(p.name.startswith("sparse_layer_") for p in tmp_path.iterdir())  # built here, for AVX2
