@@ -1,26 +1,39 @@
 """NIR (Neuromorphic Intermediate Representation, PyPI `nir`) export and import.
 
-Export (`to_nir`) writes the spiking graph in the plain node forms that NIR consumers run:
-- each neuron layer as `IF` (r = 1, v_threshold = θ broadcast to the layer's shape; reset by subtraction,
-  as NIR 1.0.8 defines it) emitting 0/1 spikes, followed by a per-channel scale node of weight θ
-  (a diagonal 1x1 `Conv2d` on maps, a diagonal `Affine` on features): our spikes carry the value θ;
-- convolutions and linear layers with BatchNorm folded in; a neuron's calibrated bias folded into the
-  layer feeding it; average pooling as `SumPool2d` then a scale node of 1/k²; residual adds as several
-  edges into one node (NIR sums a node's inputs); flatten as `Flatten`.
-What NIR's `IF` does not say is stated in the graph's metadata under "snnconv": the initial membrane
-(a fraction of θ), the spike condition `v >= θ` with at most one spike per step, the readout (mean of the
-output over T, minus `readout_delay` leading steps), and for each node the op it came from, so that
-`from_nir(to_nir(snn))` rebuilds the same graph exactly. Ops NIR cannot express (max pooling, concat,
-LIF/hard reset/burst neurons, ...) are refused with the node named.
+Export (`to_nir`) writes the spiking graph so that the file alone, read by NIR's node definitions (discrete
+time, dt = 1: `dv/dt = r·I` steps as `v += r·I`; an edge that closes a cycle carries the previous step's
+value), computes what the SNN computes. Each neuron layer becomes (the default, `neuron="I"`):
+- an integrator `I` (r = 1) holding the membrane shifted by the initial membrane: v = u - v_init·θ starts at 0,
+  as every NIR state does;
+- a `Threshold` at θ(1 - v_init) lowered by one float32 step, so that NIR's `v > threshold` fires where ours
+  `u >= θ` does, emitting 0/1 spikes (at most one a step);
+- an edge back into the integrator through `Scale(-θ)`: reset by subtraction, applied before the next step's
+  comparison;
+- a `Scale(θ)`: our spikes carry the value θ.
+Convolutions and linear layers carry BatchNorm folded in (int8 layers: the rounded weights they sum), and a
+neuron's calibrated bias is folded into the layer feeding it; average pooling is `SumPool2d` then
+`Scale(1/k²)`; residual adds are several edges into one node (NIR sums a node's inputs); flatten is `Flatten`.
+Ops NIR cannot express (max pooling, concat, LIF/hard reset/burst neurons, ...) are refused with the node
+named.
 
-Import (`from_nir`) builds an ANN-shaped graph from the NIR nodes (Affine, Linear, Conv1d/2d, SumPool2d,
-AvgPool2d, Flatten, Scale, IF, Input, Output) and converts it with snnconv, so the graph runs in snnconv's
-runtime (time folded into the batch, fused neuron kernels). An IF from another framework starts at v = 0
-and emits spikes of value 1.
+`neuron="IF"` writes each neuron layer as one `IF` node (r = 1, v_threshold = θ) followed by a diagonal
+1x1 `Conv2d` / `Affine` of weight θ, for targets that need `IF` (Sinabs). NIR's `IF` does not say what our
+neuron does (NIR 1.0.4: it fires on `v > θ` from v = 0; from 1.0.6 on it resets to `v_reset`, 0): a
+consumer must be told the metadata's `v_init` and spike rule.
+
+The graph's metadata under "snnconv" says how the graph is read out (the mean of the output over T steps
+after `readout_delay`, the same input at every step), and what only `from_nir` needs to rebuild the same
+SNN: each node's op and the conversion's passes (e.g. whether the layers were int8).
+
+Import (`from_nir`) builds an ANN-shaped graph from the NIR nodes (Affine, Linear, Conv2d, SumPool2d,
+AvgPool2d, Flatten, Scale, IF, the I/Threshold/reset cycle above, Input, Output) and converts it with
+snnconv, so the graph runs in snnconv's runtime (time folded into the batch, fused neuron kernels). An IF
+from another framework starts at v = 0 and emits spikes of value 1.
 """
 
 from __future__ import annotations
 
+import json
 import operator
 from pathlib import Path
 
@@ -32,7 +45,8 @@ import torch.nn.functional as F
 
 from snnconv.errors import ConversionError
 
-_FORMAT = 1  # version of the "snnconv" metadata block
+_FORMAT = 2  # version of the "snnconv" metadata block
+FORMS = ("I", "IF")  # how to_nir writes a neuron layer (module docstring)
 
 
 def _nir():
@@ -59,8 +73,8 @@ def _ints(v) -> tuple[int, ...]:
 class _Exporter:
     """Walks the SNN's graph once; every fx node maps to the list of NIR nodes whose outputs sum to it."""
 
-    def __init__(self, snn):
-        self.nir, self.snn, self.gm = _nir(), snn, snn.graph_module
+    def __init__(self, snn, form: str):
+        self.nir, self.snn, self.gm, self.form = _nir(), snn, snn.graph_module, form
         self.nodes: dict = {}
         self.edges: list[tuple[str, str]] = []
         self.ops: dict[str, dict] = {}  # how to rebuild each node exactly (from_nir)
@@ -82,10 +96,14 @@ class _Exporter:
         return [name]
 
     def scale(self, name: str, shape: tuple[int, ...], value: torch.Tensor, srcs, op: dict):
-        """A per-channel scale (θ, 1/k², a scalar) in a form every consumer runs."""
+        """A per-channel scale (θ, 1/k², a scalar): NIR's `Scale`; in the IF form a diagonal layer (Sinabs
+        imports no `Scale`)."""
         nir = self.nir
         c = shape[0]
         v = value.detach().float().reshape(-1).expand(c) if value.numel() == 1 else value.detach().float()
+        if self.form == "I":
+            full = v.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
+            return self.add(name, nir.Scale(scale=_np(full.contiguous())), srcs, op)
         if len(shape) == 1:
             return self.add(name, nir.Affine(weight=np.diag(_np(v)), bias=np.zeros(c, np.float32)), srcs, op)
         if len(shape) == 3:
@@ -120,6 +138,23 @@ class _Exporter:
             return self.add(node.name, conv, srcs, op)
         self.fail(node, f"{type(m).__name__} has no NIR form here (Conv2d, Linear are exported)")
 
+    def int8_layer(self, node: fx.Node, m, src: list[str]) -> list[str]:
+        """The float layer with the weights the int8 layer sums, (s · integers) / θ of each input, so that the
+        file computes what the SNN does; its float weights, which from_nir lowers again, go to the metadata."""
+        from snnconv.runtime.integer_spikes import fold_input_scale
+
+        inner = m.inner
+        w, b = m._layer.folded() if hasattr(m._layer, "folded") else (inner.weight, inner.bias)
+        theta = m._neuron.threshold.detach().double().cpu()
+        *_, whole, s = m._derive(theta, None)
+        spread = fold_input_scale(torch.ones(w.shape, dtype=torch.float64), theta)
+        summed = s.view(-1, *([1] * (w.dim() - 1))) * whole.view(w.shape) / spread
+        in_shape = self.shapes[node.args[0]]
+        if m.flatten and len(in_shape) > 1:  # the layer reads the maps themselves
+            flat = self.nir.Flatten(input_type={"input": np.array(in_shape)}, start_dim=0, end_dim=-1)
+            src = self.add(f"{node.name}.flatten", flat, src, {"op": "flatten"})
+        return self.layer(node, inner, src, summed.float(), b, {"op": "int8", "weight": _np(w)})
+
     def run(self):
         nir, gm, s = self.nir, self.gm, self.snn.settings
         cfg = s.neuron
@@ -132,14 +167,21 @@ class _Exporter:
         self._shapes(torch.rand(1, *s.input_shape, generator=torch.Generator().manual_seed(0)))
         for node in gm.graph.nodes:
             self.visit(node)
+        if self.form == "I":
+            spike = "as the graph says (I, Threshold, reset edge through Scale(-θ)); dt = 1"
+        else:  # what NIR's IF does not say
+            spike = "IF: v starts at v_init·θ, fires on v >= v_threshold (at most once a step), reset by subtraction"
         meta = {
             "format": _FORMAT,
+            "neuron": self.form,
             "T": s.T,
-            "readout": "mean of the output over T steps",
+            "readout": "mean of the output over T steps after readout_delay",
             "readout_delay": s.readout_delay,
             "v_init": cfg.v_init,
-            "spike": "v >= v_threshold, at most one spike per step, reset by subtraction",
+            "spike": spike,
             "input": "the same input at every step (direct encoding)",
+            # for from_nir only: how snnconv lowered this SNN (None: all passes; the int8 layers are one)
+            "lowering": json.dumps({"passes": None if s.passes is None else list(s.passes)}),
             "ops": self.ops,
         }
         return nir.NIRGraph(nodes=self.nodes, edges=self.edges, metadata={"snnconv": meta})
@@ -184,9 +226,9 @@ class _Exporter:
         shape = self.shapes[node]
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            inner = getattr(m, "_layer", None) if hasattr(m, "_neuron") else None  # int8 spike layer: its float form
-            m = inner if inner is not None else m
-            if isinstance(m, Neuron):  # a second input (a residual, passes/residual_into_neuron.py) adds to the first
+            if hasattr(m, "_neuron"):  # an int8 layer over spikes (runtime/integer_spikes.py)
+                terms[node] = self.int8_layer(node, m, src)
+            elif isinstance(m, Neuron):  # a second input (a residual, passes/residual_into_neuron.py) adds to the first
                 terms[node] = self.neuron(node, m, [t for a in args for t in terms[a]], shape)
             elif isinstance(m, (TimeBroadcast, nn.Identity, nn.Dropout)):
                 terms[node] = src
@@ -238,9 +280,18 @@ class _Exporter:
             self.ops[feeder] = {**self.ops.get(feeder, {}), "bias": obj.bias.copy(), "neuron_bias": _np(m.bias)}
             nb = _np(m.bias).reshape(-1)
             obj.bias = (obj.bias + (nb if nb.size > 1 else np.full_like(obj.bias, nb.item()))).astype(np.float32)
-        ifn = nir.IF(r=np.ones(shape, np.float32), v_threshold=_np(full.contiguous()))
-        name = self.add(node.name, ifn, src, {"op": "if", "per_channel": theta.dim() > 0})
-        return self.scale(f"{node.name}.spike_value", shape, theta, name, {"op": "spike_value"})
+        op, ones, full = {"per_channel": theta.dim() > 0}, np.ones(shape, np.float32), _np(full.contiguous())
+        if self.form == "IF":
+            spikes = self.add(node.name, nir.IF(r=ones, v_threshold=full), src, {"op": "if", **op})
+        else:
+            name = self.add(node.name, nir.I(r=ones), src, {"op": "integrator", **op})
+            # v = u - v_init·θ fires where u >= θ: v >= θ - v_init·θ, i.e. v > the float32 just below it
+            v0 = (np.float32(self.snn.settings.neuron.v_init) * full).astype(np.float32)
+            fire = np.nextafter((full - v0).astype(np.float32), np.float32(-np.inf))
+            spikes = self.add(f"{node.name}.spike", nir.Threshold(threshold=fire), name, {"op": "threshold"})
+            reset = self.add(f"{node.name}.reset", nir.Scale(scale=-full), spikes, {"op": "reset"})
+            self.edges.append((reset[0], name[0]))
+        return self.scale(f"{node.name}.spike_value", shape, theta, spikes, {"op": "spike_value"})
 
     def _only_feeds(self, name: str, neuron: fx.Node) -> bool:
         """Does NIR node `name` reach nothing but `neuron` (directly or through adds)?"""
@@ -286,20 +337,24 @@ class _Exporter:
         return self.scale(f"{node.name}.divisor", shape, divisor, name, {"op": "avg_divisor"})
 
 
-def to_nir(snn):
-    """The SNN as a `nir.NIRGraph` (see the module docstring for the node forms and the metadata)."""
+def to_nir(snn, neuron: str = "I"):
+    """The SNN as a `nir.NIRGraph`. neuron="I": each neuron layer as NIR's integrator, threshold and reset
+    edge, which NIR's definitions run as the SNN runs; "IF": as NIR `IF` nodes, for targets that need them
+    (module docstring)."""
     from snnconv.model import SpikingModel
 
     if not isinstance(snn, SpikingModel):
         raise ConversionError(f"to_nir takes a SpikingModel from snnconv.convert, got {type(snn).__name__}")
-    return _Exporter(snn).run()
+    if neuron not in FORMS:
+        raise ConversionError(f"to_nir: neuron must be one of {list(FORMS)}, got {neuron!r}")
+    return _Exporter(snn, neuron).run()
 
 
-def write_nir(snn, path: str | Path) -> None:
-    """to_nir(snn) written with nir.write (HDF5), atomically."""
+def write_nir(snn, path: str | Path, neuron: str = "I") -> None:
+    """to_nir(snn, neuron) written with nir.write (HDF5), atomically."""
     from snnconv.io import atomic_write
 
-    graph = to_nir(snn)
+    graph = to_nir(snn, neuron)
     atomic_write(Path(path), lambda tmp: _nir().write(tmp, graph))
 
 
@@ -327,21 +382,47 @@ def _scale_module(value: np.ndarray, shape: tuple[int, ...]) -> nn.Module:
     return m
 
 
-def _per_channel(node, name: str) -> torch.Tensor:
-    th = np.asarray(node.v_threshold, np.float32)
+def _per_channel(values, name: str, what: str) -> torch.Tensor:
+    """One value per channel from an array over the layer's shape (NIR stores one per neuron)."""
+    th = np.asarray(values, np.float32)
     if th.ndim <= 1:
-        return torch.as_tensor(th.reshape(-1))
+        return torch.as_tensor(th.reshape(-1).copy())
     flat = th.reshape(th.shape[0], -1)
     if not (flat == flat[:, :1]).all():
-        raise ConversionError(f"NIR import: IF node {name}: thresholds vary within a channel (one per channel)")
+        raise ConversionError(f"NIR import: node {name}: {what} varies within a channel (one per channel)")
     return torch.as_tensor(flat[:, 0].copy())
 
 
-def from_nir(graph, T: int = 8, **options):
+def _cycles(nir, graph, users) -> dict[str, tuple[str, str]]:
+    """The IF neurons written as integrator -> Threshold -> Scale(-θ) -> the integrator (reset by
+    subtraction): {integrator: (threshold, reset)}."""
+    found = {}
+    for name, node in graph.nodes.items():
+        if not isinstance(node, nir.I):
+            continue
+        spike = users[name][0] if len(users[name]) == 1 else None
+        resets = [] if spike is None else [r for r in users[spike] if users[r] == [name]]
+        if not isinstance(graph.nodes.get(spike), nir.Threshold) or len(resets) != 1:
+            raise ConversionError(
+                f"NIR import: integrator {name} must feed one Threshold whose spikes come back through one Scale "
+                "(an IF neuron with reset by subtraction); other uses of I are not supported"
+            )
+        if not isinstance(graph.nodes[resets[0]], nir.Scale):
+            raise ConversionError(f"NIR import: reset {resets[0]} of integrator {name} must be a Scale(-θ)")
+        found[name] = (spike, resets[0])
+    return found
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def from_nir(graph, T: int | None = None, **options):
     """A NIR graph (a `nir.NIRGraph` or a path to a NIR file) as a snnconv SpikingModel.
 
-    Graphs that snnconv wrote come back exactly as they were (their metadata says how); IF nodes of other
-    frameworks start at v = 0 and emit spikes of value 1. `options` go to snnconv.convert (e.g. passes).
+    Graphs that snnconv wrote come back exactly as they were (their metadata says how: T, the passes, each
+    node's op); IF nodes of other frameworks start at v = 0 and emit spikes of value 1. `options` go to
+    snnconv.convert (e.g. passes) and override what the metadata says. T: the metadata's, else 8.
     """
     import snnconv
 
@@ -356,10 +437,15 @@ def from_nir(graph, T: int = 8, **options):
     meta = dict(graph.metadata.get("snnconv", {})) if isinstance(graph.metadata, dict) else {}
     ops = meta.get("ops", {})
     root, g, values, shapes = nn.Module(), fx.Graph(), {}, {}
-    srcs = {name: [a for a, b in graph.edges if b == name] for name in graph.nodes}
     users = {name: [b for a, b in graph.edges if a == name] for name in graph.nodes}
+    cycles = _cycles(nir, graph, users)
+    resets = {r for _, r in cycles.values()}
+    # the reset edges close the cycles: the graph without them is a DAG
+    srcs = {name: [a for a, b in graph.edges if b == name and a not in resets] for name in graph.nodes}
+    passive = {n for pair in cycles.values() for n in pair}  # built with their integrator
     thresholds: list[torch.Tensor] = []
     biases: list[torch.Tensor | None] = []
+    fractions: list[np.ndarray] = []  # initial membrane / θ that each foreign Threshold implies
     skip: set[str] = set()
     output = None
 
@@ -369,6 +455,8 @@ def from_nir(graph, T: int = 8, **options):
         return g.call_module(mod_name, (x,))
 
     for name in _topological(graph, srcs):
+        if name in passive:
+            continue
         node = graph.nodes[name]
         ins = [values[s] for s in srcs[name] if s in values]
         x = ins[0] if ins else None
@@ -387,33 +475,44 @@ def from_nir(graph, T: int = 8, **options):
         if isinstance(node, nir.Output):
             output = x
             continue
-        if isinstance(node, nir.IF):
-            th = _per_channel(node, name)
+        if isinstance(node, (nir.IF, nir.I)):
+            if not np.allclose(np.asarray(node.r), 1.0):
+                raise ConversionError(f"NIR import: {type(node).__name__} node {name}: r != 1 is not supported")
+            if isinstance(node, nir.IF):
+                th, out, shape = _per_channel(node.v_threshold, name, "v_threshold"), name, node.v_threshold.shape
+            else:
+                spike, reset = cycles[name]
+                th = _per_channel(-np.asarray(graph.nodes[reset].scale), reset, "the reset")
+                out, shape = spike, np.asarray(node.r).shape
+                fire = np.asarray(graph.nodes[spike].threshold, np.float64)
+                full = th.double().numpy().reshape(-1, *([1] * (len(shape) - 1)))
+                fractions.append(1.0 - np.nextafter(fire.astype(np.float32), np.inf) / full)
             if not op.get("per_channel", True):  # snnconv wrote one threshold per layer
                 th = th[:1].reshape(())
-            if not np.allclose(np.asarray(node.r), 1.0):
-                raise ConversionError(f"NIR import: IF node {name}: r != 1 is not supported (scale the input)")
-            values[name] = call(name, nn.ReLU(), x)
+            y = call(name, nn.ReLU(), x)
             thresholds.append(th)
-            after = users[name]
-            own = len(after) == 1 and ops.get(after[0], {}).get("op") == "spike_value"
-            if own:  # snnconv's own θ-valued spikes: the neuron already emits them
-                skip.add(after[0])
+            after = [u for u in users[out] if u not in resets]
+            if len(after) == 1 and ops.get(after[0], {}).get("op") == "spike_value":
+                skip.add(after[0])  # snnconv's own θ-valued spikes: the neuron already emits them
             else:  # spikes of value 1: divide the neuron's θ-valued output back
-                values[name] = call(
-                    f"{name}_unit", _scale_module(1.0 / th.numpy(), tuple(node.v_threshold.shape)), values[name]
-                )
+                y = call(f"{name}_unit", _scale_module(1.0 / th.numpy(), tuple(shape)), y)
+            values[name] = values[out] = y
             nb = next((ops[f]["neuron_bias"] for f in srcs[name] if "neuron_bias" in ops.get(f, {})), None)
             biases.append(None if nb is None else torch.as_tensor(np.asarray(nb, np.float32)))
             continue
+        if isinstance(node, nir.Scale) and op.get("op") == "mul":
+            values[name] = g.call_function(operator.mul, (x, float(op["factor"])))
+            continue
+        # an int8 layer's float weights (the node has the weights it sums): lowered again as they were
+        weight = op.get("weight", node.weight) if isinstance(node, (nir.Affine, nir.Linear, nir.Conv2d)) else None
         if isinstance(node, nir.Affine) or isinstance(node, nir.Linear):
-            w = torch.as_tensor(np.asarray(node.weight, np.float32))
+            w = torch.as_tensor(np.asarray(weight, np.float32))
             m = nn.Linear(w.shape[1], w.shape[0], bias=isinstance(node, nir.Affine))
             m.weight.data = w.clone()
             if isinstance(node, nir.Affine):
                 m.bias.data = torch.as_tensor(np.asarray(op.get("bias", node.bias), np.float32)).clone()
         elif isinstance(node, nir.Conv2d):
-            w = torch.as_tensor(np.asarray(node.weight, np.float32))
+            w = torch.as_tensor(np.asarray(weight, np.float32))
             pad = node.padding if isinstance(node.padding, str) else _ints(node.padding)
             m = nn.Conv2d(
                 w.shape[1] * int(node.groups),
@@ -441,11 +540,17 @@ def from_nir(graph, T: int = 8, **options):
             end = node.end_dim + 1 if node.end_dim >= 0 else node.end_dim
             m = nn.Flatten(node.start_dim + 1, end)
         elif isinstance(node, nir.Scale):
-            raise ConversionError(f"NIR import: Scale node {name}: not supported yet (use a diagonal Affine)")
+            scale = np.asarray(node.scale, np.float32)
+            m = _scale_module(_per_channel(scale, name, "scale").numpy(), scale.shape)
+        elif isinstance(node, nir.Threshold):
+            raise ConversionError(
+                f"NIR import: Threshold node {name} is not part of an IF neuron (integrator -> Threshold -> "
+                "Scale(-θ) back into the integrator)"
+            )
         else:
             raise ConversionError(
                 f"NIR import: node {name} is a {type(node).__name__}; supported: Input, Output, Affine, Linear, "
-                "Conv2d, SumPool2d, AvgPool2d, Flatten, IF"
+                "Conv2d, SumPool2d, AvgPool2d, Flatten, Scale, IF, and I -> Threshold -> Scale(-θ) -> I"
             )
         values[name] = call(name, m, x)
     if output is None:
@@ -453,20 +558,30 @@ def from_nir(graph, T: int = 8, **options):
     g.output(output)
     ann = fx.GraphModule(root, g)
     shape = next(iter(shapes.values()))
-    v_init = float(meta.get("v_init", 0.0))
-    # NIR's IF neurons emit unsigned spikes
-    kwargs = {"readout_delay": int(meta.get("readout_delay", 0)), "signed_spikes": False, **options}
+    if "v_init" in meta:
+        v_init = float(meta["v_init"])
+    elif fractions:  # another framework's integrator cycles: one initial membrane for all, as snnconv runs them
+        f = np.concatenate([np.broadcast_to(a, a.shape).reshape(-1) for a in fractions])
+        v_init = float(np.clip(np.median(f), 0.0, 1.0))
+        if not np.allclose(f, v_init, atol=1e-5):
+            raise ConversionError(
+                "NIR import: the Thresholds imply different initial membranes (threshold / reset differs); "
+                "snnconv runs one v_init for every neuron"
+            )
+    else:
+        v_init = 0.0
+    lowering = json.loads(_text(meta.get("lowering", "{}")))
+    T = int(meta.get("T", 8)) if T is None else T
+    # NIR's IF neurons emit unsigned spikes; the passes as snnconv lowered the graph it wrote
+    kwargs = {"readout_delay": int(meta.get("readout_delay", 0)), "signed_spikes": False}
+    if "passes" in lowering:
+        kwargs["passes"] = lowering["passes"]
     snn = snnconv.convert(
-        ann,
-        T=T,
-        threshold=1.0,
-        example_input=torch.zeros(1, *shape),
-        v_init=v_init,
-        **{"signed_spikes": False, **kwargs},
+        ann, T=T, threshold=1.0, example_input=torch.zeros(1, *shape), v_init=v_init, **{**kwargs, **options}
     )
     neurons = list(snn.neurons().values())
     if len(neurons) != len(thresholds):
-        raise ConversionError(f"NIR import: {len(thresholds)} IF nodes became {len(neurons)} neuron layers")
+        raise ConversionError(f"NIR import: {len(thresholds)} IF neurons became {len(neurons)} neuron layers")
     for n, th, b in zip(neurons, thresholds, biases):
         n.threshold = th if th.numel() > 1 else th.reshape(())
         n.bias = b if b is None or b.numel() > 1 else b.reshape(())

@@ -1,13 +1,16 @@
-"""NIR export and import, checked by an independent consumer (Sinabs) and by the round trip."""
+"""NIR export and import, checked by an interpreter written from NIR's definitions (tests/nir_spec.py), by
+consumers (Sinabs, nirtorch) and by the round trip."""
 
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from nets import randomize_bn
+from nir_spec import NIRInterpreter
 
 import snnconv
 from snnconv.data import load_mnist
@@ -80,7 +83,7 @@ def mnist_snn():
 
 
 def _sinabs_run(graph, x: torch.Tensor, T: int):
-    """Run an exported graph in Sinabs: its IAF layers told the two things NIR's IF does not say (binary
+    """Run an exported IF-form graph in Sinabs: its IAF layers told the two things NIR's IF does not say (binary
     spikes, membrane starting at the metadata's fraction of θ, no lower bound); returns the mean output
     over T and each IAF layer's spike count."""
     sl = pytest.importorskip("sinabs.layers")
@@ -130,7 +133,7 @@ def test_sinabs_reproduces_exported_snn(net, T, mnist_snn):
         x = torch.rand(16, 3, 16, 16)
         snn = convert_binary(randomize_bn(ResAvgNet(cin=3)), T=8, calib=torch.rand(64, 3, 16, 16), passes=FLOAT)
     snn.T = T
-    graph = snnconv.to_nir(snn)
+    graph = snnconv.to_nir(snn, neuron="IF")  # Sinabs imports IF, not I / Threshold / Scale
     ours, our_counts = _snnconv_counts(snn, x)
     theirs, their_counts = _sinabs_run(graph, x, T)
     ours_by_name = {k.replace(".", "_"): v for k, v in our_counts.items()}
@@ -155,16 +158,180 @@ def test_mnist_snn_keeps_the_ann_accuracy(mnist_snn):
     assert (snn(x).argmax(1) == y).float().mean().item() >= ann_acc - 0.1
 
 
-@pytest.mark.parametrize("passes", [None, FLOAT], ids=["default", "float"])
-def test_round_trip_is_exact(passes, tmp_path):
+def _residual_snn(passes=FLOAT):
+    torch.manual_seed(1)
+    x = torch.rand(16, 3, 16, 16)
+    return convert_binary(randomize_bn(ResAvgNet(cin=3)), T=8, calib=torch.rand(64, 3, 16, 16), passes=passes), x
+
+
+def _spec_run(graph, x: torch.Tensor, T: int):
+    """Per-step outputs [T, N, ...] of the graph run by NIR's definitions, and spikes per neuron layer (a
+    Threshold's count under the name of the integrator feeding it, the SNN's neuron)."""
+    steps, counts = NIRInterpreter(graph).run(x, T)
+    src = {b: a for a, b in graph.edges}
+    return steps, {src[k] if isinstance(graph.nodes[k], nir.Threshold) else k: v for k, v in counts.items()}
+
+
+def _assert_same_run(snn, steps, counts, x, tol):
+    """Spike counts per layer as the SNN's and outputs within `tol` of the largest, step by step. Up to float32
+    summation order (see the Sinabs test): where a spike moved, it moves its step's output by a whole w·θ, and
+    only the mean over T is compared (within w·θ / T)."""
+    ours, our_counts = _snnconv_counts(snn, x)
+    ours_by_name = {k.replace(".", "_"): v for k, v in our_counts.items()}
+    assert ours_by_name.keys() == counts.keys()
+    for name, count in counts.items():
+        assert abs(ours_by_name[name] - count) <= 1e-4 * count, (name, ours_by_name[name], count)
+    assert sum(counts.values()) > 0
+    per_step = snn(x, per_step=True)
+    scale = per_step.abs().max().item()
+    if ours_by_name == counts:
+        torch.testing.assert_close(steps.float(), per_step, rtol=tol, atol=tol * scale)
+    else:
+        tol = 1e-2
+    mean = steps[snn.settings.readout_delay :].mean(0).float()
+    torch.testing.assert_close(mean, ours, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("passes", [FLOAT, None], ids=["float", "int8"])
+@pytest.mark.parametrize("net", ["mnist", "residual"])
+def test_nir_file_alone_computes_the_snn(net, passes, mnist_snn):
+    """The default export, run by NIR's definitions with nothing from its metadata: the SNN's spikes in every
+    layer and its outputs, step by step, up to float32 rounding (int8 layers: the file has the weights they sum)."""
+    T = 16
+    if net == "mnist":
+        model, snn, x, _ = mnist_snn
+        if passes is None:
+            snn = convert_binary(model, T=T, calib=x[32:], passes=None)
+        x = x[:32]
+    else:
+        snn, x = _residual_snn(passes)
+    snn.T = T
+    graph = snnconv.to_nir(snn)
+    assert not any(isinstance(n, nir.IF) for n in graph.nodes.values())
+    steps, counts = _spec_run(graph, x, T)
+    _assert_same_run(snn, steps, counts, x, 1e-5)
+
+
+class _Integrator(nn.Module):  # NIR's I, dt = 1: v += r·x
+    def __init__(self, r):
+        super().__init__()
+        self.r = torch.as_tensor(r)
+
+    def forward(self, x, state=None):
+        v = self.r * x if state is None else state + self.r * x
+        return v, v
+
+
+class _Elementwise(nn.Module):  # NIR's Threshold (x > t) and Scale (x ⊙ s)
+    def __init__(self, fn, value):
+        super().__init__()
+        self.fn, self.value = fn, torch.as_tensor(value)
+
+    def forward(self, x):
+        return self.fn(x, self.value)
+
+
+def _nirtorch_module(node) -> nn.Module:
+    """Torch modules for the nodes the default form uses, as NIR defines them (batch first)."""
+    if isinstance(node, nir.I):
+        return _Integrator(node.r)
+    if isinstance(node, nir.Threshold):
+        return _Elementwise(lambda x, t: (x > t).float(), node.threshold)
+    if isinstance(node, nir.Scale):
+        return _Elementwise(torch.mul, node.scale)
+    if isinstance(node, nir.SumPool2d):
+        return nn.AvgPool2d(tuple(node.kernel_size), tuple(node.stride), tuple(node.padding), divisor_override=1)
+    if isinstance(node, nir.Flatten):
+        return nn.Flatten(node.start_dim + 1, node.end_dim + 1 if node.end_dim >= 0 else node.end_dim)
+    if isinstance(node, (nir.Affine, nir.Conv2d)):
+        w = torch.as_tensor(node.weight)
+        m = nn.Linear(w.shape[1], w.shape[0]) if w.dim() == 2 else nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:])
+        if w.dim() == 4:
+            m.stride, m.padding, m.dilation = (
+                tuple(int(v) for v in a) for a in (node.stride, node.padding, node.dilation)
+            )
+        m.weight.data, m.bias.data = w, torch.as_tensor(node.bias)
+        return m
+    return nn.Identity()  # Input, Output
+
+
+def test_nirtorch_executor_runs_the_default_form():
+    """nirtorch's graph executor (what Sinabs and Norse import through), given NIR's node definitions as torch
+    modules, runs the default form's reset cycles as the SNN: the convention the file is written for."""
+    nirtorch = pytest.importorskip("nirtorch")
+    snn, x = _residual_snn()
+    model = nirtorch.load(snnconv.to_nir(snn), _nirtorch_module)
+    state, steps = None, []
+    with torch.no_grad():
+        for _ in range(snn.T):
+            y, state = model(x, state)
+            steps.append(y)
+    per_step = snn(x, per_step=True)
+    assert per_step.abs().sum() > 0
+    torch.testing.assert_close(torch.stack(steps), per_step, rtol=1e-5, atol=1e-5 * per_step.abs().max().item())
+
+
+def test_if_form_run_by_nir_if_loses_spikes(mnist_snn):
+    """neuron="IF": a valid graph of IF nodes, which NIR's IF (fires on v > θ from v = 0) runs with fewer
+    spikes than the SNN: what the metadata tells Sinabs, the default form says in the graph."""
+    _, snn, x, _ = mnist_snn
+    graph = snnconv.to_nir(snn, neuron="IF")
+    assert {type(n).__name__ for n in graph.nodes.values()} >= {"IF"}
+    assert not any(isinstance(n, (nir.I, nir.Threshold)) for n in graph.nodes.values())
+    _, counts = _spec_run(graph, x[:16], snn.T)
+    _, ours = _snnconv_counts(snn, x[:16])
+    assert all(counts[k.replace(".", "_")] < v for k, v in ours.items())
+
+
+def test_if_form_writes_and_reads_back(tmp_path):
+    snn, x = _residual_snn()
+    path = tmp_path / "if.nir"
+    snnconv.write_nir(snn, path, neuron="IF")
+    graph = nir.read(str(path))
+    assert sum(isinstance(n, nir.IF) for n in graph.nodes.values()) == len(snn.neurons())
+    back = snnconv.from_nir(path)
+    assert torch.equal(back(x), snn(x))
+    with pytest.raises(snnconv.ConversionError, match="neuron must be one of"):
+        snnconv.to_nir(snn, neuron="LIF")
+
+
+def test_foreign_integrator_graph_runs_in_snnconv():
+    """A graph written by hand in NIR's nodes, IF neurons as I -> Threshold -> Scale(-θ) -> I, spikes of value
+    1: from_nir runs it as NIR's definitions do."""
+    rng = np.random.default_rng(7)
+    f32 = np.float32
+    nodes = {
+        "input": nir.Input(input_type={"input": np.array([6])}),
+        "fc1": nir.Affine(weight=rng.normal(0, 0.6, (5, 6)).astype(f32), bias=rng.normal(0, 0.1, 5).astype(f32)),
+        "mem": nir.I(r=np.ones(5, f32)),
+        "spike": nir.Threshold(threshold=np.full(5, 0.4, f32)),  # 0.8 - 0.4: starts at 0.4 from firing
+        "reset": nir.Scale(scale=np.full(5, -0.8, f32)),
+        "fc2": nir.Affine(weight=rng.normal(0, 0.6, (3, 5)).astype(f32), bias=np.zeros(3, f32)),
+        "output": nir.Output(output_type={"output": np.array([3])}),
+    }
+    edges = [("input", "fc1"), ("fc1", "mem"), ("mem", "spike"), ("spike", "reset"), ("reset", "mem")]
+    graph = nir.NIRGraph(nodes=nodes, edges=[*edges, ("spike", "fc2"), ("fc2", "output")])
+    x, T = torch.rand(32, 6, generator=torch.Generator().manual_seed(8)), 12
+    steps, counts = NIRInterpreter(graph).run(x, T)
+    snn = snnconv.from_nir(graph, T=T)
+    assert counts["spike"] > 0
+    torch.testing.assert_close(snn(x, per_step=True), steps.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["I", "IF"])
+@pytest.mark.parametrize("passes", [None, FLOAT], ids=["int8", "float"])
+def test_round_trip_is_exact(passes, form, tmp_path):
+    """from_nir rebuilds the SNN from the file alone, with the layers it had (int8 or float: the metadata
+    records the passes), whichever form wrote it."""
     torch.manual_seed(2)
     calib = torch.rand(64, 1, 16, 16)
     snn = convert_binary(
         randomize_bn(ResAvgNet()), T=8, calib=calib, passes=passes, bias_calibration=True, readout_delay=1
     )
     path = tmp_path / "net.nir"
-    snnconv.write_nir(snn, path)
-    back = snnconv.from_nir(path, T=8, passes=passes)
+    snnconv.write_nir(snn, path, neuron=form)
+    back = snnconv.from_nir(path)
+    assert back.T == snn.T and back.settings.passes == snn.settings.passes
     x = torch.rand(8, 1, 16, 16)
     assert torch.equal(back(x), snn(x))
     assert torch.equal(back(x, per_step=True), snn(x, per_step=True))
