@@ -1,8 +1,9 @@
 """Data-parallel conversion and evaluation with torch.distributed: 1 and 2 processes on this CPU (gloo,
 launched by torchrun), and 1 GPU (NCCL) where one is lent. Each run calibrates a trained MNIST VGG on its
 shard of 512 training images (thresholds merged across ranks) and evaluates the MNIST test set at T=8
-(counts merged across ranks); rank 0 writes the results. The report: throughput of each run, and whether
-its thresholds and accuracy equal the 1-process run's.
+(counts merged across ranks); rank 0 writes the results. The report: throughput of each run, whether its
+thresholds and accuracy equal the 1-process run's, and its percentile thresholds' largest gap to those of a
+process without torch.distributed (pct dth, over layers: max |dth| / the layer's largest threshold).
 
 python benchmarks/distributed.py [--limit 10000] [--gpu] > benchmarks/results/distributed_cpu.txt
 """
@@ -33,11 +34,7 @@ def worker(args) -> None:
     device = args.device
     distributed.init_from_env(device)
     device = distributed.local_device(device)
-    if args.trained:
-        model = mnist_models.trained("vgg", data_dir=Path(args.mnist))
-    else:  # random weights: the equality checks and throughput do not need training (accuracy is then chance)
-        torch.manual_seed(0)
-        model = mnist_models.FACTORIES["vgg"](28).eval()
+    model = _model(args)
     (xtr, _), (xte, yte) = mnist_models.dataset("mnist", Path(args.mnist))
     calib = TensorDataset(xtr[:512])
     test = TensorDataset(xte[: args.limit], yte[: args.limit])
@@ -61,6 +58,26 @@ def worker(args) -> None:
     if distributed.is_main():
         Path(args.out).write_text(json.dumps(out))
     distributed.shutdown()
+
+
+def _model(args):
+    import mnist_models
+
+    if args.trained:
+        return mnist_models.trained("vgg", data_dir=Path(args.mnist))
+    torch.manual_seed(0)  # random weights: the equality checks and throughput do not need training (chance accuracy)
+    return mnist_models.FACTORIES["vgg"](28).eval()
+
+
+def _plain_percentile_thresholds(args) -> dict:
+    """The percentile thresholds of one process without torch.distributed, on the same 512 images."""
+    import mnist_models
+
+    import snnconv
+
+    (xtr, _), _ = mnist_models.dataset("mnist", Path(args.mnist))
+    snn = snnconv.convert(_model(args), T=8, calib=xtr[:512], method="percentile")
+    return {k: v.tolist() for k, v in snn.thresholds().items()}
 
 
 def launch(nproc: int, device: str, args) -> dict:
@@ -93,6 +110,11 @@ def launch(nproc: int, device: str, args) -> dict:
     return r
 
 
+def _flat(th) -> list[float]:
+    """A threshold as listed in the JSON: a float (per layer) or a list (per channel)."""
+    return th if isinstance(th, list) else [th]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("what", nargs="?", default="bench")
@@ -119,16 +141,21 @@ def main() -> None:
     for nproc, device in runs:
         results[(nproc, device)] = launch(nproc, device, args)
     ref = results[(1, "cpu")]
+    plain = _plain_percentile_thresholds(args)
     head = f"{'run':<18}{'calib max s':>12}{'calib pct s':>12}{'eval s':>9}{'images/s':>10}"
-    print(head + f"{'acc T=8':>9}{'same max th':>13}{'same pct th':>13}{'same acc':>10}")
+    print(head + f"{'acc T=8':>9}{'same max th':>13}{'same pct th':>13}{'pct dth':>10}{'same acc':>10}")
     for (nproc, device), r in results.items():
         res = r["result"]
         same = {m: r[f"{m}_thresholds"] == ref[f"{m}_thresholds"] for m in ("max", "percentile")}
         same_acc = res["accuracy_by_T"] == ref["result"]["accuracy_by_T"] and res["samples"] == ref["result"]["samples"]
+        gap = max(  # the largest percentile-threshold gap to a plain process's, in units of the layer's largest
+            max(abs(a - b) for a, b in zip(_flat(th), _flat(plain[k]))) / max(_flat(plain[k]))
+            for k, th in r["percentile_thresholds"].items()
+        )
         print(
             f"{f'{nproc} x {device}':<18}{r['max_calib_s']:>12.2f}{r['percentile_calib_s']:>12.2f}{r['eval_s']:>9.1f}"
             f"{res['samples'] / r['eval_s']:>10.0f}{res['accuracy_by_T'][-1]:>9.2f}{same['max']!s:>13}"
-            f"{same['percentile']!s:>13}{same_acc!s:>10}"
+            f"{same['percentile']!s:>13}{gap:>10.2e}{same_acc!s:>10}"
         )
     print("accuracy by T (1 x cpu):", [round(a, 2) for a in ref["result"]["accuracy_by_T"]])
     two = results[(2, "cpu")]["result"]

@@ -76,8 +76,6 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     ("xǁNeuronǁforward", "self.bias.to(x.dtype)", _CPU),
     ("xǁNeuronǁforward", "theta.device == x.device", _CPU),
     ("xǁNeuronǁforward", "self.threshold = theta = theta.to(None)", _CPU),
-    ("xǁStatsǁ__call__", "(_SAMPLE,), device=None)", _CPU),
-    ("xǁStatsǁ__call__", "(_SAMPLE,), )", _CPU),
     (
         "calibrate_bias",
         "max(2, settings.step_bytes_per_sample",

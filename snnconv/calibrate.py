@@ -19,7 +19,6 @@ from snnconv.runtime.context import current
 from snnconv.runtime.modules import Neuron
 
 BIAS_BUDGET_MB = 2048  # bias calibration: activations of one sub-batch over T steps, when no memory_budget_mb
-_SAMPLE = 1 << 18  # values per batch and channel-set fed to quantile (torch.quantile caps input size)
 
 
 def by_channel(y: torch.Tensor) -> torch.Tensor:
@@ -28,14 +27,17 @@ def by_channel(y: torch.Tensor) -> torch.Tensor:
 
 
 class Stats:
-    """One neuron layer's observer. Under torch.distributed (`merged=True`) the percentile comes from
-    per-channel histograms that merge exactly across ranks (snnconv.distributed.Histogram: within one bin,
-    < 2 * max / 1024, of the exact percentile of all ranks' values); the max is all-reduced."""
+    """One neuron layer's observer: the max, and the exact percentile of every value seen (torch.quantile's
+    linear interpolation over all batches, per channel or per layer) from the largest values kept per row
+    (snnconv.distributed.Tail). Under torch.distributed `merge` all-reduces the max and
+    gathers every rank's kept values, so N ranks give what one process gives on the union of their data.
+    Rows the kept values cannot decide (see Tail) take the merged histogram's estimate
+    (snnconv.distributed.Histogram: within one bin, < 2 * max / 1024, of the exact percentile)."""
 
-    def __init__(self, per_channel: bool, q: float, merged: bool = False):
-        self.per_channel, self.q, self.merged = per_channel, q, merged
+    def __init__(self, per_channel: bool, q: float):
+        self.per_channel, self.q = per_channel, q
         self.max: torch.Tensor | None = None
-        self.quantiles: list[torch.Tensor] = []
+        self.tail: distributed.Tail | None = None
         self.histogram: distributed.Histogram | None = None
 
     def __call__(self, y: torch.Tensor) -> None:
@@ -43,28 +45,27 @@ class Stats:
         flat = by_channel(y) if self.per_channel else y.reshape(1, -1)
         m = flat.amax(dim=1)
         self.max = m if self.max is None else torch.maximum(self.max, m)
-        if self.merged:
-            if self.histogram is None:
-                self.histogram = distributed.Histogram(len(flat), device=flat.device)
-            self.histogram.add(flat)
-            return
-        if flat.shape[1] > _SAMPLE:  # the max sees every value; the quantile a random sample
-            flat = flat[:, torch.randint(flat.shape[1], (_SAMPLE,), device=flat.device)]
-        self.quantiles.append(torch.quantile(flat, self.q, dim=1))
+        if self.tail is None:
+            self.tail = distributed.Tail(len(flat), self.q, device=flat.device)
+            self.histogram = distributed.Histogram(len(flat), device=flat.device)
+        self.tail.add(flat)
+        self.histogram.add(flat, m)
 
     def merge(self) -> None:
         """Combine every rank's observations (collective: all ranks call it, in the same order)."""
         self.max = distributed.all_reduce(self.max, "max")
-        if self.histogram is not None:
+        if self.tail is not None:
+            self.tail.merge_across_ranks()
             self.histogram.merge_across_ranks()
 
     def threshold(self, method: str) -> torch.Tensor:
         if method == "max":
             value = self.max
-        elif self.histogram is not None:
-            value = torch.minimum(self.histogram.quantile(self.q).to(self.max), self.max)
         else:
-            value = torch.stack(self.quantiles).mean(0)
+            value = self.tail.quantile(self.q).to(self.max)
+            if value.isnan().any():
+                value = torch.where(value.isnan(), self.histogram.quantile(self.q).to(self.max), value)
+            value = torch.minimum(value, self.max)
         return value if self.per_channel else value.reshape(())
 
 
@@ -128,7 +129,7 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
     neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
     q = settings.percentile / 100.0
     merged = distributed.active()
-    observers = [Stats(settings.per_channel, q, merged) for _ in neurons]
+    observers = [Stats(settings.per_channel, q) for _ in neurons]
     seen = _observe(gm, calib, limit, neurons, observers, check)
     if merged:  # every rank must have data: an empty shard would leave its observers without a shape
         if distributed.all_reduce(torch.tensor(float(seen == 0)), "max").item():

@@ -6,11 +6,13 @@ that every rank ends with the same conversion. Nothing here runs unless a proces
 Merging rules (each exact, so N ranks give what one process gives on the union of their data):
 - max: all-reduce MAX;
 - sums and counts (bias-calibration means, accuracy, spikes, operations): all-reduce SUM in float64;
-- percentile: per-channel histograms (see `Histogram`): integer counts added, bins aligned exactly.
+- percentile: each rank's largest values per channel (see `Tail`), gathered: the exact percentile of the
+  union, with the per-channel histograms (see `Histogram`, counts added, bins aligned exactly) as fallback.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -72,6 +74,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's t (same shape on every rank), in rank order, on t's device; [t] when not distributed."""
+    if not active():
+        return [t]
+    buf = t.detach().to(_comm_device(), copy=True)
+    out = [torch.empty_like(buf) for _ in range(world())]
+    dist.all_gather(out, buf)
+    return [o.to(t.device) for o in out]
+
+
 def broadcast_object(obj):
     """Rank 0's object on every rank."""
     if not active():
@@ -108,15 +120,17 @@ class Histogram:
             self.counts[rows] = torch.cat([merged, merged.new_zeros(len(rows), self.bins - merged.shape[1])], 1)
         self.log2_range = log2_range
 
-    def add(self, rows: torch.Tensor) -> None:
-        """rows: [rows, M] non-negative values."""
-        top = rows.amax(1).double()
+    def add(self, rows: torch.Tensor, top: torch.Tensor | None = None) -> None:
+        """rows: [rows, M] non-negative values (negative ones count as 0); top: their row maxima, if known."""
+        top = (rows.amax(1) if top is None else top).double()
         e = torch.frexp(top.clamp(min=2.0**-70)).exponent.long()  # top = m * 2^e, 0.5 <= m < 1: top < 2^e
         self._grow(e)
         scale = torch.ldexp(torch.ones(len(rows), device=rows.device), (self.log2_bins - self.log2_range).float())
-        idx = torch.floor(rows.float() * scale.unsqueeze(1)).long().clamp_(0, self.bins - 1)  # exact: scale = 2^k
-        idx += torch.arange(len(rows), device=rows.device).unsqueeze(1) * self.bins
-        self.counts += torch.bincount(idx.flatten(), minlength=self.counts.numel()).view_as(self.counts)
+        # exact (scale = 2^k); int32 truncation is the floor of the clamped value, with half int64's traffic
+        idx = (rows.float() * scale.unsqueeze(1)).clamp_(0, self.bins - 1).int()
+        idx += torch.arange(0, len(rows) * self.bins, self.bins, device=rows.device, dtype=torch.int32).unsqueeze(1)
+        ones = self.counts.new_ones(1).expand(idx.numel())  # index_add_, unlike bincount, needs no min/max pass
+        self.counts.view(-1).index_add_(0, idx.flatten(), ones)
 
     def merge_across_ranks(self) -> None:
         if not active():
@@ -146,6 +160,68 @@ class Histogram:
         lo, hi = pos.floor(), pos.ceil()
         a, b = order_stat(lo), order_stat(hi)
         return (a + (pos - lo) * (b - a)).float()
+
+
+TAIL_BUDGET = 1 << 22  # values a Tail may keep per layer (16 MB); beyond, the histogram's estimate is used
+
+
+class Tail:
+    """Per row (channel): the largest values seen, enough for the exact q-quantile (torch.quantile's: position
+    q * (n - 1) between order statistics, linearly interpolated) of every value added, on any number of ranks.
+
+    The quantile needs the top K(n) = n - floor(q * (n - 1)) of n values, and n is only known at the end, so each
+    rank keeps 2 * K(n_t) + 64 of the n_t values it has seen (its share of the global K is about K(n_t)), and
+    the largest value it ever dropped. After gathering, the top values of the union above every rank's largest
+    dropped value are exactly the union's top values, so a row whose order statistics lie there is exact;
+    `quantile` returns NaN for any other row (data ordered so that a rank's large values come first, with K
+    outgrowing what it kept) and for every row once the kept values would pass TAIL_BUDGET per layer."""
+
+    def __init__(self, rows: int, q: float, device=None):
+        self.q, self.n = q, 0
+        self.top = torch.empty(rows, 0, device=device)  # descending
+        self.dropped = torch.full((rows,), -torch.inf, device=device)  # per row, the largest value let go
+        self.full = False  # over budget: nothing kept
+
+    def needed(self, n: int) -> int:
+        return n - math.floor(self.q * (n - 1)) if n else 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """rows: [rows, M]."""
+        self.n += rows.shape[1]
+        keep = 2 * self.needed(self.n) + 64
+        if self.full or keep * len(rows) > TAIL_BUDGET:
+            self.full, self.top = True, self.top[:, :0]
+            return
+        new = rows.float().topk(min(keep + 1, rows.shape[1]), dim=1).values
+        both = torch.cat([self.top, new], 1)
+        both = both.topk(min(keep + 1, both.shape[1]), dim=1).values
+        if both.shape[1] > keep:
+            self.dropped = torch.maximum(self.dropped, both[:, keep])
+        self.top = both[:, :keep]
+
+    def merge_across_ranks(self) -> None:
+        if not active():
+            return
+        self.n = int(all_reduce(torch.tensor([self.n])).item())
+        full, width = all_reduce(torch.tensor([int(self.full), self.top.shape[1]]), "max").tolist()
+        self.full = bool(full)
+        self.dropped = all_reduce(self.dropped, "max")
+        padded = torch.cat([self.top, self.top.new_full((len(self.top), width - self.top.shape[1]), -torch.inf)], 1)
+        self.top = torch.cat(all_gather(padded), 1).sort(1, descending=True).values
+        if self.full:
+            self.top = self.top[:, :0]
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """Per row: the exact q-quantile of every rank's values (after merge_across_ranks), or NaN where the
+        kept values do not decide it."""
+        pos = q * (self.n - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        first, second = self.n - 1 - lo, self.n - 1 - hi  # from the top: lo's order statistic is the deeper one
+        if first >= self.top.shape[1]:
+            return self.top.new_full((len(self.top),), torch.nan)
+        a, b = self.top[:, first].double(), self.top[:, second].double()
+        value = (a + (pos - lo) * (b - a)).float()
+        return torch.where(self.top[:, first] >= self.dropped, value, torch.nan)
 
 
 def shutdown() -> None:
