@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from snnconv import distributed
+from snnconv import distributed, interrupt
 from snnconv.errors import ConversionError
 
 
@@ -234,8 +234,7 @@ def _steps(text: str | None) -> list[int] | None:
 
 def cmd_run(a) -> int:
     from snnconv import datasets
-    from snnconv.memory import peak_bytes, plan_chunk
-    from snnconv.settings import check_memory
+    from snnconv.memory import check_fits, peak_bytes, run_bytes
     from snnconv.stats import evaluate, format_report
 
     Ts = _steps(a.T)
@@ -254,22 +253,26 @@ def cmd_run(a) -> int:
             f"{a.data}: samples have shape {shape}, the model was converted for {tuple(snn.settings.input_shape)}"
         )
     labels = getattr(ds, "has_labels", False)
-    if a.plot and not labels:
-        raise ConversionError(f"--plot {a.plot}: needs labels (--labels, or data that carries them)")
     if labels:
         datasets.check_labels(ds, snn, a.labels or a.data)
-    plan = plan_chunk(snn.settings, max(Ts) if Ts else snn.T, a.batch, device)
+    rule = (
+        f"labels: from {a.labels}"
+        if a.labels
+        else getattr(ds, "label_rule", None) or (f"labels: from {a.data}" if labels else "labels: none")
+    )
+    # the batch each rank runs: --batch, or all of its share of the samples where that is fewer
+    samples = min(len(ds), a.limit or len(ds))
+    n = min(a.batch, -(-samples // distributed.world()))
     item = ds[0]
-    with torch.no_grad():  # ANN mode, one sample: the size of one step's output
-        out = snn.graph_module((item[0] if isinstance(item, tuple) else item).unsqueeze(0))
-    per_step = sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
-    # one chunk's activations, and a batch's per-step outputs over all T (kept, and their running sum)
-    need = plan.chunk * plan.bytes_per_step + 2 * plan.T * min(a.batch, len(ds)) * per_step * 4
-    check_memory(need, f"--T {plan.T} with --batch {a.batch} (lower them)")
+    per_step = _outputs_per_sample(snn, (item[0] if isinstance(item, tuple) else item).unsqueeze(0))
+    plan, need = run_bytes(snn.settings, max(Ts) if Ts else snn.T, n, per_step, device)
+    batches = f"--batch {a.batch}" + (f" ({n} samples per batch here)" if n < a.batch else "")
+    check_fits(need, f"--T {plan.T} with {batches}", device, fix="lower --batch or --T")
     loader = datasets.loader(ds, a.batch, a.workers, limit=a.limit, pin=device.type == "cuda")
     r = evaluate(snn, loader, T=Ts, device=device, progress=sys.stderr.isatty())
     peak = distributed.all_reduce(torch.tensor(float(peak_bytes(device))), "max").item()
     if distributed.is_main():
+        print(rule)
         print(format_report(r))
         ranks = f", largest of {distributed.world()} ranks" if distributed.active() else ""
         where = "GPU memory allocated" if device.type == "cuda" else "resident memory"
@@ -281,6 +284,7 @@ def cmd_run(a) -> int:
 
 
 def _plot(r: dict, path: Path) -> None:
+    """Agreement with the ANN (top-1, top-5) and, with labels, accuracy beside the ANN's, against T."""
     import matplotlib.pyplot as plt
 
     from snnconv.io import atomic_write
@@ -288,10 +292,15 @@ def _plot(r: dict, path: Path) -> None:
     fmt = _plot_format(path)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ts = range(1, r["T"] + 1)
-    ax.plot(ts, r["accuracy_by_T"], marker=".", label="SNN")
-    ax.axhline(r["ann_accuracy"], color="gray", linestyle="--", label="ANN")
-    ax.set(xscale="log", xlabel="time steps T", ylabel="accuracy %", title="accuracy vs T")
-    ax.legend()
+    ax.plot(ts, r["agreement_by_T"], marker=".", label="SNN top-1 = ANN's class")
+    if "agreement_top5_by_T" in r:
+        ax.plot(ts, r["agreement_top5_by_T"], marker=".", label="ANN's class in SNN top-5")
+    if "accuracy_by_T" in r:
+        ax.plot(ts, r["accuracy_by_T"], marker=".", label="SNN accuracy")
+        ax.axhline(r["ann_accuracy"], color="gray", linestyle="--", label="ANN accuracy")
+    title = "agreement with the ANN" + (" and accuracy" if "accuracy_by_T" in r else "")
+    ax.set(xscale="log", xlabel="time steps T", ylabel="% of samples", title=f"{title} vs T", ylim=(-2, 102))
+    ax.legend(fontsize="small")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
     print(f"wrote {path}")
@@ -318,11 +327,23 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-def _memory_plan(snn, batch: int) -> str:
-    from snnconv.memory import peak_bytes, plan_chunk
+def _outputs_per_sample(snn, x1: torch.Tensor) -> int:
+    """The size of one step's output for one sample (ANN mode: one pass over x1 [1, ...])."""
+    with torch.no_grad():
+        out = snn.graph_module(x1)
+    return sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
 
-    plan = plan_chunk(snn.settings, snn.T, batch)
-    return f"\nplanned {plan} on the CPU\npeak resident memory so far: {peak_bytes() / 2**20:.0f} MiB"
+
+def _memory_plan(snn, batch: int) -> str:
+    """The time plan and the memory `run` would hold at once for batches of `batch` samples, as run checks it."""
+    from snnconv.memory import peak_bytes, run_bytes
+
+    per_step = _outputs_per_sample(snn, torch.zeros(1, *snn.settings.input_shape))
+    plan, need = run_bytes(snn.settings, snn.T, batch, per_step)
+    return (
+        f"\nplanned {plan} on the CPU: `run` holds {need / 2**20:.0f} MiB at once for such batches"
+        f"\npeak resident memory so far: {peak_bytes() / 2**20:.0f} MiB"
+    )
 
 
 def cmd_export(a) -> int:
@@ -482,59 +503,79 @@ def _quiet_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line `snnconv VERB: error: ...` and exit code 2 (--debug: the traceback);
-    Ctrl-C is `snnconv VERB: interrupted` and exit code 130. Outputs are written atomically, so neither
-    leaves a partial or temporary file."""
-    try:
-        p = parser()
-        args, extra = p.parse_known_args(argv)
-        if extra:  # name the verb whose options these are not
-            p.verbs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else 2
-    verb = f"snnconv {args.cmd}"
-    try:
-        with warnings.catch_warnings():
-            _quiet_warnings()
-            _check_args(args)
-            try:
-                return args.fn(args)
-            except Exception as exc:
-                if "DataLoader worker" not in str(exc) or args.debug:
-                    raise
-                from snnconv.datasets import reraise_worker_error
+    Ctrl-C is `snnconv VERB: interrupted` and exit code 130, at any point, whatever error it caused or
+    whoever dropped its KeyboardInterrupt (snnconv.interrupt). Outputs are written atomically when the
+    command succeeds, so neither leaves a partial or temporary file."""
+    verb, code, error, args = "snnconv", None, None, None
 
-                raise reraise_worker_error(exc) from exc
-            finally:
-                distributed.shutdown()
-    except KeyboardInterrupt:
-        # objects torn down half-built by the interrupt (a DataLoader's worker iterator) would print
-        # "Exception ignored" tracebacks from __del__ after our line: the one line is the whole story
-        sys.unraisablehook = lambda _: None
-        print(f"{verb}: interrupted", file=sys.stderr)
-        return 130
-    except ConversionError as exc:
-        if args.debug:
-            raise
-        text = str(exc)
-        print(f"{verb}: error: {' '.join(text.split(chr(10))[0].split())}", file=sys.stderr)
-        detail = text.split("\n")[1:]  # an unsupported-op report lists every op below its one-line summary
-        if detail:
-            print("\n".join(detail), file=sys.stderr)
-        return 2
-    except (MemoryError, torch.OutOfMemoryError) as exc:
-        if args.debug:
-            raise
-        print(f"{verb}: error: out of memory ({_first_line(exc)}); try a smaller --batch or --T", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(
-            f"{verb}: error: unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the "
-            "traceback, and please report it)",
-            file=sys.stderr,
-        )
-        return 2
+    def report(code: int, failed: str | None) -> None:
+        failed = failed or error
+        if code == 130:
+            print(f"{verb}: interrupted", file=sys.stderr)
+        elif failed is not None:
+            first, *detail = failed.split("\n")  # an unsupported-op report lists every op below its summary
+            print("\n".join([f"{verb}: error: {' '.join(first.split())}", *detail]), file=sys.stderr)
+
+    try:
+        try:
+            interrupt.begin()  # first: from here on a Ctrl-C belongs to this command
+            try:
+                p = parser()
+                args, extra = p.parse_known_args(argv)
+                if extra:  # name the verb whose options these are not
+                    p.verbs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+            except SystemExit as exc:  # --help, or a usage error already printed
+                code = exc.code if isinstance(exc.code, int) else 2
+            else:
+                verb = f"snnconv {args.cmd}"
+                code = _command(args)
+        except KeyboardInterrupt:
+            code = 130
+        except Exception as exc:
+            if getattr(args, "debug", False) and not interrupt.interrupted():
+                raise
+            code, error = 2, _describe(exc)
+    except KeyboardInterrupt:  # another Ctrl-C while the first failure was being described
+        code = 130
+    finally:
+        while True:
+            try:
+                code = interrupt.end(code, report)
+            except KeyboardInterrupt:
+                if interrupt.ended():  # after the command: the caller's Ctrl-C
+                    raise
+                code = 130  # landed as end() was called, before it held Ctrl-C off: end it again
+                continue
+            break
+    return code
+
+
+def _command(args) -> int:
+    with warnings.catch_warnings():
+        _quiet_warnings()
+        _check_args(args)
+        try:
+            return args.fn(args)
+        except Exception as exc:
+            if "DataLoader worker" not in str(exc) or args.debug:
+                raise
+            from snnconv.datasets import reraise_worker_error
+
+            raise reraise_worker_error(exc) from exc
+        finally:
+            distributed.shutdown()
+
+
+def _describe(exc: Exception) -> str:
+    """The error line (and, for a ConversionError, the lines it lists below it)."""
+    if isinstance(exc, ConversionError):
+        return str(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return f"out of memory ({_first_line(exc)}); try a smaller --batch or --T"
+    return (
+        f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback, and please "
+        "report it)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

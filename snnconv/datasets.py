@@ -8,6 +8,7 @@ of images (class subfolders give labels: the ImageFolder layout), or a folder of
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import signal
 import threading
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from snnconv import distributed
+from snnconv import distributed, interrupt
 from snnconv.errors import ConversionError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm"}
@@ -136,19 +138,32 @@ class Shards(Dataset):
         return self.files[k][i - self.starts[k]]
 
 
+def class_labels(names: list[str]) -> tuple[dict[str, int], str]:
+    """Class subfolder names -> labels, and the rule in words. Names that are all integers are class indices
+    (ImageNet's "243/"); other names are numbered in sorted order, as torchvision's ImageFolder does."""
+    names = sorted(names)
+    if all(n.isascii() and n.isdigit() for n in names):
+        labels, rule = {n: int(n) for n in names}, "class subfolder names are integers, read as the class indices"
+    else:
+        labels, rule = {n: i for i, n in enumerate(names)}, "class subfolders numbered in sorted order (ImageFolder)"
+    shown = ", ".join(f"{n}/ -> {c}" for n, c in list(labels.items())[:3]) + (", ..." if len(names) > 3 else "")
+    return labels, f"labels: {rule}: {shown}"
+
+
 class ImageFiles(Dataset):
-    """Images decoded one at a time: [C, H, W] in [0, 1]; class subfolders (sorted) give labels."""
+    """Images decoded one at a time: [C, H, W] in [0, 1]; class subfolders give labels (class_labels)."""
 
     def __init__(self, root: Path, prep=None):
         try:
             import PIL.Image  # noqa: F401
         except ImportError as exc:
             raise ConversionError("reading a folder of images needs Pillow: pip install pillow") from exc
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes, self.label_rule = class_labels([p.name for p in root.iterdir() if p.is_dir()])
         if classes:
-            files = [(f, c) for c, d in enumerate(classes) for f in sorted((root / d).iterdir())]
+            files = [(f, c) for d, c in classes.items() for f in sorted((root / d).iterdir())]
         else:
             files = [(f, -1) for f in sorted(root.iterdir())]
+            self.label_rule = None
         self.files = [(f, c) for f, c in files if f.suffix.lower() in IMAGE_EXTS]
         if not self.files:
             raise ConversionError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) found")
@@ -281,22 +296,47 @@ def _ignore_ctrl_c(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Ctrl-C waits until the block is done, then is delivered to whichever handler the caller had. Python
+    runs a pending SIGINT's handler wherever it next checks: inside os.fork's at-fork hooks (logging's lock
+    release) or a worker iterator's shutdown, which often runs in __del__, the KeyboardInterrupt is printed
+    as "Exception ignored" and dropped (snnconv.interrupt still sees the Ctrl-C), and a shutdown cut short
+    leaves its worker processes running."""
+    if threading.current_thread() is not threading.main_thread():  # only there are signals handled
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
+class _WorkerIter(_MultiProcessingDataLoaderIter):
+    def _shutdown_workers(self) -> None:
+        with _ctrl_c_held():
+            super()._shutdown_workers()
+
+
 class _Loader(DataLoader):
-    """A DataLoader whose worker processes start with Ctrl-C held back. Python runs a pending SIGINT's
-    handler wherever it next checks, and inside os.fork's at-fork hooks (logging's lock release) the
-    KeyboardInterrupt is printed as "Exception ignored" and dropped: the user's Ctrl-C was lost."""
+    """A DataLoader whose worker processes start and stop with Ctrl-C held back (see _ctrl_c_held)."""
 
     def __iter__(self):
-        if not self.num_workers or threading.current_thread() is not threading.main_thread():
+        interrupt.check()  # a Ctrl-C dropped since the last pass (in a finaliser, an iterator's __del__)
+        if not self.num_workers:
             return super().__iter__()
-        held = []
-        previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
-        try:
+        with _ctrl_c_held():
             return super().__iter__()  # forks the workers
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            if held:
-                signal.raise_signal(signal.SIGINT)  # delivered now, to whichever handler the caller had
+
+    def _get_iterator(self):
+        if not self.num_workers:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        return _WorkerIter(self)
 
 
 def loader(ds: Dataset, batch: int, workers: int | None = None, limit: int | None = None, pin: bool = False):

@@ -533,7 +533,10 @@ def _image_folder(path: Path, prep: ImagePrep) -> tuple[torch.Tensor, torch.Tens
 def atomic_write(path: Path, content) -> None:
     """Write `content` (bytes, or a function writing to a path) to a temporary file beside `path`, then
     rename it over `path`: a failure (an unwritable folder, a full disk, Ctrl-C) never leaves a half-written
-    or temporary file, and is one ConversionError naming the path."""
+    or temporary file, and is one ConversionError naming the path. While an snnconv command runs, the rename
+    waits for its end (snnconv.interrupt): an interrupted or failed command writes nothing."""
+    from snnconv import interrupt
+
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"{path}: is a directory, expected a file path for the output")
@@ -552,7 +555,11 @@ def atomic_write(path: Path, content) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        interrupt.check()  # a Ctrl-C dropped on the way here (in a finaliser, under C++ code): no output
+        if interrupt.hold(tmp, path):  # the command renames it when it ends, unless interrupted or failed
+            tmp = None
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         raise ConversionError(f"{path}: cannot write the output ({exc.strerror or _why(exc)})") from exc
     except ConversionError:

@@ -8,10 +8,13 @@ hundred MiB per pass the ops are long enough that running them once per chunk co
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 
 import torch
+
+from snnconv.errors import ConversionError
 
 AVAILABLE_SHARE = 0.5  # of the memory available now: the rest for the model, data, loaders, other processes
 CAP_BYTES = 1 << 30  # one chunk's activations at most this large when nothing else is set
@@ -73,6 +76,36 @@ def plan_chunk(settings, T: int, n: int, device: str | torch.device = "cpu") -> 
             else f"auto: {CAP_BYTES >> 20} MiB cap"
         )
     return ChunkPlan(max(1, min(T, int(budget // step))), T, n, step, why)
+
+
+def run_bytes(settings, T: int, n: int, outputs_per_sample: int, device: str | torch.device = "cpu"):
+    """(the time plan, bytes held at once) for T steps of a batch of n samples: one time chunk's activations,
+    and the batch's per-step outputs over all T (kept, joined across chunks, and their running sums)."""
+    plan = plan_chunk(settings, T, n, device)
+    return plan, plan.chunk * plan.bytes_per_step + 3 * T * n * outputs_per_sample * 4
+
+
+def machine_bytes(device: str | torch.device = "cpu") -> int | None:
+    """The most one process could ever hold: physical memory on CPU, the device's memory on CUDA; None when
+    unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(need: int, what: str, device: str | torch.device = "cpu", fix: str = "") -> None:
+    """Refuse, before allocating, `need` bytes that would not fit in this machine's (or device's) memory."""
+    have = machine_bytes(device)
+    if have is not None and need > have:
+        where = "this machine's" if torch.device(device).type == "cpu" else f"{device}'s"
+        raise ConversionError(
+            f"{what} needs {need / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} GiB"
+            + (f"; {fix}" if fix else "")
+        )
 
 
 def peak_bytes(device: str | torch.device = "cpu") -> int:

@@ -8,7 +8,6 @@ the same one-line error naming the field. RULES is the table: field -> (test, wh
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 
 from snnconv.errors import ConversionError
@@ -80,12 +79,9 @@ def check(name: str, value, label: str | None = None) -> None:
 
 def check_memory(need: int, what: str) -> None:
     """Refuse, before allocating, `need` bytes that would not fit in this machine's memory."""
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > have:
-        raise ConversionError(f"{what} needs {need / 2**30:.3g} GiB, more than this machine's {have / 2**30:.3g} GiB")
+    from snnconv.memory import check_fits
+
+    check_fits(need, what)
 
 
 def check_allocatable(shape, n: int, what: str) -> None:

@@ -8,15 +8,23 @@ __all__ = ["evaluate", "format_report"]
 
 
 def format_report(r: dict) -> str:
-    lines = []
+    ts = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= r["T"]} | set(r.get("Ts", [r["T"]])))
+    rows = [  # % of samples at each T: the labels' class is the SNN's; the ANN's class is the SNN's top 1, top 5
+        (name, r[key])
+        for name, key in (
+            ("accuracy", "accuracy_by_T"),
+            ("SNN top-1 = ANN top-1", "agreement_by_T"),
+            ("ANN top-1 in SNN top-5", "agreement_top5_by_T"),
+        )
+        if key in r
+    ]
     if "accuracy_by_T" in r:
-        ts = sorted({t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256) if t <= r["T"]} | set(r.get("Ts", [r["T"]])))
-        lines += [
-            f"accuracy on {r['samples']} samples (ANN: {r['ann_accuracy']:.2f}%)",
-            "  " + "".join(f"{'T=' + str(t):>9}" for t in ts),
-            "  " + "".join(f"{r['accuracy_by_T'][t - 1]:9.2f}" for t in ts),
-            "",
-        ]
+        title = f"accuracy on {r['samples']} samples (ANN: {r['ann_accuracy']:.2f}%), and agreement with the ANN, %:"
+    else:
+        title = f"agreement with the ANN on {r['samples']} samples (no labels: no accuracy), %:"
+    lines = [title, " " * 24 + "".join(f"{'T=' + str(t):>9}" for t in ts)]
+    lines += [f"  {name:<22}" + "".join(f"{v[t - 1]:9.2f}" for t in ts) for name, v in rows]
+    lines.append("")
     calls = r.get("neuron_calls", {})
     cuda, cpu = sum(c["kernel"] for c in calls.values()), sum(c["cpu"] for c in calls.values())
     kernel = cuda + cpu

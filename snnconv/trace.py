@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from snnconv import interrupt
 from snnconv.errors import ConversionError, describe, frame_of
 from snnconv.qcfs import QCFS
 
@@ -500,13 +501,16 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModu
     try:
         graph = tracer.trace(model)
     except Exception as exc:
+        interrupt.check()  # a Ctrl-C that broke a lazy import here is no fault of the model
         if example is None:
             raise _trace_error(model, exc) from exc
         try:
             tracer = _ShapeTracer(example[:2])
             graph = tracer.trace(model)
         except Exception:
+            interrupt.check()
             raise _trace_error(model, exc) from exc
+    interrupt.check()  # one that torch dropped (its C++ callbacks swallow errors) stops here too
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["snn_concrete_shapes"] = isinstance(tracer, _ShapeTracer)
     if isinstance(tracer, _ShapeTracer):  # sizes other than the batch are baked in: check the input's

@@ -527,7 +527,6 @@ CASES = [
         "run",
         ["'xyz'", "unsupported"],
     ),
-    ("plot without labels", None, [*RUN, "--data", "calib.npy", "--plot", "acc.png"], "run", ["needs labels"]),
     ("plot folder missing", None, [*RUN, "--data", "test.pt", "--plot", "no/acc.png"], "run", ["does not exist"]),
     (
         "plot folder read-only",
