@@ -354,8 +354,9 @@ def cmd_export(a) -> int:
     snn = _load(a)
     out = a.output
     if a.format == "nir":
-        write_nir(snn, Path(out))
-        print(f"wrote {out}: NIR graph, {len(snn.neurons())} IF layers (metadata 'snnconv': v_init, readout)")
+        write_nir(snn, Path(out), a.nir_neuron)
+        form = "I + Threshold + reset edge" if a.nir_neuron == "I" else "IF"
+        print(f"wrote {out}: NIR graph, {len(snn.neurons())} neuron layers as {form}")
         return 0
     check_allocatable(snn.settings.input_shape, a.batch, f"--batch {a.batch}")
     export_onnx(snn, Path(out), batch=a.batch)
@@ -475,6 +476,13 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export the SNN to ONNX (T unrolled) or NIR (neuromorphic hardware)")
     e.add_argument("checkpoint")
     e.add_argument("--format", choices=["onnx", "nir"], default="onnx", help="onnx (default) or nir (HDF5)")
+    e.add_argument(
+        "--nir-neuron",
+        choices=["I", "IF"],
+        default="I",
+        help="NIR neuron form: I (integrator, threshold, reset edge: the spec's own nodes; default) or IF "
+        "(for targets such as Sinabs that import only IF)",
+    )
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--T", type=int)
     e.add_argument("--batch", type=int, default=1, help="fixed batch size of the exported graph")

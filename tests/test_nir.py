@@ -399,9 +399,12 @@ def test_cli_export_nir(tmp_path, monkeypatch, capsys):
     snn = convert_binary(mnist_cnn().eval(), T=4, calib=torch.rand(32, 1, 28, 28))
     snnconv.save(snn, tmp_path / "snn.safetensors")
     monkeypatch.chdir(tmp_path)
-    argv = ["export", "snn.safetensors", "--model", "test_nir:mnist_cnn", "--format", "nir", "-o", "snn.nir"]
-    assert main(argv) == 0
-    assert "NIR graph" in capsys.readouterr().out
-    back = snnconv.from_nir(tmp_path / "snn.nir", T=4)
     x = torch.rand(4, 1, 28, 28)
-    assert torch.equal(back(x), snn(x))
+    for form, node in (("I", nir.I), ("IF", nir.IF)):
+        argv = ["export", "snn.safetensors", "--model", "test_nir:mnist_cnn", "--format", "nir", "-o", "snn.nir"]
+        assert main([*argv, "--nir-neuron", form]) == 0
+        assert "NIR graph" in capsys.readouterr().out
+        nodes = nir.read(tmp_path / "snn.nir").nodes.values()
+        assert sum(isinstance(n, node) for n in nodes) == len(snn.neurons()), form
+        back = snnconv.from_nir(tmp_path / "snn.nir", T=4)
+        assert torch.equal(back(x), snn(x)), form
