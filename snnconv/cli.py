@@ -234,8 +234,9 @@ def _steps(text: str | None) -> list[int] | None:
 
 def cmd_run(a) -> int:
     from snnconv import datasets
+    from snnconv.evaluate import evaluate
     from snnconv.memory import check_fits, peak_bytes, run_bytes
-    from snnconv.stats import evaluate, format_report
+    from snnconv.stats import format_report
 
     Ts = _steps(a.T)
     device = _device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -84,15 +84,6 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [o.to(t.device) for o in out]
 
 
-def broadcast_object(obj):
-    """Rank 0's object on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class Histogram:
     """Per-row (channel) histograms of non-negative values, row r over [0, R_r) in `bins` bins, R_r a power of
     two that doubles (merging bin pairs) as larger values arrive. Because R_r and `bins` are powers of two, a

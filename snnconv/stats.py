@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from snnconv.evaluate import E_AC_PJ, E_MAC_PJ, evaluate
-
-__all__ = ["evaluate", "format_report"]
+from snnconv.evaluate import E_AC_PJ, E_MAC_PJ
 
 
 def format_report(r: dict) -> str:

@@ -485,14 +485,6 @@ class _ShapeTracer(_Tracer):
             return n.target(*args, **kwargs), batched
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node, kind):
-    """The module `node` calls if it is a `kind` (a class or tuple of classes), else None."""
-    if node.op != "call_module":
-        return None
-    m = gm.get_submodule(node.target)
-    return m if isinstance(m, kind) else None
-
-
 def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:
     """Trace `model` symbolically; if that fails and `example` (one input batch) is given, trace again with
     concrete shapes. Shape checks (torch._assert) leave the graph. A failure becomes a ConversionError naming

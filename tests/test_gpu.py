@@ -162,7 +162,7 @@ def test_cupy_runs_on_the_callers_stream():
 @cuda
 def test_cpu_conversion_moved_to_cuda_runs_every_neuron_on_the_kernel():
     """Converted on the CPU (channels-last pass on), then moved: 100% of neuron calls on the kernel, the same
-    outputs as the torch backend on the device; `snnconv.stats.evaluate` reports the same share."""
+    outputs as the torch backend on the device; `snnconv.evaluate` reports the same share."""
     _cupy()
     import sys
     from pathlib import Path
@@ -170,7 +170,8 @@ def test_cpu_conversion_moved_to_cuda_runs_every_neuron_on_the_kernel():
     sys.path.insert(0, str(Path(__file__).parent))
     from nets import ResCatNet, randomize_bn
 
-    from snnconv.stats import evaluate, format_report
+    from snnconv.evaluate import evaluate
+    from snnconv.stats import format_report
 
     ann = randomize_bn(ResCatNet())
     x = torch.rand(32, 3, 16, 16)

@@ -20,8 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import snnconv
 from snnconv import datasets, memory
 from snnconv.cli import main
-from snnconv.evaluate import counting_graph
-from snnconv.stats import E_MAC_PJ
+from snnconv.evaluate import E_MAC_PJ, counting_graph
 
 
 class SameConv(nn.Conv2d):
