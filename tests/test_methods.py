@@ -243,11 +243,9 @@ def test_threshold_search_lowers_the_snn_error_at_small_T():
     assert errors["search"] < 0.8 * errors["percentile"], errors
 
 
-def test_signed_spikes_convert_and_round_trip(tmp_path, monkeypatch):
+def test_signed_spikes_convert_and_round_trip(tmp_path, monkeypatch, signed_reference):
     """Through convert() and the runtime: a signed SNN fed time-major inputs of both signs emits, step by
     step, what the float64 loop of signed neurons gives; keys stay the ANN's; a checkpoint brings it back."""
-    from test_neurons import signed_reference
-
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
     calib = torch.rand(256, 4, dtype=torch.float64)

@@ -285,26 +285,9 @@ def _signed(steps, static, decay):
     return dict(steps=steps, static=static, soft_reset=True, v_reset=0.0, decay=decay)
 
 
-def signed_reference(x, theta, v_init, tau=None):
-    """Signed IF/LIF neurons one at a time in Python floats: +theta at H >= theta, -theta at H < 0 while
-    the neuron's net spike count is positive."""
-    T, n = len(x), len(x[0])
-    decay = 1.0 - 1.0 / tau if tau else 1.0
-    out = [[0.0] * n for _ in range(T)]
-    for i in range(n):
-        v, count = v_init * theta, 0
-        for t in range(T):
-            h = decay * v + x[t][i]
-            s = 1 if h >= theta else -1 if (h < 0 and count > 0) else 0
-            count += s
-            out[t][i] = s * theta
-            v = h - s * theta
-    return out
-
-
 @pytest.mark.parametrize("tau", [None, 3.0])
 @pytest.mark.parametrize("static", [False, True])
-def test_signed_spikes_match_float64_loop(tau, static):
+def test_signed_spikes_match_float64_loop(tau, static, signed_reference):
     g = torch.Generator().manual_seed(11 + 2 * static + (tau is not None))
     T, n, theta = 17, 41, 0.6
     x = torch.rand(T, n, generator=g, dtype=torch.float64) * 1.4 - 0.6  # inputs of both signs
@@ -357,7 +340,7 @@ def test_signed_count_is_the_rate_code_of_the_running_input():
     assert final_err(out) == 0 < final_err(plain)
 
 
-def test_exact_ties_fire():
+def test_exact_ties_fire(signed_reference):
     """Inputs on a grid of quarters, threshold 0.5, decay 0.5: every sum is exact, so membranes land exactly
     on the threshold (and on 0): H == theta fires (H >= theta), in every backend form, like the loops."""
     g = torch.Generator().manual_seed(17)
