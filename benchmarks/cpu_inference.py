@@ -177,8 +177,8 @@ def fast_paths(snn, fn) -> tuple[str, dict]:
     neuron layers; and each neuron layer's firing rate (spikes per neuron per step)."""
     import torch.nn as nn
 
-    from snnconv.passes.fold_batchnorm import FoldedBN
     from snnconv.runtime import integer_spikes as int8
+    from snnconv.runtime.modules import FoldedBN
 
     counts, spikes, sizes, hooks = {}, {}, {}, []
 

@@ -50,7 +50,7 @@ from snnconv import config
 from snnconv.errors import ConversionError
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import current
-from snnconv.runtime.modules import Neuron, NeuronConfig
+from snnconv.runtime.modules import FoldedBN, Neuron, NeuronConfig
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
@@ -394,7 +394,7 @@ class SpikeLayer(nn.Module):
         along the inputs with scales s; 'binary' (hi, lo) with scales (255 s, s). Signed spikes: the bias less
         s * (sum of the integer weights), the interior of layer(1)."""
         inner = self.inner
-        w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
+        w, b = self._layer.folded() if isinstance(self._layer, FoldedBN) else (inner.weight, inner.bias)
         with torch.no_grad():
             w = fold_input_scale(w.double(), theta.detach().double().cpu())
             if hwc is not None:
@@ -445,7 +445,7 @@ class SpikeLayer(nn.Module):
         Concurrent calls may both derive or pack: the cache is one tuple, replaced whole, never changed
         under a reader."""
         inner = self.inner
-        w, b = self._layer.folded() if hasattr(self._layer, "folded") else (inner.weight, inner.bias)
+        w, b = self._layer.folded() if isinstance(self._layer, FoldedBN) else (inner.weight, inner.bias)
         key = (*((t.data_ptr(), t._version) if t is not None else None for t in (w, b, theta)), hwc)
         cached_key, weights, packed_by_shape = self._cache
         if key != cached_key:

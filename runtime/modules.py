@@ -387,3 +387,50 @@ class TimeBroadcast(nn.Module):
         if call is None or not call.input_static or call.steps == 1:
             return x
         return x.unsqueeze(0).expand(call.steps, *x.shape).reshape(-1, *x.shape[1:])
+
+
+class FoldedBN(nn.Module):
+    """conv/linear followed by eval-mode BN, as one op. Holds the two modules by reference, unregistered. The
+    folded weight is derived from their own parameters at run time and cached on their versions, so
+    load_state_dict() or .to() on the SNN refolds automatically, and state_dict() stays the ANN's."""
+
+    def __init__(self, layer: nn.Module, bn: nn.Module, names: tuple[str, str]):
+        super().__init__()
+        self.__dict__["_layer"], self.__dict__["_bn"] = layer, bn
+        self.names, self._cache = names, (None, None)  # (key of the tensors folded, (weight, bias)): one tuple
+
+    def extra_repr(self) -> str:
+        return f"{self.names[0]} + {self.names[1]}"
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, bn = self._layer, self._bn
+        tensors = [layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key = tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
+        cached_key, wb = self._cache  # read once: concurrent calls may both refold, never mix two folds
+        if key != cached_key:
+            with torch.no_grad():
+                var, mean = bn.running_var.double(), bn.running_mean.double()
+                scale = torch.rsqrt(var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.double()
+                bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
+                bias = (bias - mean) * scale
+                if bn.bias is not None:
+                    bias = bias + bn.bias.double()
+                w = layer.weight.double() * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+                fmt = (
+                    torch.channels_last
+                    if w.dim() == 4
+                    and not layer.weight.is_contiguous()
+                    and layer.weight.is_contiguous(memory_format=torch.channels_last)
+                    else torch.contiguous_format
+                )
+                wb = (w.to(layer.weight.dtype).contiguous(memory_format=fmt), bias.to(layer.weight.dtype))
+            self._cache = (key, wb)
+        return wb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.folded()
+        if isinstance(self._layer, nn.Linear):
+            return F.linear(x, w, b)
+        return self._layer._conv_forward(x, w, b)

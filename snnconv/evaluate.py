@@ -32,9 +32,8 @@ from tqdm import tqdm
 from snnconv import distributed
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
-from snnconv.passes.fold_batchnorm import FoldedBN
 from snnconv.runtime.integer_spikes import SpikeLayer
-from snnconv.runtime.modules import Neuron, TimeBroadcast
+from snnconv.runtime.modules import FoldedBN, Neuron, TimeBroadcast
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
 _aten = torch.ops.aten

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from snnconv.errors import ConversionError
+from snnconv.runtime.modules import FoldedBN
 
 _FORMAT = 2  # version of the "snnconv" metadata block
 FORMS = ("I", "IF")  # how to_nir writes a neuron layer (module docstring)
@@ -144,7 +145,7 @@ class _Exporter:
         from snnconv.runtime.integer_spikes import fold_input_scale
 
         inner = m.inner
-        w, b = m._layer.folded() if hasattr(m._layer, "folded") else (inner.weight, inner.bias)
+        w, b = m._layer.folded() if isinstance(m._layer, FoldedBN) else (inner.weight, inner.bias)
         theta = m._neuron.threshold.detach().double().cpu()
         *_, whole, s = m._derive(theta, None)
         spread = fold_input_scale(torch.ones(w.shape, dtype=torch.float64), theta)
@@ -203,7 +204,6 @@ class _Exporter:
             _Shapes(self.gm).run(x)
 
     def visit(self, node: fx.Node) -> None:
-        from snnconv.passes.fold_batchnorm import FoldedBN
         from snnconv.runtime.modules import Neuron, SpikeMaxPool, TimeBroadcast
 
         nir, gm, terms = self.nir, self.gm, self.terms

@@ -222,7 +222,7 @@ def _torch_peak(snn, x) -> int:
 def test_folded_batchnorm_equals_layer_then_bn(layer, bn):
     """FoldedBN against the two modules it folds (float64), for every form of either, and refolded after a
     parameter or statistic changes in place; folded once while nothing changes."""
-    from snnconv.passes.fold_batchnorm import FoldedBN
+    from snnconv.runtime.modules import FoldedBN
 
     torch.manual_seed(4)
     lay, norm = layer().double().eval(), bn().double().eval()
