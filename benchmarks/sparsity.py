@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from snnconv.runtime import integer_spikes as int8
-from snnconv.runtime.modules import Neuron, NeuronConfig
+from snnconv.runtime.modules import Neuron
+from snnconv.settings import NeuronConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_inference import cpu_line

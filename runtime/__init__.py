@@ -14,6 +14,7 @@ import torch
 from snnconv.errors import ConversionError
 from snnconv.runtime import torch_backend
 from snnconv.runtime.lazy import Lazy
+from snnconv.settings import BACKENDS
 
 Backend = Callable[..., torch.Tensor]
 
@@ -26,9 +27,6 @@ def _load_cupy() -> Backend:
 
 
 CUPY = Lazy(_load_cupy)  # None where CuPy cannot run: 'auto' stays quiet and 'cupy' explains (CUPY.why)
-
-
-BACKENDS = ("auto", "torch", "cupy")
 
 
 def get_backend(name: str, device: torch.device) -> Backend:

@@ -50,7 +50,8 @@ from snnconv import config
 from snnconv.errors import ConversionError
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import current
-from snnconv.runtime.modules import FoldedBN, Neuron, NeuronConfig
+from snnconv.runtime.modules import FoldedBN, Neuron
+from snnconv.settings import NeuronConfig
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8

@@ -7,8 +7,6 @@ Inside the graph, tensors after the first neuron carry time folded into the batc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,21 +14,7 @@ from torch.nn.modules.utils import _pair
 
 from snnconv.runtime import cpu_kernel, get_backend, torch_backend
 from snnconv.runtime.context import current, reused
-
-
-@dataclass
-class NeuronConfig:
-    kind: str = "if"  # 'if' or 'lif'
-    reset: str = "soft"  # 'soft' (subtract threshold) or 'hard' (set to v_reset)
-    v_reset: float = 0.0
-    v_init: float = 0.5  # initial membrane, as a fraction of the threshold
-    tau: float = 2.0  # LIF time constant: decay = 1 - 1/tau
-    max_spikes: int = 1  # > 1: burst mode, up to this many spikes per step (outputs are not binary)
-    signed: bool = False  # spikes of -theta too, taking back an early excess (soft reset, binary magnitude)
-
-    @property
-    def decay(self) -> float:
-        return 1.0 - 1.0 / self.tau if self.kind == "lif" else 1.0
+from snnconv.settings import NeuronConfig
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

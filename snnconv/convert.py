@@ -11,8 +11,8 @@ from snnconv import passes as pipeline
 from snnconv.calibrate import batches, calibrate, calibrate_bias
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
-from snnconv.runtime.modules import Neuron, NeuronConfig
-from snnconv.settings import API_NAMES, Settings
+from snnconv.runtime.modules import Neuron
+from snnconv.settings import API_NAMES, NeuronConfig, Settings
 from snnconv.trace import annotate, trace
 
 

@@ -11,8 +11,23 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from snnconv.errors import ConversionError
-from snnconv.runtime import BACKENDS
-from snnconv.runtime.modules import NeuronConfig
+
+BACKENDS = ("auto", "torch", "cupy")  # who runs neuron dynamics: snnconv.runtime.get_backend
+
+
+@dataclass
+class NeuronConfig:
+    kind: str = "if"  # 'if' or 'lif'
+    reset: str = "soft"  # 'soft' (subtract threshold) or 'hard' (set to v_reset)
+    v_reset: float = 0.0
+    v_init: float = 0.5  # initial membrane, as a fraction of the threshold
+    tau: float = 2.0  # LIF time constant: decay = 1 - 1/tau
+    max_spikes: int = 1  # > 1: burst mode, up to this many spikes per step (outputs are not binary)
+    signed: bool = False  # spikes of -theta too, taking back an early excess (soft reset, binary magnitude)
+
+    @property
+    def decay(self) -> float:
+        return 1.0 - 1.0 / self.tau if self.kind == "lif" else 1.0
 
 
 def _int(v) -> bool:

@@ -427,7 +427,8 @@ def test_int8_layer_ignores_a_code_whose_spikes_were_changed():
     """The code is valid only for the spikes as the neuron wrote them: an in-place change (version counter)
     or another tensor makes the layer encode for itself."""
     from snnconv.runtime.context import Call, running
-    from snnconv.runtime.modules import Neuron, NeuronConfig
+    from snnconv.runtime.modules import Neuron
+    from snnconv.settings import NeuronConfig
 
     neuron = Neuron(NeuronConfig(signed=True))
     neuron.threshold = torch.tensor(0.5)

@@ -23,7 +23,8 @@ import snnconv
 from snnconv import config, passes
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import Call, running
-from snnconv.runtime.modules import Neuron, NeuronConfig
+from snnconv.runtime.modules import Neuron
+from snnconv.settings import NeuronConfig
 
 # binary spikes (signed ones have their own tests here) and no bias calibration: fitted by
 # each conversion's own SNN run, biases would differ between the paths these tests compare bit for bit

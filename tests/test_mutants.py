@@ -103,7 +103,8 @@ def test_time_broadcast_where_static_meets_spiking():
 
 
 def test_module_reprs_name_their_settings():
-    from snnconv.runtime.modules import Neuron, NeuronConfig, SpikeMaxPool
+    from snnconv.runtime.modules import Neuron, SpikeMaxPool
+    from snnconv.settings import NeuronConfig
 
     n = Neuron(NeuronConfig(kind="lif", reset="hard"), clip=6.0)
     n.threshold = torch.tensor(0.25)

@@ -182,7 +182,8 @@ def test_neuron_module_matches_float64_loop(kind, reset):
     """The module as the graph calls it: time folded into the batch [T * N, C, H, W], per-channel threshold
     and calibrated bias, v_init and v_reset, state carried from one call of the same Call to the next."""
     from snnconv.runtime.context import Call, running
-    from snnconv.runtime.modules import Neuron, NeuronConfig
+    from snnconv.runtime.modules import Neuron
+    from snnconv.settings import NeuronConfig
 
     g = torch.Generator().manual_seed(21 + len(kind))
     T, N, C = 6, 2, 3
@@ -207,7 +208,8 @@ def test_neuron_module_static_input_and_layouts():
     """A neuron marked static (hoisted) integrates its one [N, ...] input at every step when the call's input
     is static, and reads [T * N, ...] when it is not (time-major input); channels-last stays channels-last."""
     from snnconv.runtime.context import Call, running
-    from snnconv.runtime.modules import Neuron, NeuronConfig
+    from snnconv.runtime.modules import Neuron
+    from snnconv.settings import NeuronConfig
 
     g = torch.Generator().manual_seed(31)
     T, N, C = 5, 2, 3
@@ -235,7 +237,8 @@ def test_float32_neurons_keep_float32_membranes():
     import numpy as np
 
     from snnconv.runtime.context import Call, running
-    from snnconv.runtime.modules import Neuron, NeuronConfig
+    from snnconv.runtime.modules import Neuron
+    from snnconv.settings import NeuronConfig
 
     g = torch.Generator().manual_seed(41)
     T, n = 64, 400
@@ -268,7 +271,8 @@ def test_neuron_outside_a_call_is_the_ann_activation():
     output to its observer (calibration)."""
     import torch.nn.functional as F
 
-    from snnconv.runtime.modules import Neuron, NeuronConfig
+    from snnconv.runtime.modules import Neuron
+    from snnconv.settings import NeuronConfig
 
     x = torch.linspace(-4, 11, 61, dtype=torch.float64).view(1, 61)
     seen = []

@@ -108,7 +108,8 @@ def test_residual_in_another_layout_is_added_first_and_the_kernel_still_runs():
     can be): the neuron adds it first and the CPU kernel runs the sum; spikes as for the graph's add."""
     from snnconv.runtime import cpu_kernel
     from snnconv.runtime.context import Call, running
-    from snnconv.runtime.modules import Neuron, NeuronConfig
+    from snnconv.runtime.modules import Neuron
+    from snnconv.settings import NeuronConfig
 
     if cpu_kernel.why_not() is not None:
         pytest.skip(f"no CPU kernel: {cpu_kernel.why_not()}")

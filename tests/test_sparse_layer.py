@@ -16,7 +16,8 @@ from snnconv import config
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import Call, running
-from snnconv.runtime.modules import Neuron, NeuronConfig
+from snnconv.runtime.modules import Neuron
+from snnconv.settings import NeuronConfig
 
 pytestmark = pytest.mark.skipif(not sparse_layer.available(), reason=f"no C compiler: {sparse_layer.why_not()}")
 
