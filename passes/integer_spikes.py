@@ -53,10 +53,10 @@ def _reader(gm: fx.GraphModule, neuron: fx.Node, user: fx.Node, mode: str) -> tu
 def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
     param = next(gm.parameters(), None)
     binary = settings.neuron.max_spikes == 1  # spikes 0 or theta (signed: or -theta): u8 inputs
-    if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or not binary:
-        return gm
-    mode = int8.mode()  # which exact int8 arithmetic runs fast here, if any ($SNNCONV_INT8 forces one)
-    if mode is None:
+    applies = param is not None and param.device.type == "cpu" and param.dtype == torch.float32 and binary
+    # one decision, recorded in the settings (checkpoints, inspect): the conversion's, where it holds here
+    settings.int8 = mode = int8.choose(settings.int8) if applies else "off"
+    if mode == "off":
         return gm
     try:  # shapes of one sample, in ANN mode (without them, linear layers read spikes only via flatten)
         with torch.no_grad():

@@ -51,12 +51,12 @@ from snnconv.errors import ConversionError
 from snnconv.runtime import sparse_layer
 from snnconv.runtime.context import current
 from snnconv.runtime.modules import FoldedBN, Neuron
+from snnconv.settings import INT8_MODES as MODES
 from snnconv.settings import NeuronConfig
 
 _HI = 255  # weight = 255 * hi + lo; 255 * spike still fits uint8
 _HI_SIGNED = 127  # 'vnni' on signed spikes: 127 * (spike + 1) <= 254 fits uint8
 _scratch = threading.local()  # uint8 input buffers by shape, shared: each is read only inside one call
-MODES = ("vnni", "binary", "sparse", "vnni-emulated", "binary-emulated")
 
 
 # ---- the ops: oneDNN's, or their integer arithmetic in float64 ----------------------------------------
@@ -252,6 +252,15 @@ def mode() -> str | None:
     times = probe_times()
     fastest = min(times, key=times.get)
     return None if fastest == "float32" else fastest
+
+
+def choose(recorded: str | None) -> str:
+    """The mode to lower with: the one a conversion recorded, where it is exact here and $SNNCONV_INT8 does not
+    force another; else `mode()` ('off' where none is fast). A checkpoint thus rebuilds the layers it was
+    converted with, not whatever a timing probe on a busy machine prefers."""
+    if recorded is not None and config.INT8.get().lower() == "auto" and (recorded == "off" or exact(recorded)):
+        return recorded
+    return mode() or "off"
 
 
 def available() -> bool:

@@ -17,7 +17,7 @@ from snnconv.runtime.modules import Neuron
 from snnconv.settings import Settings
 
 # settings that shaped the graph or its buffers at conversion; a loaded state does not change them
-_BUILT_IN = {"neuron", "passes", "input_ndim", "input_shape", "step_bytes_per_sample"}
+_BUILT_IN = {"neuron", "passes", "input_ndim", "input_shape", "step_bytes_per_sample", "int8"}
 
 
 def _map(fn, y):

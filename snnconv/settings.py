@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from snnconv.errors import ConversionError
 
 BACKENDS = ("auto", "torch", "cupy")  # who runs neuron dynamics: snnconv.runtime.get_backend
+# how CPU layers sum spikes exactly (snnconv.runtime.integer_spikes; -emulated: the same integers in float64)
+INT8_MODES = ("vnni", "binary", "sparse", "vnni-emulated", "binary-emulated")
 
 
 @dataclass
@@ -64,6 +66,7 @@ RULES = {
     "readout_delay": (lambda v: _int(v) and v >= 0, "a non-negative number of steps"),
     "step_bytes_per_sample": (lambda v: _int(v) and v >= 0, "a non-negative number of bytes"),
     "backend": (lambda v: v in BACKENDS, f"one of {list(BACKENDS)}"),
+    "int8": (lambda v: v is None or v == "off" or v in INT8_MODES, f"None, 'off' or one of {list(INT8_MODES)}"),
     "neuron.kind": (lambda v: v in ("if", "lif"), "'if' or 'lif'"),
     "neuron.reset": (lambda v: v in ("soft", "hard"), "'soft' (subtract threshold) or 'hard' (to v_reset)"),
     "neuron.v_reset": (_num, "a finite number"),
@@ -120,6 +123,9 @@ class Settings:
     readout_delay: int = 0  # leading steps left out of the output mean (transient)
     step_bytes_per_sample: int = 0  # all activations of one step for one sample (measured at convert)
     backend: str = "auto"  # neuron backend: 'auto', 'torch', 'cupy'
+    # CPU int8 spike layers, decided once when the graph is lowered (passes/integer_spikes.py) and recorded
+    # here, so a checkpoint rebuilds the same layers; None: not decided yet (or the pass is switched off)
+    int8: str | None = None
 
     def validate(self, where: str = "", labels: dict[str, str] | None = None) -> Settings:
         """Check every field against RULES; errors say `{where}{field}`, or labels[field] where the caller

@@ -24,7 +24,7 @@ from snnconv import config, passes
 from snnconv.runtime import integer_spikes as int8
 from snnconv.runtime.context import Call, running
 from snnconv.runtime.modules import Neuron
-from snnconv.settings import NeuronConfig
+from snnconv.settings import NeuronConfig, Settings
 
 # binary spikes (signed ones have their own tests here) and no bias calibration: fitted by
 # each conversion's own SNN run, biases would differ between the paths these tests compare bit for bit
@@ -303,6 +303,43 @@ def test_int8_mode_setting(monkeypatch):
     monkeypatch.setenv(config.INT8.name, "avx9")
     with pytest.raises(snnconv.ConversionError, match="SNNCONV_INT8='avx9'"):
         convert_binary(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), T=2, calib=torch.rand(4, 8))
+
+
+def _modes(snn) -> list[str]:
+    return [m.mode for m in snn.modules() if isinstance(m, int8.SpikeLayer)]
+
+
+def test_int8_mode_recorded_in_checkpoints_and_rebuilt(tmp_path, monkeypatch):
+    """The mode is decided once, at conversion, and recorded: a checkpoint rebuilds its layers in that mode
+    (not what auto would pick here), falls back to auto where the mode is not exact on this machine, and
+    $SNNCONV_INT8 still forces another; inspect shows it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.rand(5, 8)
+    monkeypatch.setenv(config.INT8.name, "binary-emulated")
+    snn = convert_binary(net, T=2, calib=torch.rand(4, 8))
+    assert snn.settings.int8 == "binary-emulated" and _modes(snn) == ["binary-emulated"]
+    snnconv.save(snn, tmp_path / "m.safetensors")
+    monkeypatch.setenv(config.INT8.name, "auto")
+    again = snnconv.load(tmp_path / "m.safetensors", model=net)
+    assert again.settings.int8 == "binary-emulated" and _modes(again) == ["binary-emulated"]
+    assert torch.equal(again(x), snn(x))
+    assert "'int8': 'binary-emulated'" in snnconv.inspect(again)
+    monkeypatch.setattr(int8, "exact", lambda m: m != "binary-emulated")  # as on a CPU where it is not
+    monkeypatch.setattr(int8, "mode", lambda: "vnni-emulated")  # what auto picks there
+    moved = snnconv.load(tmp_path / "m.safetensors", model=net)
+    assert moved.settings.int8 == "vnni-emulated" and _modes(moved) == ["vnni-emulated"]
+    monkeypatch.undo()
+    monkeypatch.setenv(config.INT8.name, "off")
+    forced = snnconv.load(tmp_path / "m.safetensors", model=net)
+    assert forced.settings.int8 == "off" and _modes(forced) == []
+    float64 = convert_binary(net.double(), T=2, calib=torch.rand(4, 8, dtype=torch.float64))
+    assert float64.settings.int8 == "off"  # not a float32 CPU model: nothing to decide
+
+
+def test_recorded_int8_mode_is_validated():
+    with pytest.raises(snnconv.ConversionError, match=r"settings\.int8 must be None, 'off' or one of"):
+        Settings.from_dict({**Settings(input_ndim=2, input_shape=(8,)).to_dict(), "int8": "avx9"}, "settings.")
 
 
 @pytest.fixture(params=SIGNED_MODES)
