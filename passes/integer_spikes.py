@@ -1,12 +1,12 @@
-"""Convolutions and linear layers that read spikes run as int8 ops (CPU, oneDNN): about 2x faster.
+"""Convolutions and linear layers that read spikes run as exact int8 ops on CPU (oneDNN or the event kernel).
 
 Each 2-d convolution fed by a neuron (directly, or through a layout copy, snn_kind 'layout_copy'), and each
 linear layer fed by one (directly on [N, features], or through flatten(x, 1)), becomes a SpikeLayer:
 threshold folded into the weights, weights as 16-bit fixed point, spikes as uint8 (see
 runtime/integer_spikes.py; signed spikes go in shifted by one, the layer over ones taken off). Only for
 spikes of one threshold (max_spikes=1, signed or not), float32 models on CPU, and where
-oneDNN's int8 ops sum exactly and fast (int8.mode(): 'vnni', or 'binary' on AVX2 where measured faster
-than float32). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
+an exact mode is fast (int8.choose, recorded in settings.int8: 'vnni', or on AVX2 'binary' or 'sparse'
+where the probe finds it faster than float32). Outputs equal the float32 ones to ~1e-5 of a layer's scale.
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Fused CPU neuron kernel: all steps of a layer's IF/LIF neurons in one pass over memory.
 
-The torch backend runs 3-7 elementwise ops per step, each a full pass over the layer's membranes (measured
-on a 5-layer VGG, batch 64, T=8: half of a spiking call's time). This C kernel keeps a block of membranes
+The torch backend runs 3-7 elementwise ops per step, each a full pass over the layer's membranes (a large
+share of a spiking call's time: benchmarks/results/cpu_inference.txt). This C kernel keeps a block of membranes
 in registers across the steps and reads each input and writes each spike once. It computes the torch
 backend's float32 operations in the same order (no FMA contraction, no fast-math), so its spikes and
 membranes are bitwise those of `torch_backend.multistep` (signed too) (tests/test_cpu_kernel.py).
@@ -85,8 +85,8 @@ def compile_library(source: str, stem: str, extra: tuple[str, ...] = ()) -> ctyp
 def openmp() -> bool:
     """Build the kernels with OpenMP where torch's own OpenMP runtime (libgomp) is loaded in this process: our
     -fopenmp library binds to that same runtime, so the kernels' parallel loops run on torch's threads. A
-    second pool's threads compete with torch's idle workers, which spin for a while after each torch op
-    (measured on 2 cores inside a network: the neuron kernel 1.0x faster on 2 threads; on torch's threads 1.8x)."""
+    second pool's threads compete with torch's idle workers, which spin for a while after each torch op, and
+    lose most of the second thread's gain."""
     if config.CPU_OPENMP.off():
         return False
     try:
@@ -103,8 +103,8 @@ class Kernels(NamedTuple):
 
 
 def _compile() -> Kernels:
-    # GCC would turn the loops loading and storing a block of membranes into memcpy calls (measured: 20% of the
-    # kernel's time on 64-float blocks)
+    # GCC would turn the loops loading and storing a block of membranes into memcpy calls, slow on 64-float
+    # blocks
     lib = compile_library(SOURCE, "neuron_cpu", ("-fno-tree-loop-distribute-patterns",))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     c_int = ctypes.c_int

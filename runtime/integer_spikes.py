@@ -18,7 +18,7 @@ Signed spikes (-theta, 0 or theta, NeuronConfig.signed) go in shifted by one, u 
 {0, 1, 2} (uint8 has no -1), and the layer over the all-ones map, an exact integer sum of the same int8
 weights, comes off again: layer(s) = layer(u) - layer(1). Its interior value (every tap inside the map) is
 folded into the bias; where zero padding cuts taps off (the borders) the difference is a small per-shape
-map subtracted from the output. oneDNN's own input zero point does the same job but was measured 2-3x
+map subtracted from the output. oneDNN's own input zero point does the same job but runs
 slower. In 'binary' u <= 2 keeps an int16 pair sum at 2 * 2 * 127; in 'vnni' 255 * u would not fit uint8,
 so signed weights split as 127 * hi + lo ([127 * u, u] against [hi, lo]): 15-bit fixed point (16192
 steps), each weight off by at most 3.1e-5 of its channel's largest.
@@ -26,7 +26,7 @@ steps), each weight off by at most 3.1e-5 of its channel's largest.
   'sparse'  no oneDNN: an event-driven C kernel (runtime/sparse_layer.py) sums, for each output, the integer
             weights of the inputs that spiked (+-1), in int32, and scales once in float64. Exact on any CPU
             with a C compiler, and its cost follows the spikes, not the inputs: the mode of CPUs without VNNI
-            where it is measured faster than float32 and 'binary'.
+            where the probe finds it faster than float32 and 'binary'.
 
 Where neither op is exact, or to test the arithmetic on any machine, each mode also runs *emulated*
 ('vnni-emulated', 'binary-emulated'): the same integers, layouts and scales, multiplied in float64
@@ -72,7 +72,7 @@ class _Emulated:
 
 def _pack_conv(w, scale, stride, padding, dilation, emulated: bool, x_shape=None):
     """Weights in oneDNN's layout for inputs of `x_shape`: a layout packed for another shape is
-    reordered again at every call (measured: 30 ms on a 0.2 ms convolution)."""
+    reordered again at every call, which costs far more than the convolution."""
     if emulated:
         return _Emulated(w, (tuple(stride), tuple(padding), tuple(dilation)))
     w = w.contiguous(memory_format=torch.channels_last)
@@ -312,9 +312,8 @@ def supports(layer: nn.Module, mode: str | None = None) -> bool:
 
 def _pointwise(layer: nn.Module) -> bool:
     """A 1x1 convolution without padding or dilation: the int8 path runs it as a matmul over the positions its
-    stride reads (measured 2.2-2.7x faster than float32 on ResNet-18's downsampling layers, where oneDNN's own
-    strided 1x1 int8 convolution is slower). In 'sparse' the event kernel reads those positions alone (made
-    strided, it would list the spikes of all of them): ResNet-18 CIFAR 1.5-2% faster than float32 there (AVX2)."""
+    stride reads (oneDNN's own strided 1x1 int8 convolution is slower than float32). In 'sparse' the event
+    kernel reads those positions alone (made strided, it would list the spikes of all of them)."""
     return (
         isinstance(layer, nn.Conv2d)
         and tuple(layer.kernel_size) == (1, 1)

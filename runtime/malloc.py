@@ -1,13 +1,12 @@
 """Freed activation memory kept for the next call on CPU (glibc).
 
-glibc's malloc serves each block over its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on
-free. A spiking call's large tensors (a convolution's output over T x N samples: 33.5 MiB for 64 channels of
-32 x 32 at 128 samples) then start as untouched pages on every call, a page fault and a zeroed page per 4 KiB:
-measured on the ResNet-18 CIFAR layer 1 int8 convolution, 20 ms where it reuses memory against 33 ms
-(benchmarks/results/cpu_malloc.txt). Like PyTorch's CUDA caching allocator, the runtime keeps freed memory
-for the next call instead: malloc takes large blocks from its heap (M_MMAP_MAX 0) and keeps the heap's free
-top (M_TRIM_THRESHOLD 2 GiB). Set process-wide, once, at the first spiking call on CPU; the cost is that memory
-freed stays with the process, as with any caching allocator. SNNCONV_CPU_MALLOC=off leaves malloc as it is;
+glibc's malloc serves each block over its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on free. A
+spiking call's large tensors (a convolution's output over T x N samples: 33.5 MiB for 64 channels of 32 x 32 at 128
+samples) then start as untouched pages on every call, a page fault and a zeroed page per 4 KiB
+(benchmarks/cpu_malloc.py times both, results/cpu_malloc.txt). Like PyTorch's CUDA caching allocator, the runtime
+keeps freed memory for the next call instead: malloc takes large blocks from its heap (M_MMAP_MAX 0) and keeps the
+heap's free top (M_TRIM_THRESHOLD 2 GiB). Set process-wide, once, at the first spiking call on CPU; the cost is that
+memory freed stays with the process, as with any caching allocator. SNNCONV_CPU_MALLOC=off leaves malloc as it is;
 other C libraries are left alone.
 """
 

@@ -250,7 +250,7 @@ def _storage_steps(x: torch.Tensor, steps: int, channels_last: bool) -> torch.Te
 def _pool_by_maximum(acc: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k: tuple[int, int]) -> None:
     """Non-overlapping 2-D max pooling of channels-last `acc` into channels-last `out` by elementwise maxima
     of strided views (rows first, into `rows`, then columns): same values as max_pool2d (NaN included),
-    about 3x faster on CPU than its channels-last kernel, which also writes indices."""
+    faster on CPU than its channels-last kernel, which also writes indices."""
     a, o = acc.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)  # [TN, H, W, C], C contiguous
     (kh, kw), (ho, wo) = k, o.shape[1:3]
     _max_of([a[:, i : ho * kh : kh] for i in range(kh)], rows)

@@ -1,19 +1,18 @@
 """Event-driven integer layers on CPU: a convolution or linear layer over spikes as sums of weight rows.
 
-Spikes are mostly zeros (measured firing rates 0.15-0.4 per neuron and step), and a nonzero one is +-1 times
+Spikes are mostly zeros (most neurons are silent at most steps), and a nonzero one is +-1 times
 its channel's threshold. With the threshold folded into the weights and the weights as 16-bit integers
 (`integer_spikes.split_weight`, base 255: |w| <= 32512), an output pixel is
     y[o] = float(s[o] * sum over active taps of (+-1) * w[ky, kx, c, o] + bias[o])
-and the sum is exact in int32 (|sum| <= 32512 * C * KH * KW < 2^31 for up to 66,000 inputs). For a group of
-samples (one, or as many as make 256 output pixels: on small maps each block of weights then serves several
-samples before the next block's are read; ResNet-18 CIFAR 1.5% faster, AVX2), the kernel finds each input
-pixel's active channels once (16-byte compares: positive and negative apart, in chunks of 64 channels),
-gathers for each output pixel and chunk one list of the weight rows its taps need, then for
-each block of up to 64 output channels adds those int16 rows into vector registers of 16-bit sums (see
-`rows_`: the loop reads half the bytes of int32 rows and was measured 15% faster, chunks of 64 channels
-another 9%, AVX2). Its cost follows the number of spikes, not the number of inputs: no saturating int16 pair
-sums (AVX2 without VNNI) and no per-op float32 rounding; the result is the float64 layer on the same
-integers, rounded once (tests/test_sparse_layer.py checks it bitwise).
+and the sum is exact in int32 (|sum| <= 32512 * C * KH * KW < 2^31 for up to 66,000 inputs). For a group of samples
+(one, or as many as make 256 output pixels: on small maps each block of weights then serves several samples before
+the next block's are read), the kernel finds each input pixel's active channels once (16-byte compares: positive and
+negative apart, in chunks of 64 channels), gathers for each output pixel and chunk one list of the weight rows its
+taps need, then for each block of up to 64 output channels adds those int16 rows into vector registers of 16-bit
+sums (see `rows_`: the loop reads half the bytes of int32 rows; longer lists amortise each list's gathering). Its
+cost follows the number of spikes, not the number of inputs: no saturating int16 pair sums (AVX2 without VNNI) and
+no per-op float32 rounding; the result is the float64 layer on the same integers, rounded once
+(tests/test_sparse_layer.py checks it bitwise).
 
 The C source is kernels/sparse_layer.c, compiled at first use like the neuron kernel (cpu_kernel.compile_library).
 Without a compiler, the int8 pass uses oneDNN's dense modes where they are exact and fast, or leaves the layers float32.
