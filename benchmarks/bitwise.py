@@ -47,14 +47,23 @@ def environment(**env: str):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def outputs(T: int = 4, batch: int = 8) -> dict[str, torch.Tensor]:
+def _model(net: str):
+    """cpu_inference's net with random weights (its VGG takes trained ones where a benchmark cached them)."""
     from cpu_inference import _net
+    from mnist_models import vgg_mnist
 
+    if net != "vgg_mnist":
+        return _net(net)
+    torch.manual_seed(0)
+    return vgg_mnist().eval(), (1, 28, 28)
+
+
+def outputs(nets=NETS, T: int = 4, batch: int = 8) -> dict[str, torch.Tensor]:
     import snnconv
 
     found = {}
-    for net in NETS:
-        model, shape = _net(net)
+    for net in nets:
+        model, shape = _model(net)
         g = torch.Generator().manual_seed(1)
         calib, x = torch.rand(32, *shape, generator=g), torch.rand(batch, *shape, generator=g)
         for name, options, env in variants():
@@ -71,9 +80,10 @@ def main() -> int:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", help="save this tree's outputs here")
     group.add_argument("--against", help="compare this tree's outputs with a saved file")
+    p.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS))
     a = p.parse_args()
     torch.set_num_threads(1)  # the same reduction order in both runs
-    found = outputs()
+    found = outputs(a.nets)
     if a.write:
         torch.save(found, a.write)
         print(f"wrote {len(found)} tensors to {a.write}")
