@@ -31,6 +31,27 @@ MUTATIONS = {
         "theta[C == 1 ? 0 : (int)(((i0 + k) / inner) % C)]",
         "theta[C == 1 ? 0 : (int)((i0 / inner) % C)]",
     ),
+    # caught only by a layer of more than 2^31 elements (tests/test_kernels.py test_launcher_indexes_past_2_31_elements)
+    "kernel: 32-bit (int) element index": (
+        KERNEL,
+        "const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+        "const int i0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+    ),
+    "kernel: element index computed in 32 bits, then widened": (
+        KERNEL,
+        "const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+        "const long long i0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+    ),
+    "kernel: step offset of x in 32 bits": (
+        KERNEL,
+        "snn_vload<Vec>(x + (long long)t * M + i0)",
+        "snn_vload<Vec>(x + (int)(t * M) + i0)",
+    ),
+    "launcher: neuron count passed as a 32-bit int (the kernel reads a long long)": (
+        LAUNCHER,
+        "cp.int64(M),",
+        "cp.int32(M),",
+    ),
     "launcher: 4-wide accesses without the alignment check": (
         LAUNCHER,
         "vec = 4 if M % 4 == 0 and xk.data_ptr() % align == 0 and ok.data_ptr() % align == 0 else 1",

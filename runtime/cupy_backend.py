@@ -98,10 +98,16 @@ def multistep(
     The kernel indexes x[t], out[t], v and count by one flat neuron index, so they must share one dense
     layout (any dim order): v's, or a dense copy of v. x and out in another layout (channels-last beside
     NCHW, a strided view, a misaligned offset) are copied into it, and out back, so nothing is ever
-    written in the wrong order. Only dtypes the kernel lacks (float64) go to the torch backend."""
+    written in the wrong order. Only dtypes the kernel lacks (float64) go to the torch backend. A count of
+    another real dtype (the CPU kernel's uint8) is counted in a float32 copy and stored back."""
     kw = dict(steps=steps, static=static, soft_reset=soft_reset, v_reset=v_reset, decay=decay)
     if signed and (count is None or not soft_reset):
         raise ValueError("signed spikes need soft reset and their net count (count=)")
+    work = torch_backend.count_in(count, torch.float32)
+    if work is not count:
+        multistep(x, v, theta, out=out, count=work, calls=calls, signed=signed, **kw)
+        torch_backend.count_back(count, work)
+        return out
     shape = tuple(v.shape)
     served = (
         x.dtype in _DTYPES

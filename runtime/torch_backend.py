@@ -15,6 +15,32 @@ from __future__ import annotations
 
 import torch
 
+from snnconv.errors import ConversionError
+
+
+def count_in(count: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """The spike count to compute with: `count` itself if of `dtype` (None: any), else a `dtype` copy
+    (`count_back` stores it). Any real dtype: float, or integer (the CPU kernel keeps uint8 counts); anything
+    else refused."""
+    if count is None:
+        return None
+    if count.dtype == torch.bool or count.is_complex():
+        raise TypeError(f"the spike count must be a float or integer tensor, got dtype {count.dtype}")
+    return count if dtype is None or count.dtype == dtype else count.to(dtype)
+
+
+def count_back(count: torch.Tensor, work: torch.Tensor) -> None:
+    """Store the counts computed in `work` into `count` (its own dtype). Counts an integer dtype cannot hold are
+    refused, not wrapped around (checked on CPU tensors: on a GPU the check would wait for the device)."""
+    if work is count:
+        return
+    if not count.is_floating_point() and work.device.type == "cpu" and work.numel():
+        info = torch.iinfo(count.dtype)
+        lo, hi = work.min().item(), work.max().item()
+        if lo < info.min or hi > info.max:
+            raise ConversionError(f"spike counts in [{lo:g}, {hi:g}] do not fit the count's dtype {count.dtype}")
+    count.copy_(work)
+
 
 def multistep(
     x: torch.Tensor,
@@ -48,6 +74,8 @@ def multistep(
         raise ValueError("signed spikes need soft reset and their net count (count=)")
     if calls is not None:
         calls["torch"] = calls.get("torch", 0) + 1
+    # signed: the net count takes part in v's arithmetic, so in v's dtype; else it is only added to
+    given, count = count, count_in(count, v.dtype if signed else None)
     theta = theta.to(v.dtype)
     scalar = theta.dim() == 0
     th = theta.item() if scalar else theta
@@ -72,7 +100,13 @@ def multistep(
         else:
             v.addcmul_(st, theta, value=-1)
     if count is not None and not signed:
-        count += (spikes != 0).sum(0)
+        fired = (spikes != 0).sum(0)
+        if count.is_floating_point():
+            count += fired
+        else:  # an integer count: added without wrapping around
+            count_back(count, count + fired)
+    elif signed:
+        count_back(given, count)
     spikes.mul_(theta)
     if spikes is not out:
         out.copy_(spikes)

@@ -4,9 +4,14 @@ launcher (runtime/cupy_backend.py) with only the CuPy module replaced.
 RawModule compiles the code the launcher hands it with g++ through runtime/kernels/host_shim.h and wraps
 each name expression in a host function that runs the whole grid, block by block and thread by thread.
 Launches are checked the way a GPU checks them: a grid or block of 0 threads is rejected, a block over
-1024 threads too, and a misaligned vector access fails ("misaligned address"). Every launch is recorded
-(kernel name, grid, block, stream) for the tests to read. Synchronising the whole device is an error here:
-the launcher must never need it.
+1024 threads too, and a misaligned vector access fails ("misaligned address"). Scalar arguments must have
+the kernel's parameter types (CuPy passes a numpy scalar by its own size: an int32 where the kernel reads a
+long long is garbage on a GPU, not an error). Every launch is recorded (kernel name, grid, block, stream)
+for the tests to read. Synchronising the whole device is an error here: the launcher must never need it.
+
+`RawModule.blocks`, when set to [(first, end), ...], runs only those ranges of the grid's blocks (the rest
+are left to an imaginary GPU): a test can launch a grid over more than 2^31 elements, in memory that stays
+virtual except where those blocks touch it, and check the elements they cover.
 """
 
 from __future__ import annotations
@@ -24,6 +29,25 @@ from snnconv.runtime import kernel_source
 
 _built: dict = {}  # (code, names) hash -> loaded library: one build per source per test session
 _tmp = tempfile.TemporaryDirectory(prefix="snn_host_cupy_")
+# the kernel's scalar parameters after its five pointers: long long M, int steps, int C, long long inner,
+# float v_reset, float decay
+_SCALARS = (np.int64, np.int32, np.int32, np.int64, np.float32, np.float32)
+# appended to the kernel source: host_shim.h's grid loop, over a range of blocks the stand-in sets
+_BLOCK_RANGE = r"""
+#undef SNN_HOST_LAUNCH
+extern "C" {
+unsigned int snn_host_first_block = 0, snn_host_end_block = 0;  // end 0: the grid's end
+}
+#define SNN_HOST_LAUNCH(kernel, blocks, threads, ...)                                               \
+  do {                                                                                              \
+    gridDim.x = (blocks); blockDim.x = (threads);                                                   \
+    unsigned int end_ = snn_host_end_block ? snn_host_end_block : (unsigned int)(blocks);           \
+    for (unsigned int b = snn_host_first_block; b < end_; ++b)                                      \
+      for (unsigned int t = 0; t < (unsigned int)(threads); ++t) {                                  \
+        blockIdx.x = b; threadIdx.x = t; kernel(__VA_ARGS__);                                       \
+      }                                                                                             \
+  } while (0)
+"""
 
 
 class CUDADriverError(RuntimeError):
@@ -62,10 +86,23 @@ class RawKernel:
         if len(grid) != 1 or len(block) != 1 or grid[0] < 1 or block[0] < 1 or block[0] > 1024:
             raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: invalid launch configuration grid={grid} block={block}")
         x, out, v, th, count, M, steps, C, inner, v_reset, decay = args
+        for i, (value, want) in enumerate(zip(args[5:], _SCALARS)):
+            if type(value) is not want:
+                raise TypeError(f"kernel argument {5 + i} is {type(value).__name__}; the kernel reads {want.__name__}")
+        ranges = self.module.blocks or [(0, grid[0])]
+        if any(not 0 <= first < end <= grid[0] for first, end in ranges):
+            raise AssertionError(f"block ranges {ranges} outside the grid {grid}")
         self.module.launches.append(
             dict(name=self.name, grid=grid, block=block, stream=getattr(stream, "ptr", None), x=x, out=out, v=v)
             | dict(M=int(M), steps=int(steps), C=int(C), inner=int(inner))
         )
+        for first, end in ranges:
+            self.module.lib_range[0].value, self.module.lib_range[1].value = first, end
+            self._run(x, out, v, th, count, M, steps, C, inner, v_reset, decay, grid, block)
+        if self.module.lib.snn_host_take_misaligned():
+            raise CUDADriverError(f"CUDA_ERROR_MISALIGNED_ADDRESS: misaligned address in {self.name}")
+
+    def _run(self, x, out, v, th, count, M, steps, C, inner, v_reset, decay, grid, block):
         self.fn(
             ctypes.c_void_p(x),
             ctypes.c_void_p(out),
@@ -81,15 +118,15 @@ class RawKernel:
             ctypes.c_uint(grid[0]),
             ctypes.c_uint(block[0]),
         )
-        if self.module.lib.snn_host_take_misaligned():
-            raise CUDADriverError(f"CUDA_ERROR_MISALIGNED_ADDRESS: misaligned address in {self.name}")
 
 
 class RawModule:
     launches: ClassVar[list] = []  # every launch through any stand-in module, oldest first
+    blocks: ClassVar[list | None] = None  # [(first, end), ...]: the block ranges each launch runs (None: all)
 
     def __init__(self, code: str, options=(), name_expressions=()):
         self.names = list(name_expressions)
+        code = code + _BLOCK_RANGE
         key = hashlib.sha256((code + "\0" + "\0".join(self.names)).encode()).hexdigest()[:16]
         if key not in _built:
             d = Path(_tmp.name) / key
@@ -98,6 +135,9 @@ class RawModule:
             lib.snn_host_take_misaligned.restype = ctypes.c_longlong
             _built[key] = lib
         self.lib = _built[key]
+        self.lib_range = tuple(
+            ctypes.c_uint.in_dll(self.lib, n) for n in ("snn_host_first_block", "snn_host_end_block")
+        )
 
     def get_function(self, name: str) -> RawKernel:
         return RawKernel(self, getattr(self.lib, f"snn_host_{self.names.index(name)}"), name)
@@ -109,7 +149,7 @@ def _device_sync():
 
 def module() -> types.ModuleType:
     """A fresh stand-in `cupy` module (its RawModule.launches cleared)."""
-    RawModule.launches = []
+    RawModule.launches, RawModule.blocks = [], None
     cp = types.ModuleType("cupy")
     cp.RawModule, cp.RawKernel = RawModule, RawKernel
     cp.int32, cp.int64, cp.float32 = np.int32, np.int64, np.float32

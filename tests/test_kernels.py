@@ -11,7 +11,9 @@
 """
 
 import functools
+import mmap
 import shutil
+import sys
 
 import host_cupy
 import numpy as np
@@ -283,6 +285,177 @@ def test_launcher_grid_covers_every_neuron(launcher):
         assert rec["grid"] == (-(-m // (vec * 256)),)
 
 
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python < 3.13 does not name it
+_GUARD = 2**31 * 4  # mapped bytes before each array: an index wrapped negative in 32 bits lands here, not in a fault
+
+
+def _virtual(n: int, keep: list) -> torch.Tensor:
+    """n float32 elements in anonymous memory mapped without reserving it: pages exist only where written
+    (reads of the rest see shared zero pages), after _GUARD bytes of the same."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sparse anonymous mappings: Linux only")
+    try:
+        mm = mmap.mmap(-1, _GUARD + 4 * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+    except (OSError, OverflowError, ValueError) as exc:
+        pytest.skip(f"cannot map {(_GUARD + 4 * n) / 2**30:.0f} GiB of address space here: {exc}")
+    keep.append(mm)
+    return torch.from_numpy(np.frombuffer(mm, dtype=np.float32, count=n, offset=_GUARD))
+
+
+@pytest.mark.parametrize("vec", [4, 1])
+def test_launcher_indexes_past_2_31_elements(launcher, vec):
+    check_past_2_31(launcher, vec)
+
+
+def check_past_2_31(launcher, vec):
+    """One layer of more than 2^32 neurons (3 channels, 2 steps: x[1] starts past 2^32 elements too), in memory
+    that stays virtual: the stand-in runs only the blocks around element 2^31 (where a signed 32-bit index
+    turns negative), around 2^32 (where an unsigned one wraps to 0) and the last ones, and each neuron there
+    must match the reference, channel and step offsets included. A 32-bit index anywhere in the kernel fails
+    here, where tests/test_kernels.py's other layers (under 2^31 elements) cannot see it."""
+    C, steps, per_block = 3, 2, vec * 256
+    L = (2**32 // C + 4096) // 4 * 4 + (vec == 1)  # vec 1: M odd, so the launcher picks the 1-wide kernel
+    M = C * L
+    keep = []
+    x = _virtual(steps * M, keep).view(steps, 1, C, L)
+    out, v, count = _virtual(steps * M, keep).view(steps, 1, C, L), _virtual(M, keep), _virtual(M, keep)
+    v, count = v.view(1, C, L), count.view(1, C, L)
+    theta = torch.tensor([0.25, 0.5, 0.75]).view(C, 1)
+    grid = -(-M // per_block)
+    blocks = [(2**31 // per_block - 2, 2**31 // per_block + 2), (2**32 // per_block - 2, 2**32 // per_block + 2)]
+    blocks.append((grid - 3, grid))
+    launcher.cp.RawModule.blocks = blocks
+    xf, of, vf, cf = x.view(steps, M), out.view(steps, M), v.view(M), count.view(M)
+    g = torch.Generator().manual_seed(3)
+    kw = dict(steps=steps, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+    refs = []
+    for first, end in blocks:  # the neurons those blocks cover: inputs, membranes and counts set there only
+        lo, hi = first * per_block, min(end * per_block, M)
+        n = hi - lo
+        xf[:, lo:hi] = torch.where(torch.rand(steps, n, generator=g) < 0.5, torch.randint(-2, 11, (steps, n)) / 8, 0.3)
+        vf[lo:hi] = torch.rand(n, generator=g) * 0.25
+        cf[lo:hi] = 2.0
+        of[:, lo:hi] = 7.0  # poisoned: each must be written
+        th = theta.view(-1)[(torch.arange(lo, hi) // L) % C]
+        refs.append((lo, hi, reference(xf[:, lo:hi].clone(), vf[lo:hi].clone(), th, **kw)))
+    calls = {}
+    launcher.multistep(x, v, theta, out=out, count=count, calls=calls, **kw)
+    rec = launcher.cp.RawModule.launches[-1]
+    assert calls == {"kernel": 1} and rec["grid"] == (grid,) and rec["M"] == M > 2**32
+    assert rec["name"] == ks.name("float32", vec, False, True, False, True)
+    for lo, hi, (ref_out, ref_v, _) in refs:
+        assert torch.equal(of[:, lo:hi], ref_out), f"outputs of neurons {lo}..{hi}"
+        assert torch.equal(vf[lo:hi], ref_v), f"membranes of neurons {lo}..{hi}"
+        assert torch.equal(cf[lo:hi], 2.0 + (ref_out != 0).sum(0).float()), f"counts of neurons {lo}..{hi}"
+    assert not vf[: 2 * per_block].any() and not of[0, : 2 * per_block].any()  # nothing wrapped to the start
+
+
+# 32-bit indexing seeded into the kernel (benchmarks/kernel_mutations.py has the same): (original, mutated)
+INDEX_MUTANTS = {
+    "int element index": (
+        "const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+        "const int i0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+    ),
+    "element index computed in 32 bits, then widened": (
+        "const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+        "const long long i0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;",
+    ),
+    "step offset of x in 32 bits": (
+        "snn_vload<Vec>(x + (long long)t * M + i0)",
+        "snn_vload<Vec>(x + (int)(t * M) + i0)",
+    ),
+}
+
+
+@pytest.mark.slow  # a host build of the mutated kernel each
+@pytest.mark.parametrize("mutant", INDEX_MUTANTS)
+def test_past_2_31_check_fails_32_bit_index_mutants(launcher, monkeypatch, tmp_path, mutant):
+    """The check above can fail: each kernel seeded with a 32-bit index fails it (the other tests pass them)."""
+    old, new = INDEX_MUTANTS[mutant]
+    source = ks.SOURCE.read_text()
+    assert source.count(old) == 1
+    (tmp_path / "neuron.cu").write_text(source.replace(old, new))
+    monkeypatch.setattr(ks, "SOURCE", tmp_path / "neuron.cu")
+    with pytest.raises(AssertionError, match="of neurons"):
+        check_past_2_31(launcher, 4)
+
+
+COUNT_DTYPES = [torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float64]
+
+
+def _count_case(signed: bool, dtype: torch.dtype, state=torch.float32):
+    """Inputs over 6 steps and a count (net counts 0..2 for signed spikes) in `dtype`, with the reference's
+    outputs, membrane and count."""
+    x, v, theta = make_case((2, 3, 4, 4), 6, True, state, False, seed=21)
+    v = v.to(state)
+    count = torch.randint(0, 3, v.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    kw = dict(steps=6, static=False, soft_reset=True, v_reset=0.0, decay=1.0)
+    ref = reference(x, v.clone(), theta, **kw, net=count.float() if signed else None)
+    want = ref[3] if signed else count.float() + (ref[0] != 0).sum(0).float()
+    return x, v, theta, count, kw, (ref[0], ref[1], want)
+
+
+def _check_count_case(multistep, signed, dtype, state=torch.float32):
+    x, v, theta, count, kw, (ref_out, ref_v, want) = _count_case(signed, dtype, state)
+    out, calls = torch.empty(6, *v.shape, dtype=state), {}
+    multistep(x, v, theta, out=out, count=count, calls=calls, signed=signed, **kw)
+    assert count.dtype == dtype and torch.equal(count.float(), want)
+    assert torch.equal(out.float(), ref_out) and torch.equal(v.float(), ref_v)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", COUNT_DTYPES)
+@pytest.mark.parametrize("signed", [False, True])
+def test_torch_backend_counts_in_any_real_dtype(signed, dtype):
+    """A count of any real dtype (the CPU kernel's uint8 among them) holds the float32 loop's counts after the
+    call, in its own dtype."""
+    from snnconv.runtime import torch_backend
+
+    assert _check_count_case(torch_backend.multistep, signed, dtype) == {"torch": 1}
+
+
+@pytest.mark.parametrize("dtype", COUNT_DTYPES)
+@pytest.mark.parametrize("signed", [False, True])
+def test_launcher_counts_in_any_real_dtype(launcher, signed, dtype):
+    """The kernel takes a float32 count: any other is counted in a float32 copy and stored back."""
+    assert _check_count_case(launcher.multistep, signed, dtype) == {"kernel": 1}
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_launcher_fallback_takes_a_uint8_count(signed):
+    """float64 state goes to the torch backend (no GPU, no CuPy needed): a uint8 count works there too, as a
+    float64 one does."""
+    from snnconv.runtime import cupy_backend, torch_backend
+
+    x, v, theta, count, kw, _ = _count_case(signed, torch.uint8, torch.float64)
+    results = []
+    for fn, c in ((torch_backend.multistep, count.double()), (cupy_backend.multistep, count.clone())):
+        out, vv, calls = torch.empty(6, *v.shape, dtype=v.dtype), v.clone(), {}
+        fn(x, vv, theta, out=out, count=c, calls=calls, signed=signed, **kw)
+        assert calls == {"torch": 1}
+        results.append((out, vv, c))
+    (out, vv, c), (got_out, got_v, got_c) = results
+    assert got_c.dtype == torch.uint8 and torch.equal(got_c.double(), c)
+    assert torch.equal(got_out, out) and torch.equal(got_v, vv) and (c != count.double()).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cupy"])
+def test_counts_refused_in_one_line(backend):
+    """A count no number fits (bool, complex) and integer counts that would wrap around: one-line errors naming
+    the dtype."""
+    from snnconv.runtime import cupy_backend, torch_backend
+
+    multistep = torch_backend.multistep if backend == "torch" else cupy_backend.multistep
+    x, v, theta, _, kw, _ = _count_case(True, torch.float64, torch.float64)  # float64: no kernel launch
+    for bad in (torch.zeros(v.shape, dtype=torch.bool), torch.zeros(v.shape, dtype=torch.complex64)):
+        with pytest.raises(TypeError) as info:
+            multistep(x, v.clone(), theta, out=torch.empty(6, *v.shape, dtype=v.dtype), count=bad, **kw)
+        assert str(bad.dtype) in str(info.value) and "\n" not in str(info.value)
+    full = torch.full(v.shape, 254, dtype=torch.uint8)  # 6 more steps of spikes do not fit
+    with pytest.raises(snnconv.ConversionError, match=r"^[^\n]*torch\.uint8$"):
+        multistep(torch.ones_like(x), v.clone(), theta, out=torch.empty(6, *v.shape, dtype=v.dtype), count=full, **kw)
+
+
 def _converted_net(seed=0):
     from nets import ResCatNet, randomize_bn
 
@@ -352,9 +525,10 @@ def test_converted_signed_net_runs_on_the_kernel(launcher, monkeypatch):
 
 
 def test_run_report_and_inspect_give_the_kernel_share(launcher, monkeypatch):
-    """`snnconv run` (stats.evaluate) and `inspect` count each neuron's calls: kernel vs torch backend."""
+    """`snnconv run` (snnconv.evaluate) and `inspect` count each neuron's calls: kernel vs torch backend."""
+    from snnconv.evaluate import evaluate
     from snnconv.runtime import modules
-    from snnconv.stats import evaluate, format_report
+    from snnconv.stats import format_report
 
     snn, x = _converted_net(seed=1)
     y = torch.zeros(len(x), dtype=torch.long)

@@ -164,7 +164,8 @@ def test_mode_sparse_forced_and_without_a_compiler(monkeypatch):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
     snn = snnconv.convert(net, T=4, calib=torch.rand(8, 3, 8, 8))
     assert [m.mode for m in snn.modules() if isinstance(m, int8.SpikeLayer)] == ["sparse"]
-    monkeypatch.setattr(sparse_layer, "_state", {"fn": None, "why": "RuntimeError: no C compiler found"})
+    monkeypatch.setattr(sparse_layer.KERNEL, "value", None)  # as where the build failed
+    monkeypatch.setattr(sparse_layer.KERNEL, "why", "RuntimeError: no C compiler found")
     assert not int8.exact.__wrapped__("sparse")
     monkeypatch.setattr(int8, "exact", int8.exact.__wrapped__)
     with pytest.raises(snnconv.ConversionError, match=r"SNNCONV_INT8='sparse'.*no C compiler"):
