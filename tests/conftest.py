@@ -1,6 +1,7 @@
 """Shared test helpers, as fixtures (test modules never import each other)."""
 
 import pytest
+import torch
 
 
 def _signed_reference(x, theta, v_init, tau=None):
@@ -24,3 +25,28 @@ def _signed_reference(x, theta, v_init, tau=None):
 def signed_reference():
     """A float64 loop of signed IF/LIF neurons (see _signed_reference), the reference for every signed path."""
     return _signed_reference
+
+
+def _tv_model(name: str) -> torch.nn.Module:
+    """A torchvision architecture as the zoo tests convert it: random weights, BN statistics that are not
+    the identity (so BN folding has work to do)."""
+    tv = pytest.importorskip("torchvision")
+    kw = {"weights": None}
+    if name in ("googlenet", "inception_v3"):
+        kw.update(aux_logits=False, init_weights=False)
+    if name == "vit_b_16":
+        kw.update(image_size=32)
+    torch.manual_seed(0)
+    model = getattr(tv.models, name)(**kw).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # running statistics that are not the identity, so BN folding has work to do
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
+@pytest.fixture
+def tv_model():
+    return _tv_model

@@ -137,13 +137,11 @@ def test_export_leaves_the_snn_as_it_was(tmp_path):
 
 
 @pytest.mark.parametrize("name", TV_CI + [pytest.param(n, marks=pytest.mark.slow) for n in TV_SLOW])
-def test_torchvision_zoo_export_is_the_snn(name, tmp_path):
-    from test_zoo import build
-
+def test_torchvision_zoo_export_is_the_snn(name, tmp_path, tv_model):
     hw = {"alexnet": 64, "inception_v3": 80}.get(name, 32)  # alexnet's features need 64 (its last pool: 3x3)
     g = torch.Generator().manual_seed(2)
     calib, x = torch.rand(8, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
-    snn = snnconv.convert(build(name), T=4, calib=calib)
+    snn = snnconv.convert(tv_model(name), T=4, calib=calib)
     assert_export_is_snn(snn, x, tmp_path / "m.onnx")
 
 

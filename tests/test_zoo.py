@@ -36,30 +36,13 @@ UNSUPPORTED = {
 }
 
 
-def build(name: str) -> torch.nn.Module:
-    kw = {"weights": None}
-    if name in ("googlenet", "inception_v3"):
-        kw.update(aux_logits=False, init_weights=False)
-    if name == "vit_b_16":
-        kw.update(image_size=32)
-    torch.manual_seed(0)
-    model = getattr(tv.models, name)(**kw).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # running statistics that are not the identity, so BN folding has work to do
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    return model
-
-
 def input_size(name: str) -> int:
     return 80 if name == "inception_v3" else 32 if name == "vit_b_16" else 64
 
 
 @pytest.mark.parametrize("name", CI + [pytest.param(n, marks=pytest.mark.slow) for n in REST])
-def test_zoo_model_converts(name):
-    model = build(name)
+def test_zoo_model_converts(name, tv_model):
+    model = tv_model(name)
     hw = input_size(name)
     g = torch.Generator().manual_seed(2)
     calib, x = torch.rand(8, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
@@ -84,10 +67,10 @@ def test_zoo_model_converts(name):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "squeezenet1_1"])
-def test_zoo_step_modes_same_spikes_in_float64(name):
+def test_zoo_step_modes_same_spikes_in_float64(name, tv_model):
     """In float64 every spike of every neuron is the same in both modes; outputs differ only by the
     rounding of matrix products over T*N rows instead of N (~1e-15)."""
-    model = build(name).double()
+    model = tv_model(name).double()
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     snn = snnconv.convert(model, T=3, calib=x)
     rec = {}
@@ -109,8 +92,8 @@ def test_zoo_step_modes_same_spikes_in_float64(name):
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_unsupported_zoo_models_list_every_op(name):
-    model = build(name)
+def test_unsupported_zoo_models_list_every_op(name, tv_model):
+    model = tv_model(name)
     hw = input_size(name)
     with pytest.raises(snnconv.ConversionError) as info:
         snnconv.convert(model, T=4, calib=torch.rand(2, 3, hw, hw))
@@ -119,10 +102,10 @@ def test_unsupported_zoo_models_list_every_op(name):
     assert UNSUPPORTED[name] in msg and n_listed > 1 and f"{n_listed} op(s)" in msg
 
 
-def test_zoo_weights_file_through_cli(tmp_path, capsys):
+def test_zoo_weights_file_through_cli(tmp_path, capsys, tv_model):
     from snnconv.cli import main
 
-    model = build("resnet18")
+    model = tv_model("resnet18")
     torch.save(model.state_dict(), tmp_path / "r18.pth")
     import numpy as np
 
