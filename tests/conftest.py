@@ -1,5 +1,8 @@
 """Shared test helpers, as fixtures (test modules never import each other)."""
 
+import importlib
+import sys
+
 import pytest
 import torch
 
@@ -50,3 +53,18 @@ def _tv_model(name: str) -> torch.nn.Module:
 @pytest.fixture
 def tv_model():
     return _tv_model
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """user_module(name, source): a module of the user's own (a model factory), written into tmp_path (also the
+    working directory), importable by name for this test, imported fresh."""
+
+    def make(name: str, source: str):
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.chdir(tmp_path)
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return make

@@ -4,6 +4,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# torchvision architectures that convert (random weights; the zoo, export and other tests share the list)
+TORCHVISION_ZOO = [
+    "resnet18",
+    "mobilenet_v2",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+    "squeezenet1_1",
+    "resnet34",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "vgg11",
+    "vgg16",
+    "vgg16_bn",
+    "alexnet",
+    "squeezenet1_0",
+    "densenet121",
+    "inception_v3",
+    "shufflenet_v2_x1_0",
+    "mnasnet0_5",
+    "regnet_x_400mf",
+]
+
 
 class ResCatNet(nn.Module):
     """Conv/BN stem, a residual block (`+=`, torch.add), a cat branch, max/avg pooling, view head."""

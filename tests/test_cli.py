@@ -44,12 +44,8 @@ FACTORY = textwrap.dedent("""
 
 
 @pytest.fixture()
-def work(tmp_path, monkeypatch):
-    (tmp_path / "tvstyle.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    sys.modules.pop("tvstyle", None)
-    import tvstyle
+def work(tmp_path, user_module):
+    tvstyle = user_module("tvstyle", FACTORY)
 
     torch.manual_seed(0)
     model = tvstyle.tiny_resnet().eval()

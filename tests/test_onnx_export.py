@@ -5,7 +5,7 @@ layers may run (runtime/integer_spikes.py). A few models run in CI; the rest car
 import numpy as np
 import pytest
 import torch
-from nets import ResCatNet, randomize_bn, record_spikes
+from nets import TORCHVISION_ZOO, ResCatNet, randomize_bn, record_spikes
 
 import snnconv
 from snnconv.export import export_onnx
@@ -15,25 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 TV_CI = ["resnet18", "squeezenet1_1"]
-TV_SLOW = [
-    "mobilenet_v2",
-    "shufflenet_v2_x0_5",
-    "googlenet",
-    "resnet34",
-    "resnet50",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-    "vgg11",
-    "vgg16",
-    "vgg16_bn",
-    "alexnet",
-    "squeezenet1_0",
-    "densenet121",
-    "inception_v3",
-    "shufflenet_v2_x1_0",
-    "mnasnet0_5",
-    "regnet_x_400mf",
-]
+TV_SLOW = [n for n in TORCHVISION_ZOO if n not in TV_CI]
 TIMM_CI = ["mobilenetv2_035", "tf_mobilenetv3_small_minimal_100"]
 TIMM_SLOW = ["test_resnet", "resnet10t", "resnetv2_18", "mobilenetv2_050", "efficientnet_lite0"]
 

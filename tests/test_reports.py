@@ -4,7 +4,6 @@ every T, and a memory check sized for the batch actually run."""
 
 import math
 import re
-import sys
 import textwrap
 
 import numpy as np
@@ -217,14 +216,8 @@ FACTORY = textwrap.dedent("""
 
 
 @pytest.fixture()
-def work(tmp_path, monkeypatch):
-    (tmp_path / "reportnet.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    sys.modules.pop("reportnet", None)
-    import reportnet
-
-    return tmp_path, reportnet.net
+def work(tmp_path, user_module):
+    return tmp_path, user_module("reportnet", FACTORY).net
 
 
 def _image_folder(root, names, per_class=2, seed=0):

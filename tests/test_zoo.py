@@ -5,28 +5,14 @@ carry the `slow` marker (`pytest -m slow`, and benchmarks/zoo.py)."""
 
 import pytest
 import torch
+from nets import TORCHVISION_ZOO
 
 import snnconv
 
 tv = pytest.importorskip("torchvision")
 
 CI = ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "googlenet", "squeezenet1_1"]
-REST = [
-    "resnet34",
-    "resnet50",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-    "vgg11",
-    "vgg16",
-    "vgg16_bn",
-    "alexnet",
-    "squeezenet1_0",
-    "densenet121",
-    "inception_v3",
-    "shufflenet_v2_x1_0",
-    "mnasnet0_5",
-    "regnet_x_400mf",
-]
+REST = [n for n in TORCHVISION_ZOO if n not in CI]
 UNSUPPORTED = {
     "efficientnet_b0": "SiLU",
     "mobilenet_v3_small": "Hardswish",
