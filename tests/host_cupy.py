@@ -27,6 +27,60 @@ import numpy as np
 
 from snnconv.runtime import kernel_source
 
+
+def host_library_source(names: list[str] | None = None) -> str:
+    """C++ (to be built beside a copy of neuron.cu) that wraps each kernel in `names` (default: every
+    variant) in an extern "C" host launcher `snn_host_<i>(x, out, v, th, count, M, steps, C, inner,
+    v_reset, decay, blocks, threads)` running the grid block by block, thread by thread; and
+    `snn_host_take_misaligned()`, the number of misaligned vector accesses since the last call."""
+    names = names if names is not None else [kernel_source.name(*v) for v in kernel_source.all_variants()]
+    out = [
+        "#define SNN_HOST 1",
+        '#include "neuron.cu"',
+        "template <int DT, int VEC, bool STATIC, bool SOFT, bool LEAK, bool COUNT, bool SIGNED>",
+        "static void snn_host_run(const void* x, void* out, float* v, const float* th, float* count, long long M,",
+        "                         int steps, int C, long long inner, float v_reset, float decay, unsigned blocks,",
+        "                         unsigned threads) {",
+        "  typedef typename SnnStorage<DT>::type T;",
+        "  SNN_HOST_LAUNCH((snn_neuron<DT, VEC, STATIC, SOFT, LEAK, COUNT, SIGNED>), blocks, threads, (const T*)x,",
+        "                  (T*)out,",
+        "                  v, th, count, M, steps, C, inner, v_reset, decay);",
+        "}",
+        'extern "C" long long snn_host_take_misaligned() {',
+        "  long long n = snn_host_misaligned;",
+        "  snn_host_misaligned = 0;",
+        "  return n;",
+        "}",
+    ]
+    for i, n in enumerate(names):
+        out.append(
+            f'extern "C" void snn_host_{i}(const void* x, void* out, float* v, const float* th, float* count, '
+            "long long M, int steps, int C, long long inner, float v_reset, float decay, unsigned blocks, "
+            f"unsigned threads) {{\n  {n.replace('snn_neuron', 'snn_host_run', 1)}(x, out, v, th, count, M, "
+            "steps, C, inner, v_reset, decay, blocks, threads);\n}"
+        )
+    return "\n".join(out) + "\n"
+
+
+def build_host_library(directory: Path, code: str | None = None, names: list[str] | None = None) -> Path:
+    """Build `code` (default: neuron.cu as it is) with g++ for the host, through host_shim.h, wrapped by
+    host_library_source(names); returns the shared library's path. Float arithmetic as on the GPU: no
+    contraction into FMA (the kernel asks for none)."""
+    import shutil
+    import subprocess
+
+    directory = Path(directory)
+    (directory / "neuron.cu").write_text(code if code is not None else kernel_source.SOURCE.read_text())
+    shutil.copy(kernel_source.KERNEL_DIR / "host_shim.h", directory / "host_shim.h")
+    (directory / "lib.cpp").write_text(host_library_source(names))
+    lib = directory / "lib.so"
+    cmd = ["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-I", str(directory)]
+    proc = subprocess.run([*cmd, "-o", str(lib), str(directory / "lib.cpp")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"g++ failed on the kernel source:\n{proc.stderr[-4000:]}")
+    return lib
+
+
 _built: dict = {}  # (code, names) hash -> loaded library: one build per source per test session
 _tmp = tempfile.TemporaryDirectory(prefix="snn_host_cupy_")
 # the kernel's scalar parameters after its five pointers: long long M, int steps, int C, long long inner,
@@ -131,7 +185,7 @@ class RawModule:
         if key not in _built:
             d = Path(_tmp.name) / key
             d.mkdir()
-            lib = ctypes.CDLL(str(kernel_source.build_host_library(d, code, self.names)))
+            lib = ctypes.CDLL(str(build_host_library(d, code, self.names)))
             lib.snn_host_take_misaligned.restype = ctypes.c_longlong
             _built[key] = lib
         self.lib = _built[key]

@@ -14,6 +14,7 @@ import functools
 import mmap
 import shutil
 import sys
+from pathlib import Path
 
 import host_cupy
 import numpy as np
@@ -42,17 +43,73 @@ def _has_nvrtc() -> bool:
         return False
 
 
+def _ptx_with_nvcc(arch: str, nvcc: str = "nvcc") -> str:
+    """Compile every variant to PTX with nvcc for `arch` (e.g. 'sm_90'); needs no GPU."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        src, ptx = Path(d) / "neuron_all.cu", Path(d) / "neuron.ptx"
+        src.write_text(ks.full_source())
+        proc = subprocess.run(
+            [nvcc, "-std=c++17", "-ptx", f"-arch={arch}", "-o", str(ptx), str(src)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {arch}:\n{proc.stderr}")
+        return ptx.read_text()
+
+
+def _ptx_with_nvrtc(arch: str) -> str:
+    """Compile every variant to PTX with NVRTC (pip package nvidia-cuda-nvrtc-cu12); needs no GPU."""
+    import ctypes
+    import glob
+    import os
+
+    import nvidia.cuda_nvrtc as pkg  # the pip package's namespace
+
+    libs = [p for d in pkg.__path__ for p in glob.glob(os.path.join(d, "lib", "libnvrtc.so*"))]
+    if not libs:
+        raise RuntimeError("libnvrtc not found in the nvidia-cuda-nvrtc-cu12 package")
+    lib = ctypes.CDLL(sorted(libs)[0])
+    prog = ctypes.c_void_p()
+    src = ks.full_source().encode()
+
+    def check(code, what, log=False):
+        if code != 0:
+            detail = ""
+            if log:
+                n = ctypes.c_size_t()
+                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+                buf = ctypes.create_string_buffer(n.value)
+                lib.nvrtcGetProgramLog(prog, buf)
+                detail = buf.value.decode(errors="replace")
+            raise RuntimeError(f"NVRTC {what} failed (code {code}) for {arch}:\n{detail}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"neuron.cu", 0, None, None), "create")
+    opts = [b"-std=c++17", f"--gpu-architecture=compute_{arch.split('_')[1]}".encode()]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    try:
+        check(lib.nvrtcCompileProgram(prog, len(opts), arr), "compile", log=True)
+        n = ctypes.c_size_t()
+        check(lib.nvrtcGetPTXSize(prog, ctypes.byref(n)), "get PTX size")
+        buf = ctypes.create_string_buffer(n.value)
+        check(lib.nvrtcGetPTX(prog, buf), "get PTX")
+        return buf.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("compiler", ["nvcc", "nvrtc"])
 def test_every_variant_compiles_to_ptx(arch, compiler):
     if compiler == "nvcc":
         if shutil.which("nvcc") is None:
             pytest.skip("nvcc not on PATH")
-        ptx = ks.ptx_with_nvcc(arch)
+        ptx = _ptx_with_nvcc(arch)
     else:
         if not _has_nvrtc():
             pytest.skip("nvidia-cuda-nvrtc-cu12 not installed")
-        ptx = ks.ptx_with_nvrtc(arch)
+        ptx = _ptx_with_nvrtc(arch)
     assert ptx.count(".entry") == len(VARIANTS) == 120  # 96 binary, 24 signed
     assert f".target {arch}" in ptx
     assert "cvt.rn.f16.f32" in ptx  # float16 stores round to nearest even
