@@ -23,11 +23,14 @@ FACTS = {
     "maxpool_on_currents": "every max pool is a SpikeMaxPool call on a neuron's input, snn_kind 'maxpool'",
     "batchnorm_folded": "conv/linear + BN pairs are one call; node.meta['snn_layer'] names its conv/linear",
     "time_folded": "the input is broadcast over time (node.meta['snn_kind'] == 'broadcast'): [T * N, ...]",
-    "static_region_marked": "node.meta['step_invariant'] says whether a node's value is the same at every step",
+    "static_region_marked": "node.meta['step_invariant'] says whether a node's value is the same at every step; "
+    "neurons and max pools have node.meta['static_input']",
     "layout_planned": "convolutions have node.meta['layout']; NCHW copies before them have snn_kind 'layout_copy'",
-    "int8_packed": "layers reading binary spikes run as int8 SpikeLayers (node.meta['int8'])",
+    "int8_packed": "layers reading binary spikes run as int8 SpikeLayers (node.meta['int8']); a neuron only they "
+    "read has node.meta['int8_only']",
     "inplace_adds": "residual adds write into a private left operand",
-    "residuals_in_neurons": "a sum of two tensors only a neuron reads is that neuron's second input, neuron(a, b)",
+    "residuals_in_neurons": "a sum of two tensors only a neuron reads is that neuron's second input, neuron(a, b); "
+    "node.meta['residual_source'] names b's neuron where b is one",
 }
 
 

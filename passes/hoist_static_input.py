@@ -27,14 +27,14 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
         ins = node.all_input_nodes
         if node.op == "placeholder":
             static.add(node)
-        elif _is_neuron(node):  # a neuron and a spike max pool read `static_input` at run time
-            gm.get_submodule(node.target).static_input = ins[0] in static
+        elif _is_neuron(node):  # a neuron and a spike max pool read `static_input` at run time (materialise)
+            node.meta["static_input"] = ins[0] in static
         elif node.meta.get("snn_kind") in ("value", "constant") or node.op == "output":
             continue
         elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
             if node.meta.get("snn_kind") == "maxpool":
-                gm.get_submodule(node.target).static_input = True
+                node.meta["static_input"] = True
     dynamic_seen: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node in static or _is_neuron(node) or node.meta.get("snn_kind") in ("value", "constant"):

@@ -86,6 +86,6 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
             if layer_node.meta.get("snn_layer", layer_node.target) != layer_node.target:
                 gm.delete_submodule(layer_node.target)  # a wrapper (folded BN) nothing calls any more
         # int8 layers are all that read these spikes: the neuron writes only their uint8 input
-        neuron.int8_only = all(u.meta.get("int8") and u.args == (node,) for u in node.users)
+        node.meta["int8_only"] = all(u.meta.get("int8") and u.args == (node,) for u in node.users)
     gm.recompile()
     return gm

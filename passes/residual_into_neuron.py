@@ -41,13 +41,12 @@ def residual_into_neuron(gm: fx.GraphModule, settings) -> fx.GraphModule:
             node.args = (b, a) if _is_neuron(a) and not _is_neuron(b) else (a, b)  # a + b == b + a, bit for bit
             gm.graph.erase_node(add)
             if _is_neuron(node.args[1]):  # another neuron's spikes: read from the code it writes for int8 layers
-                gm.get_submodule(node.target).set_residual_source(gm.get_submodule(node.args[1].target))
+                node.meta["residual_source"] = node.args[1].target
     for node in gm.graph.nodes:  # read only by int8 layers and as residuals: no float spikes written
         if _is_neuron(node) and any(u.meta.get("int8") for u in node.users):
-            neuron = gm.get_submodule(node.target)
-            neuron.int8_only = all(
+            node.meta["int8_only"] = all(
                 (u.meta.get("int8") and u.args == (node,))
-                or (_is_neuron(u) and u.args[1:] == (node,) and gm.get_submodule(u.target).residual_source is neuron)
+                or (_is_neuron(u) and u.args[1:] == (node,) and u.meta.get("residual_source") == node.target)
                 for u in node.users
             )
     gm.recompile()

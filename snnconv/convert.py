@@ -11,6 +11,7 @@ from snnconv import passes as pipeline
 from snnconv.calibrate import batches, calibrate, calibrate_bias
 from snnconv.errors import ConversionError
 from snnconv.model import SpikingModel
+from snnconv.runtime.materialise import materialise
 from snnconv.runtime.modules import Neuron
 from snnconv.settings import API_NAMES, NeuronConfig, Settings
 from snnconv.trace import annotate, trace
@@ -181,7 +182,7 @@ def _prepare(ann: nn.Module, settings: Settings, example: torch.Tensor):
 
 
 def _lower(gm, settings: Settings, log: list, model: nn.Module) -> SpikingModel:
-    gm = pipeline.run(pipeline.LOWER, gm, settings, log)
+    gm = materialise(pipeline.run(pipeline.LOWER, gm, settings, log))
     snn = SpikingModel(gm, settings)
     snn._version = getattr(model, "_version", 1)  # state_dict metadata as the ANN writes it (MNASNet reads it)
     snn.pass_log = log
