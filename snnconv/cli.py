@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         while True:
             try:
-                code = interrupt.end(code, report)
+                code = interrupt.end(code, report, exiting=argv is None)
             except KeyboardInterrupt:
                 if interrupt.ended():  # after the command: the caller's Ctrl-C
                     raise

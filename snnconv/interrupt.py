@@ -85,11 +85,13 @@ def begin() -> None:
         signal.signal(signal.SIGINT, _handler)
 
 
-def end(code: int | None, report) -> int:
+def end(code: int | None, report, exiting: bool = False) -> int:
     """End the command begun with begin(), whose exit code is `code` (None: it did not finish). Interrupted:
     exit code 130 and its outputs deleted; else with code 0 its outputs are renamed into place.
     `report(code, error)` prints the outcome (error: a failed rename) while SIGINT is held off. Safe to call
-    when a Ctrl-C cut begin() short."""
+    when a Ctrl-C cut begin() short. exiting: the process ends with this outcome (the snnconv program), so
+    SIGINT stays ignored instead of going back to the caller's handler: a late Ctrl-C (or one re-delivered
+    by a finaliser) cannot turn the decided exit code into death by SIGINT."""
     _state["armed"] = False  # the outcome is decided once: a Ctrl-C from here on only sets the flag
     _state["ended"] = True
     saved, _state["saved"] = _state["saved"] or {"main": False, "hook": sys.unraisablehook, "pending": None}, None
@@ -116,5 +118,6 @@ def end(code: int | None, report) -> int:
         _state["pending"] = saved["pending"]
         sys.unraisablehook = saved["hook"]
         if saved["main"]:  # a handler installed from C reads as None: leave SIGINT to Python's default
-            signal.signal(signal.SIGINT, saved["handler"] or signal.default_int_handler)
+            handler = signal.SIG_IGN if exiting else saved["handler"] or signal.default_int_handler
+            signal.signal(signal.SIGINT, handler)
     return code
