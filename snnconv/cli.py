@@ -206,8 +206,7 @@ def _load(a):
         if a.kwargs:
             kwargs = parse_kwargs(a.kwargs)
         elif recorded.get("factory") == a.model:  # the file's arguments are still the file's words
-            found = trusted.listed(a.model)
-            kwargs = trusted.check_kwargs(a.model, recorded.get("kwargs"), a.checkpoint, found and found[0].kwargs)
+            kwargs = trusted.file_kwargs(a.model, recorded.get("kwargs"), a.checkpoint)
         else:
             kwargs = {}
         model = load_factory(a.model, kwargs)

@@ -95,16 +95,11 @@ def check(name: str, value, label: str | None = None) -> None:
         raise ConversionError(f"{label or name} must be {want}, got {value!r}")
 
 
-def check_memory(need: int, what: str) -> None:
-    """Refuse, before allocating, `need` bytes that would not fit in this machine's memory."""
-    from snnconv.memory import check_fits
-
-    check_fits(need, what)
-
-
 def check_allocatable(shape, n: int, what: str) -> None:
     """Refuse, before allocating, n float32 samples of `shape` that would not fit in memory."""
-    check_memory(n * math.prod(shape) * 4, f"{what}: input shape {tuple(shape)} for {n} sample(s)")
+    from snnconv.memory import check_fits
+
+    check_fits(n * math.prod(shape) * 4, f"{what}: input shape {tuple(shape)} for {n} sample(s)")
 
 
 @dataclass

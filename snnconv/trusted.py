@@ -102,9 +102,8 @@ class Constructor:
     def callable_for(self, match: re.Match) -> Callable | None:
         fn = self.resolve(match.groupdict().get("name"))
         name = match.groupdict().get("name") or match["attr"]
-        module_ok = getattr(fn, "__module__", "") == self.defined_in or getattr(fn, "__module__", "").startswith(
-            self.defined_in + "."
-        )
+        module = getattr(fn, "__module__", None) or ""
+        module_ok = module == self.defined_in or module.startswith(self.defined_in + ".")
         # a plain function, or a class method bound to its own class (EfficientNet.from_name)
         bound_ok = not inspect.ismethod(fn) or (
             isinstance(fn.__self__, type) and fn.__qualname__ == f"{fn.__self__.__qualname__}.{fn.__name__}"
@@ -207,6 +206,13 @@ def check_kwargs(spec: str, kwargs, what: str, table: dict[str, Check] | None) -
                 "yourself (CLI: --kwargs), or --trust-source (API: trust_source=True) if you trust the file's origin"
             )
     return kwargs
+
+
+def file_kwargs(spec: str, kwargs, what: str) -> dict:
+    """Arguments a file recorded for a factory the user named: by its table where the factory is listed, else
+    only numbers, booleans and null (check_kwargs)."""
+    found = listed(spec)
+    return check_kwargs(spec, kwargs, what, found[0].kwargs if found else None)
 
 
 def build(spec, kwargs, what: str):
