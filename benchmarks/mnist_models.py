@@ -1,5 +1,7 @@
 """The networks the accuracy benchmarks train on CPU and cache in .cache/: MNIST (one epoch), digits (30),
-Fashion-MNIST (Debian's `dataset-fashion-mnist`: a VGG and a ResNet with a stem max pool, a few epochs)."""
+Fashion-MNIST (Debian's `dataset-fashion-mnist`: a VGG and a ResNet with a stem max pool, a few epochs; two
+small ViTs written as timm writes them, one with eager softmax attention and nn.GELU, one with
+F.scaled_dot_product_attention and F.gelu; an EfficientNet-style SiLU CNN with squeeze-and-excitation gates)."""
 
 from __future__ import annotations
 
@@ -96,13 +98,217 @@ class StemPoolResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written as timm's eager path: one qkv Linear, unbind, softmax(q k^T * scale) v."""
+
+    def __init__(self, dim: int, num_heads: int = 4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        return x
+
+
+class SdpaAttention(Attention):
+    """The same attention through F.scaled_dot_product_attention, q, k, v taken by indexing (timm's fused path)."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        return x
+
+
+class Mlp(nn.Module):
+    """Linear -> nn.GELU() -> Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class FunctionalGeluMlp(Mlp):
+    """The same MLP with F.gelu in forward instead of the nn.GELU module."""
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = F.gelu(x)
+        x = self.fc2(x)
+        return x
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_layer=Attention, mlp_layer=Mlp):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn_layer(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """A small ViT written as timm writes it: conv patch embedding, a cls token, learned position embedding,
+    pre-norm blocks, final LayerNorm, linear head on the cls token. Patch 7 on 28x28: 16 patches + cls."""
+
+    def __init__(
+        self,
+        hw: int = 28,
+        patch: int = 7,
+        dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        num_classes: int = 10,
+        attn_layer=Attention,
+        mlp_layer=Mlp,
+    ):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (hw // patch) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, num_heads, mlp_ratio, attn_layer, mlp_layer) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, N, C]
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.pos_embed
+        x = self.blocks(x)
+        x = self.norm(x)
+        return self.head(x[:, 0])
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet's squeeze-and-excitation: mean over H, W, 1x1 reduce, SiLU, 1x1 expand, sigmoid gate."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        s = self.conv_reduce(s)
+        s = F.silu(s)
+        s = self.conv_expand(s)
+        return x * s.sigmoid()
+
+
+class DepthwiseSeparable(nn.Module):
+    """EfficientNet's first block (expansion 1): 3x3 depthwise-BN-SiLU, SE, 1x1 project-BN."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.act1 = nn.SiLU(inplace=True)
+        self.se = SqueezeExcite(cin, max(8, cin // 4))
+        self.conv_pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv_dw(x)))
+        x = self.se(x)
+        return self.bn2(self.conv_pw(x))
+
+
+class InvertedResidual(nn.Module):
+    """MBConv: 1x1 expand-BN-SiLU, 3x3 depthwise-BN-SiLU, SE, 1x1 project-BN, residual where shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4):
+        super().__init__()
+        mid = cin * expand
+        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.act1 = nn.SiLU(inplace=True)
+        self.conv_dw = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.act2 = nn.SiLU(inplace=True)
+        self.se = SqueezeExcite(mid, max(8, cin // 4))
+        self.conv_pwl = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.has_skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv_pw(x)))
+        x = self.act2(self.bn2(self.conv_dw(x)))
+        x = self.se(x)
+        x = self.bn3(self.conv_pwl(x))
+        if self.has_skip:
+            x = x + shortcut
+        return x
+
+
+class SiLUSENet(nn.Module):
+    """EfficientNet/MobileNetV3-style: conv-BN-SiLU stem (28x28), a depthwise-separable block (stride 2, 14x14)
+    and three MBConv blocks (one stride 2, 7x7; two residual), all with SE; 1x1 conv-BN-SiLU head, global
+    average pool, linear classifier."""
+
+    def __init__(self, hw: int = 28):
+        super().__init__()
+        self.conv_stem = nn.Conv2d(1, 24, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.act1 = nn.SiLU(inplace=True)
+        self.blocks = nn.Sequential(
+            DepthwiseSeparable(24, 32, 2),
+            InvertedResidual(32, 32, 1),
+            InvertedResidual(32, 64, 2),
+            InvertedResidual(64, 64, 1),
+        )
+        self.conv_head = nn.Conv2d(64, 128, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(128)
+        self.act2 = nn.SiLU(inplace=True)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        x = self.blocks(x)
+        x = self.act2(self.bn2(self.conv_head(x)))
+        return self.classifier(self.global_pool(x).flatten(1))
+
+
 FACTORIES = {
     "vgg": vgg_mnist,
     "resnet": SmallResNet,
     "vgg_qcfs4": lambda hw=28: vgg_mnist(hw, qcfs_levels=4),
     "resnet_pool": StemPoolResNet,
+    "vit": VisionTransformer,
+    "vit_sdpa": lambda hw=28: VisionTransformer(hw, attn_layer=SdpaAttention, mlp_layer=FunctionalGeluMlp),
+    "silu_se": SiLUSENet,
 }
-EPOCHS = {"digits": 30, "mnist": 1, "fashion": 3}  # by data, or (arch, data)
+# by data, or (arch, data); the small ViTs (no convolutional prior) need more epochs than the CNNs
+EPOCHS = {"digits": 30, "mnist": 1, "fashion": 3, ("vit", "fashion"): 10, ("vit_sdpa", "fashion"): 10}
 SUBSET: dict = {}  # (arch, data) -> training images used (the first n of a fixed shuffle), where not all
 
 

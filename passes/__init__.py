@@ -16,6 +16,7 @@ import torch.fx as fx
 from snnconv.passes.broadcast_input import broadcast_input
 from snnconv.passes.channels_last import channels_last
 from snnconv.passes.commute_maxpool import commute_maxpool
+from snnconv.passes.compensate import compensate
 from snnconv.passes.contract import FACTS, check_order, facts, mark
 from snnconv.passes.fold_batch_sizes import fold_batch_sizes
 from snnconv.passes.fold_batchnorm import fold_batchnorm
@@ -25,10 +26,11 @@ from snnconv.passes.integer_spikes import integer_spikes
 from snnconv.passes.lower_activations import lower_activations
 from snnconv.passes.remove_identity import remove_identity
 from snnconv.passes.residual_into_neuron import residual_into_neuron
+from snnconv.passes.spike_inputs import spike_inputs
 
 Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-PREPARE: list[Pass] = [fold_batch_sizes, remove_identity, lower_activations, commute_maxpool]
+PREPARE: list[Pass] = [fold_batch_sizes, remove_identity, lower_activations, commute_maxpool, spike_inputs, compensate]
 LOWER: list[Pass] = [
     fold_batchnorm,
     broadcast_input,

@@ -21,6 +21,10 @@ FACTS = {
     "identities_removed": "no dropout or identity nodes are left",
     "neurons_lowered": "every activation is a Neuron call, node.meta['snn_kind'] == 'neuron'",
     "maxpool_on_currents": "every max pool is a SpikeMaxPool call on a neuron's input, snn_kind 'maxpool'",
+    "spike_inputs": "every conv/linear/weight matmul reading a compensated op's value reads a neuron instead: a "
+    "two-sided one (node.meta['two_sided']) where the ANN had no activation there",
+    "compensated": "every op a neuron cannot represent (snn_kind 'compensated') reads running means of its "
+    "time-varying inputs (snn_kind 'running_mean') and is read through a 'running_diff'",
     "batchnorm_folded": "conv/linear + BN pairs are one call; node.meta['snn_layer'] names its conv/linear",
     "time_folded": "the input is broadcast over time (node.meta['snn_kind'] == 'broadcast'): [T * N, ...]",
     "static_region_marked": "node.meta['step_invariant'] says whether a node's value is the same at every step; "

@@ -23,14 +23,21 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     static: set[fx.Node] = set()  # step-invariant tensors that carry the batch (depend on the input)
+    static_sizes: set[fx.Node] = set()
     for node in gm.graph.nodes:
         ins = node.all_input_nodes
         if node.op == "placeholder":
             static.add(node)
         elif _is_neuron(node):  # a neuron and a spike max pool read `static_input` at run time (materialise)
             node.meta["static_input"] = ins[0] in static
-        elif node.meta.get("snn_kind") in ("value", "constant") or node.op == "output":
+        elif node.meta.get("snn_kind") == "value":  # a size read from a step-invariant tensor: N, not T * N
+            if any(a in static or a in static_sizes for a in ins):
+                static_sizes.add(node)
             continue
+        elif node.meta.get("snn_kind") == "constant" or node.op == "output":
+            continue
+        elif any(a in static_sizes for a in ins) and all(a in static or not _batch_carrying(a) for a in ins):
+            static.add(node)  # built from a step-invariant batch size (cls_token.expand(x.shape[0], -1, -1))
         elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
             static.add(node)
             if node.meta.get("snn_kind") == "maxpool":

@@ -65,6 +65,8 @@ def integer_spikes(gm: fx.GraphModule, settings) -> fx.GraphModule:
         pass
     for node in [n for n in gm.graph.nodes if n.meta.get("snn_kind") == "neuron"]:
         neuron = gm.get_submodule(node.target)
+        if neuron.two_sided and not neuron.config.signed:  # -theta spikes need the signed (shifted) code
+            continue
         for user in list(node.users):
             reader = _reader(gm, node, user, mode)
             if reader is None:

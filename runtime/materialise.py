@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from snnconv.runtime.compensate import RunningDiff, RunningMean
 from snnconv.runtime.modules import Neuron, SpikeMaxPool
 
 
@@ -15,6 +16,8 @@ def materialise(gm: fx.GraphModule) -> fx.GraphModule:
         m = gm.get_submodule(node.target)
         if isinstance(m, SpikeMaxPool) and node.meta.get("static_input"):
             m.static_input = True  # hoist_static_input: its input is the same at every step
+        if isinstance(m, (RunningMean, RunningDiff)):  # a step-invariant value passes through
+            m.static_input = node.meta.get("step_invariant", False)
         if isinstance(m, Neuron):
             m.static_input = node.meta.get("static_input", False)
             m.int8_only = node.meta.get("int8_only", False)  # integer_spikes, residual_into_neuron

@@ -51,12 +51,16 @@ class Neuron(nn.Module):
         # float spikes are not written at all
         self.int8_only = False
         self.set_residual_source(None)  # the neuron whose spikes are this one's residual, if another neuron's
+        # an identity in the ANN (passes/spike_inputs.py): fires +theta and -theta, its net count unbounded below
+        self.two_sided = False
+        self.channel_dim = 1  # the dim per-channel thresholds and biases run along (-1: features last)
 
     def extra_repr(self) -> str:
         th = self.threshold
         th = f"{th.item():.4g}" if th.numel() == 1 else f"per-channel[{th.numel()}]"
         bias = "" if self.bias is None else ", calibrated bias"
-        return f"{self.config.kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}{bias}"
+        kind = f"{self.config.kind}, two-sided" if self.two_sided else self.config.kind
+        return f"{kind}, reset={self.config.reset}, threshold={th}, clip={self.clip}{bias}"
 
     def forget(self, call) -> None:
         """Drop this neuron's state from `call`: its next run starts from the initial membrane."""
@@ -70,7 +74,9 @@ class Neuron(nn.Module):
         if residual is not None and (call is None or static or residual.shape != x.shape):
             x, residual = x + self._residual_floats(residual), None  # added first, as the graph's add did
         if call is None:  # the ANN
-            if self.levels is not None:
+            if self.two_sided:
+                y = x
+            elif self.levels is not None:
                 y = torch.clamp(torch.floor(x * (self.levels / self.clip) + 0.5) / self.levels, 0, 1) * self.clip
             else:
                 y = torch.clamp(x, 0, self.clip) if self.clip is not None else torch.relu(x)
@@ -81,12 +87,12 @@ class Neuron(nn.Module):
         bias = None  # calibrated correction of the input current (bias calibration), broadcast over channels
         if self.bias is not None:
             b = self.bias.to(x.device, x.dtype)
-            bias = _per_channel(b, x.dim())
+            bias = _per_channel(b, x.dim(), self.channel_dim)
         shape = x.shape if static else (x.shape[0] // steps, *x.shape[1:])
         theta = self.threshold
         if theta.device != x.device:
             self.threshold = theta = theta.to(x.device)
-        theta = _per_channel(theta, len(shape))
+        theta = _per_channel(theta, len(shape), self.channel_dim)
         fmt = _memory_format(x)
         cfg = self.config
         capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -95,7 +101,14 @@ class Neuron(nn.Module):
         out = None
         if not capturing:
             out = reused(self, (steps * shape[0], *shape[1:]), x.dtype, x.device, fmt).view(steps, *shape)
-        kernel_may_run = out is not None and call.backend == "auto" and cfg.max_spikes == 1 and x.device.type == "cpu"
+        kernel_may_run = (
+            out is not None
+            and call.backend == "auto"
+            and cfg.max_spikes == 1
+            and x.device.type == "cpu"
+            and not self.two_sided
+            and self.channel_dim == 1
+        )
         v = call.state.get(self)  # the membrane, carried over from the call's previous chunk or step
         first = v is None or v.shape != shape  # the call's first steps: the CPU kernel starts v and count itself
         v0 = None
@@ -111,7 +124,7 @@ class Neuron(nn.Module):
         # the dynamics every backend takes
         dyn = dict(steps=steps, static=static, soft_reset=cfg.reset == "soft", v_reset=cfg.v_reset, decay=cfg.decay)
         count = None
-        if cfg.signed:  # the net spike count so far, carried like the membrane
+        if cfg.signed and not self.two_sided:  # the net spike count so far, carried like the membrane
             count = call.state.get(self._count_key)
             if first or count is None or count.shape != shape:
                 if first and kernel_may_run:  # the kernel starts it; uint8 where the call cannot count past 255
@@ -167,6 +180,11 @@ class Neuron(nn.Module):
             if count is not None:
                 call.state[self._count_key] = state[2]
             return state[0].reshape(steps * shape[0], *shape[1:])
+        if self.two_sided:  # single spikes of +-theta, soft reset: the torch backend
+            self.calls["torch"] += 1
+            dyn.update(soft_reset=True, signed=True, two_sided=True)
+            torch_backend.multistep(x_in, v, theta, out=out, **dyn)
+            return out.view(steps * shape[0], *shape[1:])
         if cfg.max_spikes > 1:  # burst neurons: the torch backend
             self.calls["torch"] += 1
             torch_backend.multistep_burst(x_in, v, theta, max_spikes=cfg.max_spikes, out=out, **dyn)
@@ -232,9 +250,12 @@ class Neuron(nn.Module):
         return residual if written is None or written[1] else source.spikes_from_code(residual, written[0])
 
 
-def _per_channel(theta: torch.Tensor, dims: int) -> torch.Tensor:
-    """A per-channel value broadcast over a [N, C, ...] tensor of `dims` dims: [C] -> [C, 1, ...]; a scalar as is."""
-    return theta.view(-1, *([1] * (dims - 2))) if theta.dim() > 0 else theta
+def _per_channel(theta: torch.Tensor, dims: int, channel_dim: int = 1) -> torch.Tensor:
+    """A per-channel value broadcast over a [N, C, ...] tensor of `dims` dims: [C] -> [C, 1, ...]; a scalar as is.
+    Channels last (channel_dim -1): [C] broadcasts as it is."""
+    if theta.dim() == 0 or channel_dim in (-1, dims - 1):
+        return theta
+    return theta.view(-1, *([1] * (dims - 2)))
 
 
 class _Scratch:

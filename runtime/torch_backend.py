@@ -56,6 +56,7 @@ def multistep(
     calls: dict | None = None,
     count: torch.Tensor | None = None,
     signed: bool = False,
+    two_sided: bool = False,
 ) -> torch.Tensor:
     """Run `steps` steps; x is [steps, ...] or, when `static`, one [...] tensor fed at every step.
     `calls` (a dict), when given, counts this call under 'torch' (backends report which of them served).
@@ -70,7 +71,7 @@ def multistep(
     In-place ops only, no allocation per step (measured: the allocating form cost more than the int8 layers):
     out[t] holds the 0/1 (signed: -1/0/1) spike until the end, where one multiply scales all steps by theta
     (bitwise the same as scaling each step)."""
-    if signed and (count is None or not soft_reset):
+    if signed and ((count is None and not two_sided) or not soft_reset):
         raise ValueError("signed spikes need soft reset and their net count (count=)")
     if calls is not None:
         calls["torch"] = calls.get("torch", 0) + 1
@@ -88,7 +89,11 @@ def multistep(
             v.mul_(decay)
         v.add_(xt)
         st = torch.ge(v, theta, out=spikes[t])
-        if signed:
+        if signed and two_sided:  # fires -theta whenever V < 0: V stays in [0, theta) both ways
+            st.sub_(torch.lt(v, 0, out=neg))
+            if count is not None:
+                count.add_(st)
+        elif signed:
             torch.lt(v, 0, out=neg)
             torch.gt(count, 0, out=positive)
             st.sub_(neg.mul_(positive))
@@ -105,7 +110,7 @@ def multistep(
             count += fired
         else:  # an integer count: added without wrapping around
             count_back(count, count + fired)
-    elif signed:
+    elif signed and count is not None:
         count_back(given, count)
     spikes.mul_(theta)
     if spikes is not out:

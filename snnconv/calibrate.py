@@ -21,9 +21,18 @@ from snnconv.runtime.modules import Neuron
 BIAS_BUDGET_MB = 2048  # bias calibration: activations of one sub-batch over T steps, when no memory_budget_mb
 
 
-def by_channel(y: torch.Tensor) -> torch.Tensor:
-    """[N, C, ...] -> [C, N * ...]: one row per channel (dim 1); a tensor without channels is one row."""
-    return y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() > 1 else y.reshape(1, -1)
+def by_channel(y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """[N, C, ...] -> [C, N * ...]: one row per channel (`dim`); a tensor without channels is one row."""
+    return y.movedim(dim, 0).reshape(y.shape[dim], -1) if y.dim() > 1 else y.reshape(1, -1)
+
+
+def observed(neuron: Neuron, observer):
+    """What an observer of `neuron` sees: its ANN activation, in magnitude for a two-sided neuron (its threshold
+    bounds |x|), rows along its channel dim."""
+    if not neuron.two_sided and neuron.channel_dim == 1:
+        return observer
+    observer.channel_dim = neuron.channel_dim
+    return (lambda y: observer(y.abs())) if neuron.two_sided else observer
 
 
 class Stats:
@@ -34,6 +43,8 @@ class Stats:
     Rows the kept values cannot decide (see Tail) take the merged histogram's estimate
     (snnconv.distributed.Histogram: within one bin, < 2 * max / 1024, of the exact percentile)."""
 
+    channel_dim = 1
+
     def __init__(self, per_channel: bool, q: float):
         self.per_channel, self.q = per_channel, q
         self.max: torch.Tensor | None = None
@@ -42,7 +53,7 @@ class Stats:
 
     def __call__(self, y: torch.Tensor) -> None:
         y = y.detach().float()
-        flat = by_channel(y) if self.per_channel else y.reshape(1, -1)
+        flat = by_channel(y, self.channel_dim) if self.per_channel else y.reshape(1, -1)
         m = flat.amax(dim=1)
         self.max = m if self.max is None else torch.maximum(self.max, m)
         if self.tail is None:
@@ -98,7 +109,7 @@ def _observe(gm, calib, limit: int | None, neurons: list[Neuron], observers: lis
     """Run the prepared graph as the ANN over the calibration data with `observers[i]` on `neurons[i]`;
     `check(y)` validates the output against the ANN on the first batch. Returns the number of batches."""
     for n, obs in zip(neurons, observers):
-        n.observer = obs
+        n.observer = observed(n, obs)
     seen = 0
     try:
         with torch.no_grad():
@@ -158,7 +169,8 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
     for n, th in zip(neurons, tops):
         if n.fixed:
             continue
-        th = th / settings.neuron.max_spikes  # burst neurons: the same range, k times finer steps
+        if not n.two_sided:  # two-sided neurons fire single spikes
+            th = th / settings.neuron.max_spikes  # burst neurons: the same range, k times finer steps
         n.threshold = torch.where(th > 0, th, torch.ones_like(th))
 
 
@@ -176,13 +188,15 @@ class ClipError:
     threshold, plus the count, sum and sum of squares of a / R >= 1 (clipped by any theta <= R), from
     which the squared error of every candidate theta is summed exactly up to the bin width (R / bins)."""
 
+    channel_dim = 1
+
     def __init__(self, top: torch.Tensor, per_channel: bool, bins: int = 1024):
         self.top, self.per_channel, self.bins = top.double().reshape(-1), per_channel, bins
         self.counts = torch.zeros(len(self.top), bins, dtype=torch.float64)
         self.over = torch.zeros(3, len(self.top), dtype=torch.float64)  # count, sum, sum of squares above R
 
     def __call__(self, y: torch.Tensor) -> None:
-        flat = by_channel(y.detach()) if self.per_channel else y.detach().reshape(1, -1)
+        flat = by_channel(y.detach(), self.channel_dim) if self.per_channel else y.detach().reshape(1, -1)
         scale = torch.where(self.top > 0, 1 / self.top, torch.zeros_like(self.top)).to(flat.device, torch.float32)
         a = flat.float() * scale.unsqueeze(1)  # in units of R
         idx = (a * self.bins).long().clamp_(0, self.bins)  # bin `bins`: a >= 1, clipped by every candidate
@@ -209,12 +223,13 @@ class ClipError:
         return th if self.per_channel else th.reshape(())
 
 
-def _channel_sums(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Per-channel (dim 1) sums in float64, summed without a float64 copy of t, and the count per channel."""
+def _channel_sums(t: torch.Tensor, channel_dim: int = 1) -> tuple[torch.Tensor, int]:
+    """Per-channel sums in float64, summed without a float64 copy of t, and the count per channel."""
     if t.dim() < 2:
         return t.sum(dtype=torch.float64).reshape(1), t.numel()
-    dims = [d for d in range(t.dim()) if d != 1]
-    return t.sum(dim=dims, dtype=torch.float64), t.numel() // t.shape[1]
+    c = channel_dim % t.dim()
+    dims = [d for d in range(t.dim()) if d != c]
+    return t.sum(dim=dims, dtype=torch.float64), t.numel() // t.shape[c]
 
 
 def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET_MB) -> None:
@@ -242,7 +257,7 @@ def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET
     k = 0
 
     def correct(n: Neuron, inputs, out):
-        (a, count), (s, c) = ann[n], _channel_sums(out)
+        (a, count), (s, c) = ann[n], _channel_sums(out, n.channel_dim)
         gap = (a / count - s / c).float() / k
         gap = gap if gap.numel() > 1 else gap.reshape(())
         n.bias = gap if n.bias is None else n.bias + gap
@@ -255,7 +270,7 @@ def calibrate_bias(snn, calib, limit: int | None, budget_mb: float = BIAS_BUDGET
             for x in distributed.everyones(batches(calib, limit)):  # every rank: all ranks' batches
                 for xs in x.split(sub):
                     for n in order:  # this sub-batch's ANN activations, per channel
-                        n.observer = lambda y, n=n: ann.__setitem__(n, _channel_sums(y))
+                        n.observer = lambda y, n=n: ann.__setitem__(n, _channel_sums(y, n.channel_dim))
                     try:
                         gm(xs)
                     finally:

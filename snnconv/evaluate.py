@@ -13,7 +13,10 @@ Energy constants (Horowitz, ISSCC 2014, 45 nm, 32-bit float): 4.6 pJ per multipl
 0.9 pJ per accumulate (AC). A layer fed by spikes does one AC per input event and fan-out (MACs x
 fraction of non-zero inputs, per step); a layer fed by analog values (upstream of every neuron) does MACs,
 once per step it runs (once per forward where its input is hoisted out of the time loop), so no count
-depends on the time chunk.
+depends on the time chunk. Compensated ops (GELU, softmax, LayerNorm, products of two activations such as
+attention; passes/compensate.py) are float operations, not synaptic events: they are counted apart
+(`snn_float_ops`: a product's MACs, one per output value otherwise, plus the running mean and difference
+around them), at the MAC's energy.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from snnconv.runtime.integer_spikes import SpikeLayer
 from snnconv.runtime.modules import FoldedBN, Neuron, TimeBroadcast
 
 E_MAC_PJ, E_AC_PJ = 4.6, 0.9
+_FLOAT_KINDS = ("compensated", "running_mean", "running_diff")
 _aten = torch.ops.aten
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -103,14 +107,31 @@ def _function_counter(node: fx.Node, depends: set[fx.Node]) -> Counter | None:
     return lambda a, k, out: (out.numel() * _arg(a, k, *first).shape[-1], _arg(a, k, *x))  # outputs x contracted size
 
 
+def _float_op_counter(node: fx.Node) -> Counter:
+    """A compensated op (or its running mean / difference): a product's MACs, else one op per output value."""
+
+    def count(a, k, out):
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(first, torch.Tensor):
+            return 0, None
+        if node.target in _PRODUCTS and isinstance(a[0], torch.Tensor):
+            return first.numel() * a[0].shape[-1], None
+        return first.numel(), None
+
+    return count
+
+
 def _counters(gm: fx.GraphModule) -> dict[str, Counter]:
-    """Each node that applies a convolution or linear map to the input's data: its counter, by node name."""
+    """Each node that applies a convolution or linear map to the input's data, or is a compensated op: its
+    counter, by node name."""
     depends: set[fx.Node] = set()  # nodes computed from the input (not from weights alone)
     found = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(a in depends for a in node.all_input_nodes):
             depends.add(node)
-        if node.op == "call_module":
+        if node.meta.get("snn_kind") in _FLOAT_KINDS:
+            found[node.name] = _float_op_counter(node)
+        elif node.op == "call_module":
             m = gm.get_submodule(node.target)
             if isinstance(m, _COMPUTE):
                 found[node.name] = _module_counter(m)
@@ -221,7 +242,8 @@ def evaluate(
     snn.to(device)
     loader, size = _batches(data, y, batch, workers, device.type == "cuda")
     neurons = snn.neurons()
-    counts = torch.zeros(6, dtype=torch.float64, device=device)  # ann MACs, SNN ACs, SNN MACs, n, ann ok, labelled
+    # ann MACs, SNN ACs, SNN MACs, n, ann ok, labelled, SNN float ops (compensated)
+    counts = torch.zeros(7, dtype=torch.float64, device=device)
     spikes = torch.zeros(2, len(neurons), dtype=torch.float64, device=device)  # spikes, neuron-steps
     correct = torch.zeros(T_max, dtype=torch.float64, device=device)
     agree = torch.zeros(2, T_max, dtype=torch.float64, device=device)  # the ANN's class is the SNN's top 1, top 5
@@ -230,7 +252,12 @@ def evaluate(
     done: set[str] = set()  # hoisted layers already counted in this forward (one per time chunk runs)
 
     def on_compute(name: str, macs: int, x: torch.Tensor) -> None:
-        if mode[0] == "ann":
+        if x is None:  # a compensated op: float work in the SNN (in the ANN, the op itself: not a MAC count)
+            if mode[0] == "snn" and not (name in static and name in done):
+                if name in static:
+                    done.add(name)
+                counts[6] += macs
+        elif mode[0] == "ann":
             counts[0] += macs
         elif name in static:
             if name not in done:  # once per forward, however many time chunks ran it
@@ -312,13 +339,16 @@ def evaluate(
         "ann_macs": float(counts[0]) / n,
         "snn_acs": float(counts[1]) / n,
         "snn_macs": float(counts[2]) / n,
+        "snn_float_ops": float(counts[6]) / n,  # compensated ops: not synaptic events
         "device": str(device),
         "neuron_calls": {k: dict(m.calls) for k, m in neurons.items()},  # this rank's: fused CUDA / CPU kernel vs torch
     }
     if classes >= 5:
         result["agreement_top5_by_T"] = (agree[1] / n * 100).tolist()  # the ANN's class among the SNN's top 5
     result["ann_energy_uj"] = result["ann_macs"] * E_MAC_PJ * 1e-6
-    result["snn_energy_uj"] = (result["snn_acs"] * E_AC_PJ + result["snn_macs"] * E_MAC_PJ) * 1e-6
+    result["snn_energy_uj"] = (
+        result["snn_acs"] * E_AC_PJ + (result["snn_macs"] + result["snn_float_ops"]) * E_MAC_PJ
+    ) * 1e-6
     labelled = int(counts[5])
     if labelled:
         if labelled != n:

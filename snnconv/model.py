@@ -213,7 +213,9 @@ class SpikingModel(nn.Module):
         found, hooks = {}, []
         for name, n in self.neurons().items():
             hooks.append(
-                n.register_forward_pre_hook(lambda m, a, name=name: found.__setitem__(name, a[0].shape[1:2].numel()))
+                n.register_forward_pre_hook(
+                    lambda m, a, name=name: found.__setitem__(name, a[0].shape[m.channel_dim] if a[0].dim() > 1 else 1)
+                )
             )
         try:
             with torch.no_grad():

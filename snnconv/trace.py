@@ -53,74 +53,114 @@ def _dims_arg(node, index=1, name="dim"):
     return (d,) if isinstance(d, int) else d
 
 
-def _keeps_dim0(name: str) -> Callable:
+def batch_dim(node) -> int | None:
+    """The dim of `node`'s tensor that carries the batch (node.meta['snn_batch_dim']; 0 when not recorded)."""
+    if not isinstance(node, fx.Node):
+        return None
+    d = node.meta.get("snn_batch_dim", 0)
+    return d if isinstance(d, int) else None
+
+
+def _ndim(node) -> int | None:
+    shape = node.meta.get("snn_shape") if isinstance(node, fx.Node) else None
+    return len(shape) if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) else None
+
+
+def _hits_batch(node, dims) -> bool:
+    """Do `dims` (ints, negative allowed) of node.args[0] include its batch dim?"""
+    src, b = node.args[0], batch_dim(node.args[0])
+    nd = _ndim(src)
+    if b is None or nd is None:
+        return 0 in dims
+    return any(d % nd == b for d in dims if isinstance(d, int))
+
+
+def _keeps_batch(name: str) -> Callable:
     def rule(node):
         dims = _dims_arg(node)
-        return (
-            None if dims is not None and 0 not in dims else f"{name} over dim 0 (the batch) mixes samples; use dim >= 1"
-        )
+        if dims is None or _hits_batch(node, dims):
+            return f"{name} over the batch dimension (or over all dims) mixes samples; give the other dims"
+        return None
 
     return rule
 
 
-def _transpose_rule(node):
-    if 0 in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")):
-        return "transpose moves the batch dimension; keep dim 0 in place"
-
-
-def _permute_rule(node):
-    dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
-    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-    if dims and dims[0] != 0:
-        return "permute moves the batch dimension; keep dim 0 first"
-
-
 def _squeeze_rule(node):
+    if node.target in (torch.unsqueeze, "unsqueeze", _aten.unsqueeze.default):
+        return None  # adds a dim; the batch dim's new place is recorded
     dims = _dims_arg(node)
-    if dims is None or 0 in dims:
-        return "squeeze/unsqueeze without a non-batch dim may add or drop the batch dimension; give dim >= 1"
+    if dims is None or _hits_batch(node, dims):
+        return "squeeze without a dim, or of the batch dim, may drop the batch dimension; give the other dims"
 
 
 def _slice_rule(node):
-    if _arg(node, 1, "dim", 0) == 0:
-        return "indexing the batch dimension picks samples; index only dims >= 1"
+    if _hits_batch(node, (_arg(node, 1, "dim", 0),)):
+        return "indexing the batch dimension picks samples; index only the other dims"
 
 
 def _getitem_rule(node):
     src = node.args[0]
-    if isinstance(src, fx.Node) and src.meta.get("snn_kind") == "tensors":
-        return None  # picks one tensor of a chunk/split tuple
-    index = node.args[1]
-    first = index[0] if isinstance(index, tuple) and index else index
-    if not (first is Ellipsis or (isinstance(first, slice) and first == slice(None))):
-        return "indexing the batch dimension picks samples; index only dims >= 1 (x[:, ...])"
+    if isinstance(src, fx.Node) and (
+        src.meta.get("snn_kind") == "tensors"
+        or isinstance(src.meta.get("snn_batch_dim"), tuple)
+        or src.meta.get("snn_refused")
+    ):
+        return None  # picks one tensor of a tuple (chunk/split, attention's (output, weights); or one reported)
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    nd, b = _ndim(src), batch_dim(src)
+    b = 0 if b is None else b
+    consuming = [i for i in index if i is not None and i is not Ellipsis]
+    dim = 0
+    for item in index:  # walk the index over the source's dims until the batch dim
+        if item is None:
+            continue
+        if item is Ellipsis:
+            dim += (nd if nd is not None else len(consuming)) - len(consuming)
+            if dim > b:
+                return None
+            continue
+        if dim == b:
+            return None if item == slice(None) else "indexing the batch dimension picks samples; use x[:, ...] there"
+        dim += 1
+    return None
 
 
-def _split_rule(node):
-    if _arg(node, 2, "dim", 0) == 0:
-        return "split/chunk along dim 0 splits the batch; split along dim >= 1"
+def _split_rule(node, index=2):
+    if _hits_batch(node, (_arg(node, index, "dim", 0),)):
+        return "split/chunk/unbind along the batch dimension splits the batch; split along another dim"
 
 
 def _cat_rule(node):
-    return "cat/stack along dim 0 mixes the batch; join along dim >= 1" if _arg(node, 1, "dim", 0) == 0 else None
+    if node.target in (torch.stack, _aten.stack.default):
+        return None  # a new dim: the batch dim moves, samples stay apart
+    tensors = _arg(node, 0, "tensors", ())
+    first = next((t for t in tensors if isinstance(t, fx.Node) and t.meta.get("snn_batched")), None)
+    dim = _arg(node, 1, "dim", 0)
+    nd, b = _ndim(first), batch_dim(first)
+    if first is not None and b is not None and (dim % nd if nd else dim) == b:
+        return "cat along the batch dimension mixes the batch; join along another dim"
 
 
 def _pad_rule(node):
-    pad, shape = _arg(node, 1, "pad"), node.args[0].meta.get("snn_shape")
-    if isinstance(pad, (tuple, list)) and shape is not None and len(pad) >= 2 * len(shape):
-        return "F.pad pads the batch dimension; pad only dims >= 1"
+    pad, nd, b = _arg(node, 1, "pad"), _ndim(node.args[0]), batch_dim(node.args[0])
+    if isinstance(pad, (tuple, list)) and nd is not None and b is not None and len(pad) // 2 > nd - 1 - b:
+        return "F.pad pads the batch dimension; pad only the other dims"
 
 
 def _product_rule(node):
-    batched = [a for a in node.all_input_nodes if a.meta.get("snn_batched")]
+    return None  # a product of two time-varying tensors is compensated (see _classify); by a weight, linear
+
+
+_DIM_ARG_OPS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+
+
+def is_time_product(node: fx.Node) -> bool:
+    """A product (or quotient) of time-varying tensors, or a division by one: not linear in its inputs."""
+    batched = [a for a in node.all_input_nodes if a.meta.get("snn_batched") and a.meta.get("snn_kind") != "value"]
     if len(batched) > 1:
-        return "product of two time-varying tensors (gating): a spiking network cannot multiply rates"
-    if (
-        node.target in (operator.truediv, torch.div, "div", _aten.div.Tensor)
-        and batched
-        and batched[0] is not node.args[0]
-    ):
-        return "dividing by a time-varying tensor is not linear"
+        return True
+    divides = node.target in (operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__")
+    return bool(divides and batched and batched[0] is not node.args[0])
 
 
 @dataclass(frozen=True)
@@ -251,25 +291,20 @@ OPS: dict[str, Op] = {
         (_aten.chunk.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unbind.int),
         (),
         lambda node: (
-            "unbind over dim 0 splits the batch; use dim >= 1"
-            if node.target in (torch.unbind, "unbind", _aten.unbind.int) and _arg(node, 1, "dim", 0) == 0
-            else _split_rule(node)
+            _split_rule(node)
+            if node.target not in (torch.unbind, "unbind", _aten.unbind.int)
+            else _split_rule(node, index=1)
         ),
     ),
-    "reshape": Op(  # keep dim 0; sizes taken from the batch are rewritten to the folded batch (passes/)
+    "reshape": Op(  # merging the batch with later dims is checked on the facts; batch sizes folded (passes/)
         "linear",
         (torch.flatten, torch.reshape),
         ("view", "reshape", "flatten", "view_as", "reshape_as", "expand_as", "expand", "unflatten"),
         (_aten.view.default, _aten.reshape.default, _aten.flatten.using_ints, _aten._unsafe_view.default),
         (nn.Flatten, nn.Unflatten),
-        lambda node: (
-            "flatten over dim 0 merges the batch; use start_dim >= 1"
-            if node.target in (torch.flatten, "flatten") and _arg(node, 1, "start_dim", 0) == 0
-            else None
-        ),
     ),
-    "transpose": Op("linear", (torch.transpose,), ("transpose",), (_aten.transpose.int,), (), _transpose_rule),
-    "permute": Op("linear", (torch.permute,), ("permute",), (_aten.permute.default,), (), _permute_rule),
+    "transpose": Op("linear", (torch.transpose,), ("transpose", "mT"), (_aten.transpose.int,)),  # batch dim: facts
+    "permute": Op("linear", (torch.permute, torch.movedim), ("permute", "movedim"), (_aten.permute.default,)),
     "squeeze": Op(
         "linear",
         (torch.squeeze, torch.unsqueeze),
@@ -296,7 +331,7 @@ OPS: dict[str, Op] = {
         ("mean", "sum"),
         (_aten.mean.dim, _aten.sum.dim_IntList),
         (),
-        _keeps_dim0("mean/sum"),
+        _keeps_batch("mean/sum"),
     ),
     "index": Op(
         "linear",
@@ -305,6 +340,71 @@ OPS: dict[str, Op] = {
         (_aten.slice.Tensor, _aten.select.int),
         (),
         lambda node: _slice_rule(node) if isinstance(node.target, torch._ops.OpOverload) else _getitem_rule(node),
+    ),
+    # ops an IF neuron cannot represent: run on the running mean of their inputs (passes/compensate.py)
+    "smooth": Op(
+        "compensated",
+        (
+            F.gelu,
+            F.silu,
+            F.hardswish,
+            F.hardsigmoid,
+            F.mish,
+            F.elu,
+            F.selu,
+            F.celu,
+            F.leaky_relu,
+            F.softplus,
+            F.sigmoid,
+            F.tanh,
+            F.logsigmoid,
+            torch.sigmoid,
+            torch.tanh,
+            torch.erf,
+            torch.exp,
+            torch.log,
+            torch.sqrt,
+            torch.rsqrt,
+            torch.reciprocal,
+            torch.pow,
+            torch.abs,
+            torch.square,
+            operator.pow,
+        ),
+        ("sigmoid", "tanh", "erf", "exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "__pow__", "abs", "square"),
+        (_aten.gelu.default, _aten.silu.default, _aten.hardswish.default, _aten.sigmoid.default, _aten.tanh.default),
+        (
+            nn.GELU,
+            nn.SiLU,
+            nn.Hardswish,
+            nn.Hardsigmoid,
+            nn.Sigmoid,
+            nn.Tanh,
+            nn.Mish,
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.LeakyReLU,
+            nn.Softplus,
+            nn.LogSigmoid,
+        ),
+    ),
+    "normalise": Op(  # over features of one sample (dims >= 1): the batch rule checks the dim
+        "compensated",
+        (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.layer_norm, F.group_norm, F.normalize)
+        + ((F.rms_norm,) if hasattr(F, "rms_norm") else ()),
+        ("softmax", "log_softmax"),
+        (_aten._softmax.default, _aten.softmax.int, _aten.layer_norm.default, _aten.native_layer_norm.default),
+        (nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+        lambda node: _keeps_batch("softmax/normalisation")(node) if node.target in _DIM_ARG_OPS else None,
+    ),
+    "product": Op(  # products of two time-varying tensors (attention, gates); with a weight: linear
+        "linear",
+        (operator.matmul, torch.matmul, torch.bmm, torch.einsum, F.scaled_dot_product_attention),
+        ("matmul", "__matmul__", "bmm"),
+        (_aten.matmul.default, _aten.bmm.default, _aten.mm.default),
+        (nn.MultiheadAttention,),
+        _product_rule,
     ),
     # shape arithmetic: sizes, dims, numbers
     "size": Op("value", (), ("size", "dim", "numel", "__len__"), (_aten.sym_size.int,)),
@@ -563,22 +663,42 @@ def _drop_checks(gm: fx.GraphModule) -> None:
 # ---- per-node facts
 
 
+def _tensor_batch(a: torch.Tensor, b: torch.Tensor, n: int) -> tuple[int | None, int]:
+    """(batch dim, batch factor) of one tensor seen at batch n (a) and n + 1 (b): the one dim whose size
+    is k * n, then k * (n + 1); (None, 0) if none changed, (-1, 0) if the batch spread over several dims."""
+    if a.dim() != b.dim():
+        return -1, 0
+    changed = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+    if not changed:
+        return None, 0
+    if len(changed) > 1:
+        return -1, 0
+    d = changed[0]
+    k = b.shape[d] - a.shape[d]
+    return (d, k) if k > 0 and a.shape[d] == k * n else (-1, 0)
+
+
 def _record(out, out2, n: int):
-    """(shape, batched, batch_value) of one node's value for batch n (out) and batch n + 1 (out2)."""
+    """(shape, batched, batch_value, batch_dim, batch_factor) of one node's value for batch n (out) and
+    batch n + 1 (out2)."""
     if isinstance(out, torch.Tensor):
-        return tuple(out.shape), tuple(out.shape) != tuple(out2.shape), None
-    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
-        return tuple(tuple(o.shape) for o in out), any(o.shape != p.shape for o, p in zip(out, out2)), None
+        d, k = _tensor_batch(out, out2, n)
+        return tuple(out.shape), tuple(out.shape) != tuple(out2.shape), None, d, k
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) or o is None for o in out):
+        pairs = list(zip(out, out2))  # (attention's output, None): a tuple with an empty place
+        dims = tuple(None if o is None else _tensor_batch(o, p, n)[0] for o, p in pairs)
+        batched = any(o is not None and o.shape != p.shape for o, p in pairs)
+        return tuple(None if o is None else tuple(o.shape) for o in out), batched, None, dims, 1
     if isinstance(out, int) and not isinstance(out, bool):
         if out == out2:
-            return None, False, None
-        return None, True, "int" if (out, out2) == (n, n + 1) else "other"
+            return None, False, None, None, 0
+        return None, True, "int" if (out, out2) == (n, n + 1) else "other", None, 0
     if isinstance(out, (tuple, list)) and out and all(isinstance(o, int) for o in out):
         if tuple(out) == tuple(out2):
-            return None, False, None
+            return None, False, None, None, 0
         same_rest = len(out) == len(out2) and tuple(out[1:]) == tuple(out2[1:])
-        return None, True, "size" if same_rest and (out[0], out2[0]) == (n, n + 1) else "other"
-    return None, False, None
+        return None, True, "size" if same_rest and (out[0], out2[0]) == (n, n + 1) else "other", None, 0
+    return None, False, None, None, 0
 
 
 class _Recorder(fx.Interpreter):
@@ -593,7 +713,7 @@ class _Recorder(fx.Interpreter):
 
 def record_facts(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Run the graph on batches of 2 and 3 copies of the example's first sample; record snn_shape,
-    snn_batched, snn_batch_value in node.meta."""
+    snn_batched, snn_batch_value, snn_batch_dim and snn_batch_factor in node.meta."""
     runs = []
     for n in (2, 3):
         rec = _Recorder(gm)
@@ -603,8 +723,9 @@ def record_facts(gm: fx.GraphModule, example: torch.Tensor) -> None:
     for node in gm.graph.nodes:
         if node.op == "output" or node not in runs[0]:
             continue
-        shape, batched, value = _record(runs[0][node], runs[1][node], 2)
+        shape, batched, value, dim, factor = _record(runs[0][node], runs[1][node], 2)
         node.meta.update(snn_shape=shape, snn_batched=batched, snn_batch_value=value)
+        node.meta.update(snn_batch_dim=dim, snn_batch_factor=factor)
 
 
 # ---- classification
@@ -680,14 +801,20 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         label = t if isinstance(t, str) else getattr(t, "__name__", str(t))
         key = str(label).lower().strip("_")
         return None, _HINTS.get(key, f"op {label} has no spiking equivalent")
+    if name in ("mul", "product") and (node.op == "call_module" or is_time_product(node)):
+        return "compensated", ""  # a product of rates is not a rate: run on their running means
+    for a in ins:
+        if a.meta.get("snn_batch_dim") == -1 and op.kind != "tensors" and not a.meta.get("snn_refused"):
+            return None, f"its input {a.name} spreads the batch over several dims (samples would mix over time)"
+    if op.kind in ("activation", "maxpool") and ins and batch_dim(ins[0]) not in (0, None):
+        return None, "a neuron needs the batch in dim 0; move it back (permute/transpose) before the activation"
+    if (why := _merge_rule(node)) is not None:
+        return None, why
+    if any(u.op == "output" for u in node.users) and batch_dim(node) not in (0, None):
+        return None, "the model's output must keep the batch in dim 0 (snn(x) averages it over time)"
     if op.kind == "activation":
         ok, _ = activation_clip(node, gm)
-        why = (
-            f"{type(gm.get_submodule(t)).__name__} with min_val != 0 takes negative values"
-            if node.op == "call_module"
-            else "clamp/hardtanh must have min=0 and a constant max"
-        )
-        return ("activation", "") if ok else (None, why)
+        return ("activation", "") if ok else ("compensated", "")  # clamp(-1, 1), hardtanh: on the means
     if op.kind == "maxpool":
         if node.op == "call_module":
             m = gm.get_submodule(t)
@@ -704,9 +831,24 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
     if name == "reshape" and any(
         isinstance(a, fx.Node) and a.meta.get("snn_batch_value") in ("int", "size") for a in _flat_args(node)
     ):
-        if not (ins and _batched(node.args[0] if isinstance(node.args[0], fx.Node) else ins[0])):
+        expands = node.target in ("expand", "expand_as") and node.meta.get("snn_batch_dim") == 0
+        if not expands and not (ins and _batched(node.args[0] if isinstance(node.args[0], fx.Node) else ins[0])):
             return None, "a tensor built from the batch size of another tensor cannot follow the time-folded batch"
     return op.kind, ""
+
+
+def _merge_rule(node: fx.Node) -> str | None:
+    """A reshape may merge the batch with the dims after it only where the batch is the outermost dim: the
+    time-folded batch [T * N] then stays outermost, and each step's rows stay together."""
+    factor = node.meta.get("snn_batch_factor", 1)
+    if not node.meta.get("snn_batched") or not isinstance(node.meta.get("snn_batch_dim"), int) or factor == 0:
+        return None
+    src = next((a for a in node.all_input_nodes if a.meta.get("snn_batched") and a.meta.get("snn_kind") != "value"), None)
+    if src is None or src.meta.get("snn_batch_factor", 1) == factor:
+        return None
+    if batch_dim(src) == 0 and node.meta.get("snn_batch_dim") == 0:
+        return None
+    return "this reshape merges the batch with an outer dim, so samples would interleave; keep the batch outermost"
 
 
 def _flat_args(node: fx.Node) -> list:
@@ -723,6 +865,8 @@ def annotate(gm: fx.GraphModule, example: torch.Tensor | None = None) -> fx.Grap
     problems, counts = [], {}
     for node in gm.graph.nodes:
         kind, reason = _classify(node, gm)
+        # downstream of a refused op, a spread batch is that op's doing: reported once, there
+        node.meta["snn_refused"] = kind is None or any(a.meta.get("snn_refused") for a in node.all_input_nodes)
         if kind is None:
             problems.append(f"  - {describe(node)}\n      why: {reason}")
             op = (
@@ -738,7 +882,7 @@ def annotate(gm: fx.GraphModule, example: torch.Tensor | None = None) -> fx.Grap
         raise ConversionError(
             f"{type(gm).__name__}: {len(problems)} op(s) cannot be converted to a spiking network ({summary}):\n"
             + "\n".join(problems)
-            + "\n  fix: replace them with supported ops (ReLU-like activations, conv/linear/BN, "
-            "avg/max pooling, upsampling, add, cat, flatten/view) or retrain without them"
+            + "\n  fix: replace them with supported ops (activations, conv/linear/BN, norms, softmax, attention, "
+            "products, pooling, upsampling, add, cat, reshapes that keep each sample apart) or retrain without them"
         )
     return gm

@@ -53,6 +53,8 @@ def test_converted_graph_carries_every_fact_of_its_passes():
         "identities_removed",
         "neurons_lowered",
         "maxpool_on_currents",
+        "spike_inputs",
+        "compensated",
         "time_folded",
     }
 
