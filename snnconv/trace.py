@@ -843,7 +843,8 @@ def _merge_rule(node: fx.Node) -> str | None:
     factor = node.meta.get("snn_batch_factor", 1)
     if not node.meta.get("snn_batched") or not isinstance(node.meta.get("snn_batch_dim"), int) or factor == 0:
         return None
-    src = next((a for a in node.all_input_nodes if a.meta.get("snn_batched") and a.meta.get("snn_kind") != "value"), None)
+    tensors = [a for a in node.all_input_nodes if a.meta.get("snn_batched") and a.meta.get("snn_kind") != "value"]
+    src = tensors[0] if tensors else None
     if src is None or src.meta.get("snn_batch_factor", 1) == factor:
         return None
     if batch_dim(src) == 0 and node.meta.get("snn_batch_dim") == 0:

@@ -143,14 +143,15 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
-        h = self.fc1(F.layer_norm(x, x.shape[-1:], self.norm2.weight, self.norm2.bias) if self.functional else self.norm2(x))
+        n2 = self.norm2
+        h = self.fc1(F.layer_norm(x, x.shape[-1:], n2.weight, n2.bias) if self.functional else n2(x))
         return x + self.fc2(F.gelu(h) if self.functional else self.act(h))
 
 
 class TinyViT(nn.Module):
     """Patch embedding, cls token (expand to the batch), position embedding, pre-norm blocks, head on x[:, 0]."""
 
-    def __init__(self, mode: str = "unbind", dim: int = 32, heads: int = 4, depth: int = 2, patch: int = 7, hw: int = 28):
+    def __init__(self, mode: str = "unbind", dim: int = 32, heads: int = 4, depth: int = 2, patch: int = 7, hw=28):
         super().__init__()
         self.patch = nn.Conv2d(1, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
