@@ -178,6 +178,7 @@ def load_onnx(source: str | Path | bytes, what: str = "ONNX bytes") -> nn.Module
             f"({external[0]}, ...); save the model with its weights inside (save_as_external_data=False)"
         )
     _drop_identity_nodes(model)
+    _drop_trailing_empty_inputs(model)
     try:
         return onnx_to_torch(model)
     except NotImplementedError as exc:
@@ -232,6 +233,14 @@ def _drop_identity_nodes(model) -> None:
             n.input[i] = name
     del model.graph.node[:]
     model.graph.node.extend(keep)
+
+
+def _drop_trailing_empty_inputs(model) -> None:
+    """An empty input name is an omitted optional input (Clip(x, min, '') from torch.onnx.export); onnx2torch
+    reads it as a dynamic value. Trailing ones mean the same as no input at all: drop them."""
+    for node in model.graph.node:
+        while node.input and node.input[-1] == "":
+            del node.input[-1]
 
 
 def load_model(

@@ -478,7 +478,10 @@ class _Tracer(fx.Tracer):
 
 
 class _ShapeProxy(fx.Proxy):
-    """A proxy that knows its concrete value: sizes are plain ints, except the batch dim of batched tensors."""
+    """A proxy that knows its concrete value: sizes are plain ints, except the batch dim of batched tensors.
+    Python may read the values of tensors that do not depend on the input's values (shape tensors computed
+    from sizes and constants, as ONNX graphs do): `bool`, iteration, `int`, `torch.Size` get concrete values,
+    and an entry that equals the batch size becomes the symbolic batch size."""
 
     def _value(self):
         return self.tracer.values[self.node]
@@ -518,15 +521,31 @@ class _ShapeProxy(fx.Proxy):
     def is_cuda(self):
         return self._value().is_cuda
 
+    def is_floating_point(self):
+        return self._value().is_floating_point()
+
+    def is_complex(self):
+        return self._value().is_complex()
+
     def numel(self):
         return (
             self.tracer.create_proxy("call_method", "numel", (self,), {}) if self._batched() else self._value().numel()
         )
 
     def __len__(self):
-        if self._batched():
+        n = self.node
+        if self._batched() or len(self.tracer.values[n]) != len(self.tracer.values3[n]):
             raise fx.proxy.TraceError("len() of a batch-carrying tensor depends on the batch size")
         return len(self._value())
+
+    def __index__(self):
+        return operator.index(self.tracer.concrete(self, "a Python int"))
+
+    def __int__(self):
+        return int(self.tracer.concrete(self, "int()"))
+
+    def __float__(self):
+        return float(self.tracer.concrete(self, "float()"))
 
 
 @contextlib.contextmanager
@@ -542,40 +561,105 @@ def _untraced():
         nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
+# ops whose result depends on the shapes of their inputs, not on the values
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "new_ones", "new_zeros", "new_empty", "new_full"}
+_SHAPE_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, torch.numel}
+# methods that turn a tensor into Python values (read concretely when the tensor does not depend on the input)
+_PYTHON_METHODS = {"tolist", "item", "numpy", "nelement", "numel", "__len__", "dim"}
+_TorchSize, _torch_tensor = torch.Size, torch.tensor
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all()) if a.numel() else a.shape == b.shape
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b) if not hasattr(a, "shape") or getattr(a, "ndim", 0) == 0 else bool((a == b).all())
+    except Exception:
+        return False
+
+
+def _has_proxy(a) -> bool:
+    found = []
+    fx.node.map_aggregate(a, lambda x: found.append(x) if isinstance(x, fx.Proxy) else None)
+    return bool(found)
+
+
 class _ShapeTracer(_Tracer):
-    """Tracing with concrete values alongside (one real forward pass on `example`): sizes are concrete, so
-    Python arithmetic and control flow on them runs, except on the batch size, which stays symbolic."""
+    """Tracing with concrete values alongside (a real forward pass on batches of 2 and of 3 built from
+    `example`): sizes are concrete, so Python arithmetic and control flow on them runs, except on the batch
+    size, which stays symbolic. A value Python reads (bool, int, iteration, torch.Size, tolist) must not depend
+    on the input's values; it is the same for both batches (then it is a constant) or k times the batch size
+    (then it is `x.size(0) * k`), else tracing fails."""
 
     def __init__(self, example: torch.Tensor):
         super().__init__()
-        self.example, self.values, self.batched = example, {}, {}
+        two = example[:2] if example.shape[0] >= 2 else torch.cat([example[:1], example[:1]])
+        self.examples = (two, torch.cat([two, two[:1]]))
+        self.example = two
+        self.values, self.values3, self.batched, self.data = {}, {}, {}, {}
+        self.sized, self.params = {}, {}  # computed from the batch size / reads a parameter
+        self._batch_size = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapeProxy(node, self)
 
+    # ---- values
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_function" and target is operator.getitem and len(args) == 2:
+            index = args[1]  # a list holding slices indexes like a tuple; fx keeps lists as lists
+            if isinstance(index, list) and any(i is None or i is Ellipsis or isinstance(i, slice) for i in index):
+                args = (args[0], tuple(index))
         p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         n = p.node
         if n not in self.values:
-            self.values[n], self.batched[n] = self._run(n)
+            self._evaluate(n)
+        if kind == "call_method" and target in _PYTHON_METHODS and not self.data[n]:
+            value = self.python_value(p)  # tensor.tolist() of a shape tensor: Python values, as in eager mode
+            if value is not p:
+                return value
         return p
 
     def _value(self, a: fx.Node):
         if a not in self.values:  # constants fx registered itself (get_attr nodes made without a proxy)
-            self.values[a], self.batched[a] = self._run(a)
+            self._evaluate(a)
         return self.values[a]
 
-    def _run(self, n: fx.Node):
+    def _value3(self, a: fx.Node):
+        self._value(a)
+        return self.values3[a]
+
+    def _evaluate(self, n: fx.Node) -> None:
+        (self.values[n], self.batched[n]), self.values3[n] = self._run(n, 0), self._run(n, 1)[0]
+        ins = n.all_input_nodes
+        reads_size = n.op == "call_method" and n.target in ("size", "numel") and self.batched[ins[0]]
+        self.sized[n] = reads_size or any(self.sized.get(a, False) for a in ins)
+        self.params[n] = (n.op == "get_attr" and isinstance(self.values[n], nn.Parameter)) or any(
+            self.params.get(a, False) for a in ins
+        )
         if n.op == "placeholder":
-            first = not any(m.op == "placeholder" for m in self.values)
-            return (self.example, True) if first else ((n.args[0] if n.args else None), False)
+            self.data[n] = True
+        elif n.op == "get_attr" or (n.op == "call_method" and n.target in _SHAPE_METHODS):
+            self.data[n] = False
+        elif n.op == "call_function" and (n.target in _SHAPE_FUNCTIONS or n.target is getattr):
+            self.data[n] = False
+        else:
+            self.data[n] = any(self.data.get(a, False) for a in ins)
+
+    def _run(self, n: fx.Node, run: int):
+        values = (self._value, self._value3)[run]
+        if n.op == "placeholder":
+            first = not any(m.op == "placeholder" for m in self.values if m is not n)
+            return (self.examples[run], True) if first else ((n.args[0] if n.args else None), False)
         if n.op == "get_attr":
             obj = self.root
             with _untraced():
                 for part in n.target.split("."):
                     obj = getattr(obj, part)
             return obj, False
-        args, kwargs = fx.node.map_arg(n.args, self._value), fx.node.map_arg(n.kwargs, self._value)
+        args, kwargs = fx.node.map_arg(n.args, values), fx.node.map_arg(n.kwargs, values)
         batched = any(self.batched[a] for a in n.all_input_nodes)
         with torch.no_grad(), _untraced():
             if n.op == "call_module":
@@ -583,6 +667,165 @@ class _ShapeTracer(_Tracer):
             if n.op == "call_method":
                 return getattr(args[0], n.target)(*args[1:], **kwargs), batched
             return n.target(*args, **kwargs), batched
+
+    # ---- Python reading values
+
+    def concrete(self, p: fx.Proxy, what: str):
+        """The value of `p` as a constant, if it depends neither on the input's values nor on the batch size."""
+        n = p.node
+        if self.data[n]:
+            raise fx.proxy.TraceError(
+                f"{what} of {n.name} depends on the values of the input (data-dependent control flow)"
+            )
+        v, v3 = self.values[n], self.values3[n]
+        if not _same(v, v3):
+            raise fx.proxy.TraceError(f"{what} of {n.name} depends on the batch size")
+        return v
+
+    def _batch_multiple(self, v, v3):
+        """`x.size(0) * k` for a number that is k times the batch size in both runs, else None."""
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool:
+            v, v3 = v.item(), v3.item()
+        if hasattr(v, "item") and not isinstance(v, torch.Tensor):
+            v, v3 = v.item(), getattr(v3, "item", lambda: v3)()
+        if not isinstance(v, int) or isinstance(v, bool) or not isinstance(v3, int):
+            return None
+        n2, n3 = self.examples[0].shape[0], self.examples[1].shape[0]
+        if v % n2 or v3 % n3 or v // n2 != v3 // n3 or v == 0:
+            return None
+        if self._batch_size is None:
+            x = next(n for n in self.graph.nodes if n.op == "placeholder")
+            self._batch_size = self.create_proxy("call_method", "size", (self.proxy(x), 0), {})
+        k = v // n2
+        if k == 1:
+            return self._batch_size
+        return self.create_proxy("call_function", operator.mul, (self._batch_size, k), {})
+
+    def python_value(self, p: fx.Proxy):
+        """What Python sees for `p`: its value if it is constant, the batch size (times k) for a batch-sized
+        number, a list of such for a list or 1-d tensor; `p` itself if it depends on the input's values."""
+        n = p.node
+        if self.data[n]:
+            return p
+        v, v3 = self.values[n], self.values3[n]
+        if _same(v, v3):
+            return v
+        if (k := self._batch_multiple(v, v3)) is not None:
+            return k
+        if isinstance(v, (list, tuple)) and isinstance(v3, (list, tuple)) and len(v) == len(v3):
+            items = [self._element(a, b, p, i) for i, (a, b) in enumerate(zip(v, v3))]
+            return type(v)(items) if not isinstance(v, _TorchSize) else tuple(items)
+        return p
+
+    def _element(self, a, b, p, i):
+        if _same(a, b):
+            return a
+        k = self._batch_multiple(a, b)
+        return k if k is not None else self.create_proxy("call_function", operator.getitem, (p, i), {})
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.concrete(obj, "control flow on the value"))
+
+    def iter(self, obj: fx.Proxy):
+        n = obj.node
+        if self.data[n]:
+            raise fx.proxy.TraceError(f"iterating {n.name} depends on the values of the input")
+        v, v3 = self.values[n], self.values3[n]
+        if len(v) != len(v3):
+            raise fx.proxy.TraceError(f"iterating {n.name} depends on the batch size")
+        return iter([self._element(a, b, obj, i) for i, (a, b) in enumerate(zip(v, v3))])
+
+    def make_size(self, seq=()):
+        """torch.Size(seq) while tracing: a tuple holding the symbolic batch size if there is one."""
+        items = list(self.iter(seq) if isinstance(seq, fx.Proxy) else seq)
+        items = [self.python_value(i) if isinstance(i, fx.Proxy) else i for i in items]
+        if _has_proxy(items):
+            return tuple(i if isinstance(i, fx.Proxy) else operator.index(i) for i in items)
+        return _TorchSize(items)
+
+    def create_arg(self, a):
+        if isinstance(a, fx.Proxy):
+            return super().create_arg(a)
+        if isinstance(a, slice):  # slice bounds from iterated shape tensors: plain ints
+            a = slice(*(operator.index(b) if _is_index(b) else b for b in (a.start, a.stop, a.step)))
+        elif _is_index(a) and not isinstance(a, int) and a not in self.tensor_attrs:
+            a = operator.index(a)
+        elif hasattr(a, "dtype") and not isinstance(a, torch.Tensor) and getattr(a, "ndim", None) == 0:
+            a = a.item()  # numpy scalars
+        return super().create_arg(a)
+
+    def trace(self, root, concrete_args=None):
+        tracer = self
+
+        class _SizeMeta(type):
+            def __instancecheck__(cls, obj):
+                return isinstance(obj, _TorchSize)
+
+            def __subclasscheck__(cls, sub):
+                return issubclass(sub, _TorchSize)
+
+            def __call__(cls, seq=()):
+                return tracer.make_size(seq)
+
+        class Size(metaclass=_SizeMeta):
+            pass
+
+        def tensor(data, *args, **kwargs):
+            if _has_proxy(data):  # torch.tensor(x.shape): a node
+                return tracer.create_proxy("call_function", _torch_tensor, (data, *args), kwargs)
+            return _torch_tensor(data, *args, **kwargs)
+
+        try:
+            torch.Size, torch.tensor = Size, tensor
+            graph = super().trace(root, concrete_args)
+        finally:
+            torch.Size, torch.tensor = _TorchSize, _torch_tensor
+        _drop_unused_shape_nodes(graph, self.data)
+        self._fold_shape_tensors(graph)
+        _drop_unused_shape_nodes(graph, self.data)
+        used = {n.target for n in graph.nodes if n.op == "get_attr"}
+        for name in [k for k in vars(self.root) if k.startswith("_shape_constant") and k not in used]:
+            delattr(self.root, name)
+        return graph
+
+    def _foldable(self, n: fx.Node) -> bool:
+        """A tensor computed from sizes and constants only whose value is the same for any batch size (the
+        exporter's `head_dim ** -0.5` from Shape/Gather/Div): a constant."""
+        return (
+            n.op in ("call_function", "call_method")
+            and self.sized.get(n, False)
+            and not self.data.get(n, True)
+            and not self.params.get(n, True)
+            and isinstance(self.values.get(n), torch.Tensor)
+            and _same(self.values[n], self.values3[n])
+        )
+
+    def _fold_shape_tensors(self, graph: fx.Graph) -> None:
+        for n in list(graph.nodes):
+            if self._foldable(n) and any(not self._foldable(u) for u in n.users):
+                i = 0
+                while hasattr(self.root, f"_shape_constant{i}"):
+                    i += 1
+                setattr(self.root, f"_shape_constant{i}", self.values[n])
+                with graph.inserting_before(n):
+                    const = graph.get_attr(f"_shape_constant{i}")
+                n.replace_all_uses_with(const)
+                self.data[const] = False
+
+
+def _is_index(b) -> bool:
+    if isinstance(b, fx.Proxy):
+        return False
+    if isinstance(b, torch.Tensor):
+        return b.dim() == 0 and not b.is_floating_point() and not b.is_complex() and b.dtype != torch.bool
+    return hasattr(b, "__index__") and not isinstance(b, (bool, fx.Proxy)) and not isinstance(b, int)
+
+
+def _drop_unused_shape_nodes(graph: fx.Graph, data: dict) -> None:
+    """Remove what Python read concretely and nothing else uses: shape tensors, .tolist(), numpy copies."""
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("call_function", "call_method", "get_attr") and not node.users and not data.get(node, True):
+            graph.erase_node(node)
 
 
 def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:

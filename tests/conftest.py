@@ -68,3 +68,24 @@ def user_module(tmp_path, monkeypatch):
         return importlib.import_module(name)
 
     return make
+
+
+def _installed_file(dist: str, suffix: str) -> str:
+    """The path of the first file ending in `suffix` that the installed distribution `dist` ships, or a skip.
+    Found through the distribution's file list: the package itself is not imported."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(dist).files or []
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{dist} is not installed")
+    found = [str(metadata.distribution(dist).locate_file(f)) for f in files if str(f).endswith(suffix)]
+    if not found:
+        pytest.skip(f"{dist} ships no {suffix}")
+    return found[0]
+
+
+@pytest.fixture
+def installed_file():
+    """installed_file(dist, suffix): a data file shipped by an installed distribution; skips if it is absent."""
+    return _installed_file
