@@ -49,7 +49,7 @@ def _mean_of(gm: fx.GraphModule, a: fx.Node, made: dict, depth: int = 2) -> fx.N
     means = [_mean_of(gm, b, made, depth - 1) for b in inputs]
     if not inputs or any(m is None for m in means):
         return None
-    anchor = max(means, key=_position)
+    anchor = max(means + [b for b in a.all_input_nodes if b not in inputs], key=_position)
     with gm.graph.inserting_after(anchor):
         copy = gm.graph.node_copy(a, lambda b: dict(zip(inputs, means)).get(b, b))
     copy.meta.update(a.meta)

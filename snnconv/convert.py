@@ -155,6 +155,7 @@ def convert(
     if first is None:
         raise ConversionError("calibration data is empty: it yielded no non-empty tensor")
     settings.input_ndim, settings.input_shape = first.dim(), tuple(first.shape[1:])
+    settings.input_integer = not first.is_floating_point()
 
     ann = copy.deepcopy(model).eval()  # the user's model is never touched
     check = _output_check(ann, first)
@@ -192,6 +193,8 @@ def _lower(gm, settings: Settings, log: list, model: nn.Module) -> SpikingModel:
 def rebuild(model: nn.Module, settings: Settings) -> SpikingModel:
     """The SNN graph of `model` for validated `settings` (a checkpoint's), without calibration: the
     thresholds are the caller's to set (SpikingModel.load_conversion_state). `model` itself is never touched."""
-    example = torch.rand(2, *settings.input_shape)  # facts are about shapes: any input of the right shape
+    # facts are about shapes: any input of the right shape (token ids: zeros, a valid index in any table)
+    example = torch.zeros(2, *settings.input_shape, dtype=torch.long) if settings.input_integer else None
+    example = torch.rand(2, *settings.input_shape) if example is None else example
     gm, log = _prepare(copy.deepcopy(model).eval(), settings, example)
     return _lower(gm, settings, log, model)

@@ -17,7 +17,7 @@ from snnconv.runtime.modules import Neuron
 from snnconv.settings import Settings
 
 # settings that shaped the graph or its buffers at conversion; a loaded state does not change them
-_BUILT_IN = {"neuron", "passes", "input_ndim", "input_shape", "step_bytes_per_sample", "int8"}
+_BUILT_IN = {"neuron", "passes", "input_ndim", "input_shape", "input_integer", "step_bytes_per_sample", "int8"}
 
 
 def _map(fn, y):
@@ -113,7 +113,10 @@ class SpikingModel(nn.Module):
                 f"input has {x.dim()} dims {tuple(x.shape)}, expected {want} ({layout} as in "
                 "calibration); for a time-major input pass time_major=True"
             )
-        if not x.is_floating_point():
+        if self.settings.input_integer:
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise ConversionError(f"input dtype {x.dtype}: this model was calibrated on integer inputs (token ids)")
+        elif not x.is_floating_point():
             raise ConversionError(f"input dtype {x.dtype} is not floating point; convert with x.float()")
         if not torch.isfinite(x).all():
             raise ConversionError("input contains NaN or Inf")
@@ -189,7 +192,7 @@ class SpikingModel(nn.Module):
             raise ConversionError(
                 f"{where}thresholds do not match this graph's neurons: {sorted(missing | (set(biases) - set(neurons)))}"
             )
-        channels = self._neuron_channels(s.input_shape)
+        channels = self._neuron_channels(s.input_shape, s.input_integer)
         values = {}
         for key, table in (("thresholds", thresholds), ("biases", biases)):
             for name, value in table.items():
@@ -208,7 +211,7 @@ class SpikingModel(nn.Module):
             n.threshold = values["thresholds", name].to(n.threshold.device)
             n.bias = values.get(("biases", name))
 
-    def _neuron_channels(self, input_shape) -> dict[str, int]:
+    def _neuron_channels(self, input_shape, integer: bool = False) -> dict[str, int]:
         """Each neuron's channel count (dim 1 of its input), from one ANN-mode pass over one zero sample."""
         found, hooks = {}, []
         for name, n in self.neurons().items():
@@ -219,7 +222,7 @@ class SpikingModel(nn.Module):
             )
         try:
             with torch.no_grad():
-                self.graph_module(torch.zeros(1, *input_shape))
+                self.graph_module(torch.zeros(1, *input_shape, dtype=torch.long if integer else torch.float))
         except Exception as exc:
             raise ConversionError(
                 f"the model does not run on its recorded input shape {list(input_shape)}: {type(exc).__name__}"

@@ -106,6 +106,8 @@ def _getitem_rule(node):
         or src.meta.get("snn_refused")
     ):
         return None  # picks one tensor of a tuple (chunk/split, attention's (output, weights); or one reported)
+    if isinstance(src, fx.Node) and not src.meta.get("snn_batched", True):
+        return None  # a table indexed by a batch-carrying index (an ONNX Gather: embedding lookup), per sample
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     nd, b = _ndim(src), batch_dim(src)
     b = 0 if b is None else b
@@ -255,7 +257,7 @@ OPS: dict[str, Op] = {
     "identity": Op(
         "linear",
         (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, expect_shape),
-        ("contiguous", "clone", "detach", "float", "type_as", "to"),
+        ("contiguous", "clone", "detach", "float", "type_as", "to", "type", "long", "int"),
         (_aten.dropout.default, _aten.clone.default, _aten.contiguous.default, _aten.alias.default),
         (nn.Identity, *_DROPOUTS),
     ),
@@ -406,6 +408,14 @@ OPS: dict[str, Op] = {
         (nn.MultiheadAttention,),
         _product_rule,
     ),
+    # new tensors whose only batch-dependent arguments are sizes (hoist_static_input knows where each size was read)
+    "new_tensor": Op(
+        "linear",
+        (torch.ones, torch.zeros, torch.full, torch.empty, torch.ones_like, torch.zeros_like, torch.full_like),
+        ("new_ones", "new_zeros", "new_full", "new_empty"),
+        (_aten.ones.default, _aten.zeros.default, _aten.full.default),
+    ),
+    "embedding": Op("linear", (F.embedding,), (), (_aten.embedding.default,), (nn.Embedding,)),
     # shape arithmetic: sizes, dims, numbers
     "size": Op("value", (), ("size", "dim", "numel", "__len__"), (_aten.sym_size.int,)),
     # shape checks: they check the ANN's shapes, the T*N batch inside the SNN differs; dropped

@@ -302,7 +302,10 @@ def test_unconvertible_ops_listed_in_one_error():
         assert op not in summary, op
 
 
-def test_batch_size_into_a_new_tensor_is_refused():
+def test_tensor_made_from_the_batch_size_follows_the_folded_batch():
+    """torch.zeros(x.size(0), 1) reads N from the input; where it meets the spikes ([T * N, ...]) it is broadcast
+    over time like any step-invariant tensor (and with hoisting off, the size itself is T * N)."""
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -310,10 +313,14 @@ def test_batch_size_into_a_new_tensor_is_refused():
 
         def forward(self, x):
             h = F.relu(self.conv(x))
-            return h.flatten(1) + torch.zeros(x.size(0), 1)
+            return h.flatten(1) + torch.ones((x.size(0), 1)) * x.mean((1, 2, 3)).unsqueeze(1)
 
-    with pytest.raises(ConversionError, match="zeros"):
-        snnconv.convert(Net().eval(), T=4, calib=torch.rand(4, 3, 8, 8))
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.rand(4, 3, 8, 8)
+    for passes in (None, []):
+        snn = snnconv.convert(model, T=64, calib=x, passes=passes)
+        with torch.no_grad():
+            assert torch.allclose(snn(x), model(x), atol=0.05), passes
 
 
 def test_facts_recorded_once():
