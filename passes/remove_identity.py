@@ -11,10 +11,21 @@ _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dro
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.ops.aten.dropout.default}
 
 
+def inference_identity(node: fx.Node) -> bool:
+    """torchvision's stochastic_depth(x, p, mode, training) with training False: x (a wrapped leaf function)."""
+    t = node.target
+    return (
+        node.op == "call_function"
+        and getattr(t, "__name__", "") == "stochastic_depth"
+        and getattr(t, "__module__", "").startswith("torchvision.")
+        and (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)) is False
+    )
+
+
 def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _IDENTITY_MODULES)
-    return node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS
+    return node.op == "call_function" and (node.target in _IDENTITY_FUNCTIONS or inference_identity(node))
 
 
 @contract(requires=("ops_classified",), provides=("identities_removed",))

@@ -445,10 +445,17 @@ def op_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return _BY_METHOD.get(node.target)
     if node.op == "call_function":
         try:
-            return _BY_TARGET.get(node.target)
+            name = _BY_TARGET.get(node.target)
         except TypeError:  # unhashable target
             return None
+        return "identity" if name is None and _inference_identity(node) else name
     return None
+
+
+def _inference_identity(node: fx.Node) -> bool:
+    from snnconv.passes.remove_identity import inference_identity  # one definition, where it is removed
+
+    return inference_identity(node)
 
 
 _HINTS = {

@@ -38,8 +38,8 @@ FACTORY = textwrap.dedent("""
     def tiny_resnet(num_classes=10):
         return TinyResNet(num_classes)
 
-    def sigmoid_net():
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Sigmoid())
+    def mixing_net():  # softmin over dim 0 mixes the samples of a batch: no spiking equivalent
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmin(dim=0))
 """)
 
 
@@ -306,7 +306,7 @@ def _bad_inputs(d):
             ["convert", "bad.onnx", *good],
             "not a valid ONNX",
         ),
-        ("unsupported op", None, ["convert", "tvstyle:sigmoid_net", *good], "cannot be converted"),
+        ("unsupported op", None, ["convert", "tvstyle:mixing_net", *good], "cannot be converted"),
         ("unknown pass", None, [*conv, "w.pth", "--skip-pass", "fold_bn", *good], "not an optional pass"),
         (
             "corrupt checkpoint",
@@ -429,9 +429,9 @@ def test_trust_pickle_flag_allows_full_checkpoints(work):
 
 
 def test_inspect_lists_rejected_ops(work, capsys):
-    assert main(["inspect", "tvstyle:sigmoid_net", "--input-shape", "1,8,8"]) == 2
+    assert main(["inspect", "tvstyle:mixing_net", "--input-shape", "1,8,8"]) == 2
     err = capsys.readouterr().err
-    assert "Sigmoid" in err and "why:" in err
+    assert "Softmin" in err and "why:" in err
     assert main(["inspect", "tvstyle:tiny_resnet", "--input-shape", "1,8,8"]) == 0
     out = capsys.readouterr().out
     assert "fold_batchnorm" in out and "threshold" in out
