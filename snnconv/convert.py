@@ -20,6 +20,12 @@ from snnconv.trace import annotate, trace
 def _adopt(gm, ann: nn.Module) -> None:
     """Point the GraphModule at the ANN's own modules, so passes and the SNN share every one of them. The
     top-level dict is a copy: modules the passes add must not show up in the ANN (a Sequential runs them)."""
+    # tensors fx lifted out of forward() (`_tensor_constant0`: a cached tensor, not a parameter or buffer) are
+    # buffers of the GraphModule only; they stay, as the ANN's non-persistent buffers (state_dict unchanged)
+    lifted = {k: v for k, v in gm._buffers.items() if k not in ann._buffers and v is not None}
+    for name, value in lifted.items():
+        ann.__dict__.pop(name, None)  # fx's tracer set it on the traced module as a plain attribute
+        ann.register_buffer(name, value, persistent=False)
     gm._parameters, gm._buffers, gm._modules = ann._parameters, ann._buffers, dict(ann._modules)
     gm._non_persistent_buffers_set = ann._non_persistent_buffers_set
 

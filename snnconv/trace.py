@@ -149,6 +149,14 @@ def _pad_rule(node):
         return "F.pad pads the batch dimension; pad only the other dims"
 
 
+def _roll_rule(node):
+    rolls = node.target in (torch.roll, "roll", _aten.roll.default)
+    dims = _dims_arg(node, 2 if rolls else 1, "dims")
+    if dims is None or _hits_batch(node, dims):
+        return "roll/flip without dims, or over the batch dimension, moves values between samples; give the other dims"
+    return None
+
+
 def _product_rule(node):
     return None  # a product of two time-varying tensors is compensated (see _classify); by a weight, linear
 
@@ -314,6 +322,14 @@ OPS: dict[str, Op] = {
         (_aten.squeeze.dim, _aten.unsqueeze.default),
         (),
         _squeeze_rule,
+    ),
+    "roll": Op(  # moves values within each sample (Swin's shifted windows) when the dims leave the batch alone
+        "linear",
+        (torch.roll, torch.flip),
+        ("roll", "flip"),
+        (_aten.roll.default, _aten.flip.default),
+        (),
+        _roll_rule,
     ),
     "shuffle": Op(
         "linear",
@@ -863,6 +879,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModu
             interrupt.check()
             raise _trace_error(model, exc) from exc
     interrupt.check()  # one that torch dropped (its C++ callbacks swallow errors) stops here too
+    _bind_defaults(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["snn_concrete_shapes"] = isinstance(tracer, _ShapeTracer)
     if isinstance(tracer, _ShapeTracer):  # sizes other than the batch are baked in: check the input's
@@ -872,6 +889,20 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModu
         x.replace_all_uses_with(guard, delete_user_cb=lambda u: u is not guard)
     _drop_checks(gm)
     return gm
+
+
+def _bind_defaults(graph: fx.Graph) -> None:
+    """forward()'s optional arguments after the input (`attn_mask=None`, `return_features=False`) take their
+    defaults: the converted network is called with the input alone, so each such placeholder becomes its
+    default value in the graph (a None mask otherwise reaches ops and passes as a tensor input)."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        if not node.args:  # a required argument: left to fail where it is used
+            continue
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a, n=node, d=default: d if a is n else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a, n=node, d=default: d if a is n else a)
+        graph.erase_node(node)
 
 
 def _trace_error(model, exc) -> ConversionError:

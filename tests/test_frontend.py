@@ -330,3 +330,63 @@ def test_facts_recorded_once():
     assert nodes["inputs"].meta["snn_batched"] and nodes["inputs"].meta["snn_shape"] == (2, 3, 16, 16)
     weights = [n for n in gm.graph.nodes if n.op == "get_attr"]
     assert all(not n.meta["snn_batched"] for n in weights)
+
+
+class _OptionalMask(nn.Module):
+    """forward(x, attn_mask=None) as timm's ViT writes it: the optional argument goes into an op as is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x, attn_mask=None, scale=1.0):
+        x = torch.relu(self.conv(x) * scale)
+        return self.fc(F.dropout(x.flatten(1), p=0.0) if attn_mask is None else x.flatten(1))
+
+
+def test_optional_forward_arguments_take_their_defaults():
+    gm = trace(_OptionalMask())
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]  # attn_mask, scale: constants
+    converts_and_agrees(_OptionalMask(), T=128, tol=0.05)
+
+
+class _Rolled(nn.Module):
+    """Swin's shifted windows: torch.roll over the spatial dims (values move within each sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x):
+        x = torch.roll(torch.relu(self.conv(x)), shifts=(3, -2), dims=(2, 3))
+        return self.fc(x.flip(3).flatten(1))
+
+
+class _CachedTensor(nn.Module):
+    """A tensor cached as a plain attribute and used in forward (timm's attention-bias cache at eval): fx lifts
+    it into the graph as `_tensor_constant0`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 4)
+        self.cache = {"cpu": torch.linspace(-0.5, 0.5, 16)}
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x) + self.cache["cpu"]).flatten(1))
+
+
+def test_roll_and_flip_within_samples_convert():
+    converts_and_agrees(_Rolled(), T=128, tol=0.05)
+
+
+def test_roll_over_the_batch_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.relu(torch.roll(x, 1, 0))
+
+    with pytest.raises(ConversionError, match="roll"):
+        snnconv.convert(M(), T=8, calib=torch.rand(4, 3, 8, 8))
+
+
+def test_tensor_constants_lifted_by_fx_stay_and_keys_do_not_change():
+    converts_and_agrees(_CachedTensor(), T=128, tol=0.05)
