@@ -2,6 +2,8 @@
 
     python benchmarks/zoo.py [--size 96] [--models resnet18 ...]   (needs torchvision; random weights)
     python benchmarks/zoo.py --timm --size 32 [--T 64] [--cap 240]  (every timm ReLU/ReLU6 model; needs timm)
+    python benchmarks/zoo.py --timm --all --size 32 --cap 120  (every timm architecture: the smallest model of
+                                                                 each model-defining module; needs timm)
 
 Agreement: top-1 agreement and relative output error ||SNN - ANN|| / ||ANN|| on 32 fixed random inputs,
 thresholds calibrated on 64 other random inputs. Time: SNN(T=8) / (8 x ANN), batch 8, median of 3.
@@ -20,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_zoo import CI, REST, UNSUPPORTED, build, input_size
-
 import snnconv
+
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
 
 
 def _time(fn, reps=3) -> float:
@@ -37,6 +38,10 @@ def _time(fn, reps=3) -> float:
 
 
 def row(name: str, size: int) -> str:
+    sys.path.insert(0, _TESTS)
+    from conftest import _tv_model as build  # the zoo tests' builder (torchvision needed only here)
+    from test_zoo import input_size
+
     model = build(name)
     hw = max(size, 80) if name == "inception_v3" else input_size(name) if name == "vit_b_16" else size
     g = torch.Generator().manual_seed(3)
@@ -98,14 +103,62 @@ def timm_candidates(refresh: bool = False) -> list[tuple[str, int]]:
     return out
 
 
+_ALL_CACHE = Path(__file__).resolve().parent / "results" / "zoo_timm_all_candidates.txt"
+
+
+def timm_families(refresh: bool = False) -> tuple[list[tuple[str, int]], dict[str, str], int]:
+    """Every timm architecture, one model each: timm's model-defining module (its family, from
+    timm.models._registry's model-to-module map) represented by its smallest model by parameter count
+    (built on the meta device; ties: the first name). Returns ([(name, params)], {name: family}, number of
+    model names in timm); cached per timm version in results/zoo_timm_all_candidates.txt."""
+    import timm
+    from timm.models._registry import _model_to_module
+
+    head = f"timm {timm.__version__}"
+    if _ALL_CACHE.exists() and not refresh:
+        lines = _ALL_CACHE.read_text().splitlines()
+        if len(lines) > 1 and lines[0] == head:
+            rows = [ln.split() for ln in lines[2:]]
+            return [(n, int(p)) for n, p, _ in rows], {n: f for n, _, f in rows}, int(lines[1].split()[0])
+    names = timm.list_models()
+    best: dict[str, tuple[int, str]] = {}
+    for name in names:
+        try:
+            with torch.device("meta"):
+                m = timm.create_model(name, pretrained=False)
+        except Exception:  # not buildable with defaults: not a candidate (counted in the file's second line)
+            continue
+        fam, params = _model_to_module.get(name, "?"), sum(p.numel() for p in m.parameters())
+        if fam not in best or params < best[fam][0]:
+            best[fam] = (params, name)
+    rows = sorted((n, p, f) for f, (p, n) in best.items())
+    lines = [head, f"{len(names)} model names, {len({_model_to_module.get(n, '?') for n in names})} families"]
+    _ALL_CACHE.write_text("\n".join(lines + [f"{n} {p} {f}" for n, p, f in rows]) + "\n")
+    return [(n, p) for n, p, _ in rows], {n: f for n, _, f in rows}, len(names)
+
+
+def _build(name: str, hw: int):
+    """timm's model `name` with random weights (seed 0) for hw x hw inputs: img_size=hw where its constructor
+    takes it (ViTs, Swin, MLP-Mixers fix their token grid at construction), else the default model."""
+    import timm
+
+    torch.manual_seed(0)
+    try:
+        return timm.create_model(name, pretrained=False, img_size=hw).eval(), True
+    except TypeError:  # the constructor takes no img_size
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False).eval(), False
+
+
 def _phase(name: str) -> None:
     print(f"phase {name}", flush=True)  # the driver reads the last one when it has to kill the process
 
 
-def timm_one(name: str, size: int, T: int) -> None:
+def timm_one(name: str, size: int, T: int, img_size: bool = False) -> None:
     """Measure one model in this (fresh) process; print 'phase ...' lines as it goes, then one line
     'row STATUS|LINE' with STATUS 'converted' or 'refused'. Any other exception escapes: the driver records
-    it as a crash in the last phase printed."""
+    it as a crash in the last phase printed. img_size: build the model for each tried input size where its
+    constructor takes img_size (else models with a fixed token grid only run at their default size)."""
     import timm
 
     _phase("build")
@@ -118,6 +171,8 @@ def timm_one(name: str, size: int, T: int) -> None:
         g = torch.Generator().manual_seed(3)
         calib, x = torch.rand(4, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
         try:
+            if img_size:
+                model = _build(name, hw)[0]
             with torch.no_grad():
                 ref = model(x)
             break
@@ -152,7 +207,7 @@ def timm_one(name: str, size: int, T: int) -> None:
     print(f"row converted|{line}", flush=True)
 
 
-def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tuple[str, str]:
+def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0, img_size: bool = False) -> tuple[str, str]:
     """Run timm_one(name) in a forked child of this process (which has imported torch, timm and snnconv but
     built no model: each model starts from the same clean state, and importing once saves ~5 s of CPU per
     model), stopped after `cap` seconds of CPU time (RLIMIT_CPU: what the model costs, whatever else loads
@@ -178,7 +233,7 @@ def timm_run(name: str, size: int, T: int, cap: int, mem_gib: float = 0) -> tupl
         with os.fdopen(w, "w") as pipe:
             sys.stdout = pipe
             try:
-                timm_one(name, size, T)
+                timm_one(name, size, T, img_size)
             except BaseException as exc:
                 last = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()[0]
                 print(f"error {last[:200]}", flush=True)
@@ -229,7 +284,7 @@ def _read_rows(path: Path) -> dict[str, tuple[str, str]]:
     return done
 
 
-def timm_summary(cands, done, head, T: int) -> list[str]:
+def timm_summary(cands, done, head, T: int, families: dict | None = None) -> list[str]:
     """The summary block at the top of the results file: counts, refusal reasons, median error."""
     rows = [done[n] for n, _ in cands if n in done]
     counts: dict[str, int] = {}
@@ -243,7 +298,18 @@ def timm_summary(cands, done, head, T: int) -> list[str]:
             reasons[key] = reasons.get(key, 0) + 1
     rels = [float(line.split()[4]) for status, line in rows if status == "converted"]
     tally = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("converted", "refused", "timeout", "memory", "crash"))
-    out = [*head, f"summary: {len(rows)} of {len(cands)} models run: {tally}"]
+    what = "families (one model each)" if families else "models"
+    out = [*head, f"summary: {len(rows)} of {len(cands)} {what} run: {tally}"]
+    if families:
+        failed = sum(counts.get(k, 0) for k in ("timeout", "memory", "crash"))
+        in_snn = sum(1 for s, line in rows if s == "crash" and "inside snn(x)" in line)
+        out.append(
+            f"families: converted {counts.get('converted', 0)} of {len(cands)} "
+            f"({100 * counts.get('converted', 0) / max(len(cands), 1):.1f}%), refused {counts.get('refused', 0)} "
+            f"(a ConversionError naming the ops), failed {failed} (timeouts {counts.get('timeout', 0)}, over the "
+            f"memory cap {counts.get('memory', 0)}, exceptions {counts.get('crash', 0)}, of which inside snn(x) "
+            f"{in_snn})"
+        )
     if rels:
         out.append(
             f"median relative error ||SNN - ANN|| / ||ANN|| at T={T} of the converted: {statistics.median(rels):.4f} "
@@ -263,7 +329,12 @@ def timm_summary(cands, done, head, T: int) -> list[str]:
 def timm_sweep(args) -> None:
     import timm
 
-    cands = sorted(timm_candidates(args.refresh), key=lambda c: c[1])  # small models first
+    families, n_names = None, 0
+    if args.all:  # one model per architecture (timm module), small ones first
+        cands, families, n_names = timm_families(args.refresh)
+        cands = sorted(cands, key=lambda c: c[1])
+    else:
+        cands = sorted(timm_candidates(args.refresh), key=lambda c: c[1])  # small models first
     if args.models:
         cands = [c for c in cands if c[0] in args.models]
     if args.families_first:  # the smallest model of each family (timm module, name's leading letters) first
@@ -284,8 +355,15 @@ def timm_sweep(args) -> None:
         f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, random weights, "
         f"one forked process per model, input {args.size}x{args.size} (or the smallest multiple/size the model "
         f"accepts), T={args.T}, batch 2, calibration 4 inputs, cap {args.cap} s of CPU time (4x that of wall "
-        f"time) and {args.mem:g} GiB of address space per model; {len(cands)} timm models whose activations are "
-        "all ReLU/ReLU6",
+        f"time) and {args.mem:g} GiB of address space per model; "
+        + (
+            f"every timm architecture: {len(cands)} families (timm's model-defining modules, "
+            f"timm.models._registry's model-to-module map; {n_names} model names in timm), each represented by its "
+            "smallest model by parameter count (built on the meta device; built again with img_size=the input size "
+            "where the constructor takes it); the families and their models are listed after the table"
+            if families
+            else f"{len(cands)} timm models whose activations are all ReLU/ReLU6"
+        ),
         "machine load (1/5/15-min load average, 2 cores) when this run started: "
         + " / ".join(f"{v:.1f}" for v in os.getloadavg()),
     ]
@@ -297,8 +375,11 @@ def timm_sweep(args) -> None:
     table = "| status | model | input | convert s | snn(x) s | rel err | state_dict keys  (or the reason)"
 
     def write():
-        lines = [*timm_summary(cands, done, head, args.T), "", table]
+        lines = [*timm_summary(cands, done, head, args.T, families), "", table]
         lines += [f"| {done[n][0]} | {done[n][1]}" for n, _ in cands if n in done]
+        if families:
+            lines += ["", f"families swept ({len(cands)}): family (timm module): model, parameters"]
+            lines += [f"{families[n]}: {n}, {p}" for n, p in sorted(cands, key=lambda c: families[c[0]])]
         tmp = out.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(out)
@@ -306,11 +387,11 @@ def timm_sweep(args) -> None:
     for name, _ in cands:
         if name in done or args.summary_only:
             continue
-        done[name] = timm_run(name, args.size, args.T, args.cap, args.mem)
+        done[name] = timm_run(name, args.size, args.T, args.cap, args.mem, img_size=bool(families))
         print(f"{done[name][0]:<10} {done[name][1]}", flush=True)
         write()
     write()
-    print("\n".join(timm_summary(cands, done, [], args.T)))
+    print("\n".join(timm_summary(cands, done, [], args.T, families)))
 
 
 def main(argv=None):
@@ -320,21 +401,32 @@ def main(argv=None):
     ap.add_argument("--timm", action="store_true", help="sweep timm's ReLU/ReLU6 models instead of torchvision's")
     ap.add_argument("--T", type=int, default=64, help="time steps of the timm sweep")
     ap.add_argument("--cap", type=int, default=240, help="CPU seconds per timm model (4x that of wall time)")
+    ap.add_argument(
+        "--all", action="store_true", help="with --timm: every timm architecture (smallest model of each family)"
+    )
+    ap.add_argument("--img-size", action="store_true", help="--timm-one: build with img_size= the input size")
     ap.add_argument("--families-first", action="store_true", help="one model of each timm family, then the rest")
     ap.add_argument("--summary-only", action="store_true", help="rewrite --out's summary from its rows, run nothing")
     ap.add_argument("--note", nargs="*", default=[], help="note lines for the head of --out")
     ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "zoo_timm.txt"))
+    ap.add_argument("--out", default=None, help="results file (default results/zoo_timm.txt, --all: zoo_timm_all.txt)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
     ap.add_argument("--refresh", action="store_true", help="rebuild the cached timm candidate list")
     ap.add_argument("--retry", nargs="*", default=None, help="with --resume: run the rows of these statuses again")
     ap.add_argument("--timm-one", default=None, help="measure one timm model in this process (the sweep's worker)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(
+            Path(__file__).resolve().parent / "results" / ("zoo_timm_all.txt" if args.all else "zoo_timm.txt")
+        )
     if args.timm_one:
-        return timm_one(args.timm_one, args.size, args.T)
+        return timm_one(args.timm_one, args.size, args.T, args.img_size)
     if args.timm:
         return timm_sweep(args)
-    args.models = args.models or CI + REST + sorted(UNSUPPORTED)
+    sys.path.insert(0, _TESTS)
+    from test_zoo import CI, MODERN_CI, MODERN_REST, REST
+
+    args.models = args.models or CI + MODERN_CI + REST + MODERN_REST
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.size}x{args.size}")
     print(f"{'model':<22}{'conv s':>9}{'top-1 %':>10}{'rel err':>10}{'T=8 / 8ANN':>12}")
     for name in args.models:

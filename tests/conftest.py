@@ -89,3 +89,18 @@ def _installed_file(dist: str, suffix: str) -> str:
 def installed_file():
     """installed_file(dist, suffix): a data file shipped by an installed distribution; skips if it is absent."""
     return _installed_file
+
+
+def _timm_model(name: str, img_size: int | None = None) -> torch.nn.Module:
+    """A timm model with random weights (seed 0), in eval mode; built for img_size x img_size inputs where
+    given (ViT, DeiT, Swin fix their token grid at construction)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kw = {"img_size": img_size} if img_size else {}
+    return timm.create_model(name, pretrained=False, **kw).eval()
+
+
+@pytest.fixture
+def timm_model():
+    """timm_model(name, img_size=None): a timm model as the timm tests convert it (see _timm_model)."""
+    return _timm_model
