@@ -103,7 +103,7 @@ def _getitem_rule(node):
     if isinstance(src, fx.Node) and (
         src.meta.get("snn_kind") == "tensors"
         or isinstance(src.meta.get("snn_batch_dim"), tuple)
-        or src.meta.get("snn_refused")
+        or (src.meta.get("snn_refused") and not isinstance(src.meta.get("snn_batch_dim"), int))
     ):
         return None  # picks one tensor of a tuple (chunk/split, attention's (output, weights); or one reported)
     if isinstance(src, fx.Node) and not src.meta.get("snn_batched", True):
@@ -1101,7 +1101,8 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         return None, "a neuron needs the batch in dim 0; move it back (permute/transpose) before the activation"
     if (why := _merge_rule(node)) is not None:
         return None, why
-    if any(u.op == "output" for u in node.users) and batch_dim(node) not in (0, None):
+    tainted = any(a.meta.get("snn_refused") for a in ins)
+    if any(u.op == "output" for u in node.users) and batch_dim(node) not in (0, None) and not tainted:
         return None, "the model's output must keep the batch in dim 0 (snn(x) averages it over time)"
     if op.kind == "activation":
         ok, _ = activation_clip(node, gm)

@@ -288,7 +288,7 @@ def test_unconvertible_ops_listed_in_one_error():
             h = self.gn(self.silu(self.conv(x)))  # both convert
             h = h - h.mean(0)  # mixes the batch
             h = torch.cat((h, h[:1]), 0)  # picks a sample, joins along the batch
-            s = self.lstm(h.mean((2, 3)).unsqueeze(0))[0]  # recurrent state
+            s = self.lstm(h.mean((2, 3)).unsqueeze(0))[0][0]  # recurrent state
             return torch.softmax(torch.special.i0(s), -1)  # softmax converts; i0 is unknown
 
     with pytest.raises(ConversionError) as info:
