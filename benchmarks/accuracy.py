@@ -29,6 +29,7 @@ FITTED = {  # converted for each T
     "  without signed spikes": {"signed_spikes": False},
     "  without threshold search (p99.99)": {"method": "percentile"},
     "  bias calibration only (p99.99)": {"method": "percentile", "signed_spikes": False},
+    "  depthwise convolutions read spikes too": {"spike_depthwise": True},  # nets with smooth activations only
 }
 ONE_RUN = {  # one conversion, every T from one run
     "snnconv plain: channel p99.99 (v0.1 default)": PLAIN,

@@ -104,6 +104,7 @@ def convert(
     readout_delay: int = 0,
     max_spikes: int = 1,
     signed_spikes: bool | None = None,
+    spike_depthwise: bool = False,
 ) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
@@ -122,6 +123,10 @@ def convert(
     default): on wherever the neuron allows it (reset 'soft', max_spikes 1). NIR export needs False.
     max_spikes: > 1 turns neurons into burst neurons (up to that many spikes per step, thresholds divided
     by it): k times finer rates at small T, but the spikes are no longer binary.
+    spike_depthwise: where a smooth activation (SiLU, GELU, ...) feeds a depthwise convolution, give it spikes too
+    (a two-sided neuron before it). Off by default: with a handful of inputs per output, the per-step noise of
+    spikes does not average out there (benchmarks/results/accuracy_modern_cpu.txt); the convolution then reads
+    the compensated value (float MACs, counted as such by evaluate).
     passes: the optional passes to run (default all; [] for none); chunk: steps per chunk, or
     memory_budget_mb: pick the chunk so that one chunk's activations stay within this many MiB.
     """
@@ -145,6 +150,7 @@ def convert(
         chunk=chunk,
         memory_budget_mb=memory_budget_mb,
         readout_delay=readout_delay,
+        spike_depthwise=spike_depthwise,
         backend=backend,
     )
     settings.validate(labels=API_NAMES)

@@ -143,15 +143,25 @@ def _counters(gm: fx.GraphModule) -> dict[str, Counter]:
 
 
 def _analog_fed(gm: fx.GraphModule, counted: dict[str, Counter]) -> tuple[set[str], set[str]]:
-    """Compute nodes whose input depends on no neuron (they see analog values: MACs, never spikes), and
-    among them those before any broadcast over time (hoisted: one step-invariant pass per forward)."""
+    """Compute nodes that see analog values (MACs, never spikes): those whose input depends on no neuron, and
+    those reading a compensated op's float output (a depthwise convolution after SiLU) without a neuron
+    between; and among them those before any broadcast over time (hoisted: one step-invariant pass per forward)."""
     spiking: set = set()
+    floats: set = set()  # a compensated op's output and what is computed from it before the next neuron
     timed: set = set()
     analog, static = set(), set()
     for node in gm.graph.nodes:
         m = gm.get_submodule(node.target) if node.op == "call_module" else None
         ins = node.all_input_nodes
-        if isinstance(m, Neuron) or any(a in spiking for a in ins):
+        if isinstance(m, Neuron):
+            spiking.add(node)
+            continue
+        if node.meta.get("snn_kind") in _FLOAT_KINDS or any(a in floats for a in ins):
+            floats.add(node)
+            if node.name in counted:
+                analog.add(node.name)
+            continue
+        if any(a in spiking for a in ins):
             spiking.add(node)
             continue
         if isinstance(m, TimeBroadcast) or any(a in timed for a in ins):

@@ -17,7 +17,16 @@ from snnconv.runtime.modules import Neuron
 from snnconv.settings import Settings
 
 # settings that shaped the graph or its buffers at conversion; a loaded state does not change them
-_BUILT_IN = {"neuron", "passes", "input_ndim", "input_shape", "input_integer", "step_bytes_per_sample", "int8"}
+_BUILT_IN = {
+    "neuron",
+    "passes",
+    "input_ndim",
+    "input_shape",
+    "input_integer",
+    "spike_depthwise",
+    "step_bytes_per_sample",
+    "int8",
+}
 
 
 def _map(fn, y):

@@ -68,6 +68,7 @@ RULES = {
     "backend": (lambda v: v in BACKENDS, f"one of {list(BACKENDS)}"),
     "int8": (lambda v: v is None or v == "off" or v in INT8_MODES, f"None, 'off' or one of {list(INT8_MODES)}"),
     "input_integer": (lambda v: isinstance(v, bool), "true or false"),
+    "spike_depthwise": (lambda v: isinstance(v, bool), "true or false"),
     "neuron.kind": (lambda v: v in ("if", "lif"), "'if' or 'lif'"),
     "neuron.reset": (lambda v: v in ("soft", "hard"), "'soft' (subtract threshold) or 'hard' (to v_reset)"),
     "neuron.v_reset": (_num, "a finite number"),
@@ -116,6 +117,8 @@ class Settings:
     input_ndim: int = 0  # rank of the model's input [N, ...]
     input_shape: tuple[int, ...] = ()  # one sample's shape, as calibrated
     input_integer: bool = False  # calibrated on integer inputs (token ids into an embedding table)
+    # depthwise convolutions read spikes too (passes/spike_inputs.py); off: they read compensated values
+    spike_depthwise: bool = False
     memory_budget_mb: float | None = None  # pick `chunk` so one chunk's activations fit this budget
     readout_delay: int = 0  # leading steps left out of the output mean (transient)
     step_bytes_per_sample: int = 0  # all activations of one step for one sample (measured at convert)
