@@ -197,6 +197,7 @@ def export_onnx(snn: SpikingModel, path: str | Path, batch: int = 1, opset: int 
         import onnx
     except ImportError as exc:
         raise ConversionError("ONNX export needs onnx: pip install 'snnconv[onnx]'") from exc
+    snn.refuse_float_ops("ONNX export")
     example = torch.rand(batch, *snn.settings.input_shape)
     forms, outputs = _ann_pass(snn, example)
     backend, chunk = snn.settings.backend, snn.settings.chunk

@@ -106,6 +106,22 @@ class SpikingModel(nn.Module):
             y = _map(torch.clone, self.graph_module(x))  # neuron outputs live in reused buffers
         return y, StepState(state.batch, call.state, state.t + 1)
 
+    def float_ops(self) -> list[str]:
+        """The graph's compensated ops (passes/compensate.py) and two-sided neurons: float computation that a
+        format describing only spiking layers (NIR 1.0; this ONNX export) cannot carry."""
+        gm = self.graph_module
+        kinds = [(n.name, n.meta.get("snn_kind"), n.meta.get("two_sided")) for n in gm.graph.nodes]
+        return [name for name, kind, two in kinds if kind == "compensated" or (kind == "neuron" and two)]
+
+    def refuse_float_ops(self, what: str) -> None:
+        ops = self.float_ops()
+        if ops:
+            shown = ", ".join(ops[:5]) + (f" and {len(ops) - 5} more" if len(ops) > 5 else "")
+            raise ConversionError(
+                f"{what}: this SNN computes {len(ops)} op(s) on running means (softmax, LayerNorm, GELU, products, "
+                f"two-sided neurons: {shown}), which {what} cannot express; run it with snnconv"
+            )
+
     def neurons(self) -> dict[str, Neuron]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Neuron)}
 

@@ -347,6 +347,7 @@ def to_nir(snn, neuron: str = "I"):
         raise ConversionError(f"to_nir takes a SpikingModel from snnconv.convert, got {type(snn).__name__}")
     if neuron not in FORMS:
         raise ConversionError(f"to_nir: neuron must be one of {list(FORMS)}, got {neuron!r}")
+    snn.refuse_float_ops("NIR export (NIR 1.0 has no softmax, LayerNorm or product node)")
     return _Exporter(snn, neuron).run()
 
 

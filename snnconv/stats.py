@@ -41,7 +41,8 @@ def format_report(r: dict) -> str:
         "operations per sample:",
         f"  ANN:  {r['ann_macs'] / 1e6:10.2f} M MACs                      -> {r['ann_energy_uj']:.3f} uJ",
         f"  SNN:  {r['snn_acs'] / 1e6:10.2f} M ACs + {r['snn_macs'] / 1e6:8.2f} M MACs over T={r['T']}"
-        f" -> {r['snn_energy_uj']:.3f} uJ",
+        + (f" + {r['snn_float_ops'] / 1e6:.2f} M float ops (compensated: not spikes)" if r.get("snn_float_ops") else "")
+        + f" -> {r['snn_energy_uj']:.3f} uJ",
         f"  energy constants: {E_MAC_PJ} pJ/MAC, {E_AC_PJ} pJ/AC (45 nm, Horowitz 2014)",
     ]
     return "\n".join(lines)

@@ -213,3 +213,28 @@ def test_modern_nets_convert_and_approach_the_ann(name, tmp_path):
     again = snnconv.load(path, model=MODERN_NETS[name]())
     with torch.no_grad():
         assert torch.equal(again(x), snn(x))
+
+
+def test_exports_refuse_compensated_graphs_naming_the_ops():
+    from snnconv.export import export_onnx
+    from snnconv.nir_graph import to_nir
+
+    torch.manual_seed(0)
+    snn = snnconv.convert(MODERN_NETS["vit"]().eval(), T=4, calib=torch.rand(8, 1, 28, 28), signed_spikes=False)
+    with pytest.raises(snnconv.ConversionError, match=r"NIR export .*blocks_0_norm1"):
+        to_nir(snn)
+    with pytest.raises(snnconv.ConversionError, match=r"ONNX export: .*op\(s\) on running means"):
+        export_onnx(snn, "unused.onnx")
+
+
+def test_evaluate_counts_float_ops_apart_from_synaptic_events():
+    torch.manual_seed(0)
+    model = MODERN_NETS["silu_se"]().eval()
+    calib, x = torch.rand(16, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    r = snnconv.evaluate(snnconv.convert(model, T=4, calib=calib), x, progress=False)
+    assert r["snn_float_ops"] > 0 and r["snn_acs"] > 0
+    # the depthwise convolution reads SiLU's compensated output (floats, step-invariant here: once per sample) as
+    # MACs; given spikes (spike_depthwise) it accumulates them instead
+    spiking = snnconv.evaluate(snnconv.convert(model, T=4, calib=calib, spike_depthwise=True), x, progress=False)
+    dw = sum(m.weight[0].numel() * 16 * 28 * 28 for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+    assert r["snn_macs"] - spiking["snn_macs"] == dw and spiking["snn_acs"] > r["snn_acs"]
