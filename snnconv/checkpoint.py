@@ -28,6 +28,8 @@ def save(snn: SpikingModel, path: str | Path, source: dict | None = None, model_
     import snnconv
 
     path = Path(path)
+    if model_file is None and source is None:  # what the SNN records (convert("model.onnx"), load)
+        model_file = getattr(snn, "model_file", None)
     tensors = {k: v.detach().cpu().contiguous() for k, v in snn.state_dict().items()}
     if model_file is not None:  # an .onnx or .pt2 file: the source says which
         tensors[MODEL_KEY] = torch.frombuffer(bytearray(model_file), dtype=torch.uint8)
@@ -128,4 +130,5 @@ def load(path: str | Path, model: nn.Module | None = None, trust_source: bool = 
     snn = rebuild(model, settings)  # the graph only: thresholds come from the file, not from calibration
     snn.load_conversion_state(state, where)
     snn.source = source
+    snn.model_file = bytes(model_file.numpy()) if model_file is not None else None
     return snn

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -80,7 +82,7 @@ def _activation_bytes(gm, x: torch.Tensor) -> int:
 
 
 def convert(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     T: int = 8,
     calib=None,
     *,
@@ -108,6 +110,8 @@ def convert(
 ) -> SpikingModel:
     """Convert a ReLU ANN into a SpikingModel that runs T steps with the ANN's weights.
 
+    model: the ANN, or the path of an .onnx file (loaded with snnconv.io.load_onnx; the SNN records it, so
+    snnconv.save embeds the file as the CLI does and snnconv.load rebuilds the model from it).
     The defaults are the most accurate conversion measured (benchmarks/results/accuracy_*.txt): thresholds
     searched for this T, bias calibration and signed spikes; the conversion is fitted to T.
     calib: tensor [M, ...], iterable of tensors, or DataLoader yielding x or (x, y, ...); thresholds
@@ -130,8 +134,7 @@ def convert(
     passes: the optional passes to run (default all; [] for none); chunk: steps per chunk, or
     memory_budget_mb: pick the chunk so that one chunk's activations stay within this many MiB.
     """
-    if not isinstance(model, nn.Module):
-        raise ConversionError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    model, source, model_file = _model_of(model)
     for name, value in (("calib_batches", calib_batches), ("bias_batches", bias_batches)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConversionError(f"{name} must be a positive integer, got {value!r}")
@@ -181,7 +184,27 @@ def convert(
     snn = _lower(gm, settings, log, model)
     if bias_calibration and threshold is None:  # a data-free conversion has no data to fit biases to
         calibrate_bias(snn, calib, bias_batches)
+    if source is not None:
+        snn.source, snn.model_file = source, model_file
     return snn
+
+
+def _model_of(model) -> tuple[nn.Module, dict | None, bytes | None]:
+    """(the ANN, its source record, the model file) for convert(): an nn.Module as it is, an .onnx path loaded."""
+    if isinstance(model, (str, os.PathLike)):
+        from snnconv.io import load_onnx, need_file
+
+        path = os.fspath(model)
+        if not str(path).lower().endswith(".onnx"):
+            raise ConversionError(
+                f"convert() takes an nn.Module or the path of an .onnx file, got {path!r}; for a factory or a "
+                "weights file, build the model first (snnconv.io.load_model)"
+            )
+        data = need_file(path).read_bytes()
+        return load_onnx(data, str(path)), {"onnx": True}, data
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"convert() takes an nn.Module or an .onnx path, got {type(model).__name__}")
+    return model, None, None
 
 
 def _prepare(ann: nn.Module, settings: Settings, example: torch.Tensor):

@@ -64,6 +64,7 @@ class SpikingModel(nn.Module):
         self._stream: StepState | None = None  # step mode 's': the state of the one stream on the model
         self.pass_log: list[tuple[str, str]] = []
         self.source: dict | None = None  # how to rebuild the ANN (factory spec, ONNX): see snnconv.save
+        self.model_file: bytes | None = None  # the .onnx / .pt2 file it was converted from, which save embeds
 
     @property
     def T(self) -> int:

@@ -117,3 +117,81 @@ def test_minilm_onnx_with_token_ids(installed_file):
 
     inputs = [torch.randint(0, 30000, (b, 12), generator=g) for b in (1, 3)]
     assert _max_diff(gm, run, inputs) < 1e-4
+
+
+def _export_block(path, seed=0):
+    torch.manual_seed(seed)
+    model = Block().eval()
+    torch.onnx.export(
+        model,
+        (torch.rand(2, 5, 16),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
+    return model
+
+
+def test_convert_takes_an_onnx_path(tmp_path):
+    import snnconv
+    from snnconv.errors import ConversionError
+
+    path = tmp_path / "tiny.onnx"
+    _export_block(path)
+    g = torch.Generator().manual_seed(1)
+    snn = snnconv.convert(str(path), T=32, calib=torch.rand(64, 5, 16, generator=g))
+    assert snn.source == {"onnx": True} and snn.model_file == path.read_bytes()
+    x = torch.rand(8, 5, 16, generator=g)
+    ref = torch.from_numpy(_session(str(path)).run(None, {"x": x.numpy()})[0])
+    with torch.no_grad():
+        y = snn(x)
+    assert F.cosine_similarity(y, ref, dim=1).min() > 0.995  # measured 0.9999
+    assert (y - ref).norm() / ref.norm() < 0.05  # measured 0.011
+    snnconv.save(snn, tmp_path / "snn.safetensors")  # embeds the ONNX file, as the CLI does
+    again = snnconv.load(tmp_path / "snn.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(x), y)
+    with pytest.raises(ConversionError, match=r"\.onnx"):
+        snnconv.convert(str(tmp_path / "tiny.pt"), T=4, calib=torch.rand(4, 5, 16))
+
+
+def test_cli_converts_and_runs_an_onnx_transformer(tmp_path, monkeypatch, capsys):
+    from snnconv.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    model = _export_block(tmp_path / "tiny.onnx")
+    g = torch.Generator().manual_seed(2)
+    np.save(tmp_path / "calib.npy", torch.rand(64, 5, 16, generator=g).numpy())
+    x = torch.rand(40, 5, 16, generator=g)
+    with torch.no_grad():
+        torch.save({"x": x, "y": model(x).argmax(1)}, tmp_path / "test.pt")  # labels: the ANN's own argmax
+    assert main(["convert", "tiny.onnx", "--calib", "calib.npy", "--T", "16", "-o", "out.safetensors"]) == 0
+    assert main(["run", "out.safetensors", "--data", "test.pt"]) == 0
+    assert "accuracy on 40 samples" in capsys.readouterr().out
+
+
+def test_traced_tensor_constants_survive_conversion():
+    """The concrete-shape tracer folds shape-only tensors into constants that fx stores on the traced module
+    (`_tensor_constant<i>`); convert() adopts the ANN's modules and buffers and must keep them (the MiniLM ONNX
+    wrapper's position ids)."""
+    import snnconv
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x):
+            n = int(x.shape[1])  # plain fx cannot trace this: the shape tracer folds the arange
+            return self.lin(x + torch.arange(n, dtype=x.dtype) / n)
+
+    model = Positions().eval()
+    gm = trace(model, torch.rand(3, 6))
+    assert any(n.op == "get_attr" and "_tensor_constant" in str(n.target) for n in gm.graph.nodes)
+    snn = snnconv.convert(model, T=32, calib=torch.rand(64, 6))
+    x = torch.rand(5, 6)
+    with torch.no_grad():
+        assert (snn(x) - model(x)).abs().max() < 1e-4
+    assert list(snn.state_dict()) == ["lin.weight", "lin.bias"]  # the constant is not part of the weights
