@@ -11,17 +11,12 @@ running mean and adds no rounding.
 import torch.fx as fx
 
 from snnconv.passes.contract import contract
+from snnconv.passes.lower_activations import free_name
 from snnconv.runtime.compensate import RunningDiff, RunningMean
 
 
 def _insert(gm: fx.GraphModule, anchor: fx.Node, module, kind: str) -> fx.Node:
-    name = f"_snn.{kind}_{anchor.name}"
-    while True:
-        try:
-            gm.get_submodule(name)
-            name += "_"
-        except AttributeError:
-            break
+    name = free_name(gm, f"_snn.{kind}_{anchor.name}")
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(anchor):
         new = gm.graph.call_module(name, (anchor,))

@@ -10,15 +10,19 @@ from snnconv.runtime.modules import Neuron
 from snnconv.trace import activation_clip
 
 
-def add_neuron(gm: fx.GraphModule, settings, anchor: fx.Node, source: fx.Node, clip) -> fx.Node:
-    """Insert `_snn.<name>(source)` after `anchor`; the module carries the node's name for reports."""
-    name = f"_snn.{anchor.name}"
+def free_name(gm: fx.GraphModule, name: str) -> str:
+    """`name`, or `name_`, `name__`, ...: the first that is not a submodule of gm yet."""
     while True:
         try:
             gm.get_submodule(name)
             name += "_"
         except AttributeError:
-            break
+            return name
+
+
+def add_neuron(gm: fx.GraphModule, settings, anchor: fx.Node, source: fx.Node, clip) -> fx.Node:
+    """Insert `_snn.<name>(source)` after `anchor`; the module carries the node's name for reports."""
+    name = free_name(gm, f"_snn.{anchor.name}")
     gm.add_submodule(name, Neuron(settings.neuron, clip))
     with gm.graph.inserting_after(anchor):
         new = gm.graph.call_module(name, (source,))
