@@ -177,6 +177,7 @@ def cmd_convert(a) -> int:
         v_init=a.v_init,
         bias_calibration=a.bias_calibration,
         signed_spikes=a.signed_spikes,
+        spike_depthwise=a.spike_depthwise,
         memory_budget_mb=a.memory_budget_mb,
         passes=passes,
         calib_batches=None,
@@ -412,6 +413,11 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="neurons may also fire -theta, taking back an early excess (default: on with --reset soft; "
         "--no-signed-spikes for NIR export)",
+    )
+    c.add_argument(
+        "--spike-depthwise",
+        action="store_true",
+        help="depthwise convolutions after smooth activations read spikes too (default: the compensated value)",
     )
     c.add_argument(
         "--skip-pass",
