@@ -154,6 +154,12 @@ def _phase(name: str) -> None:
     print(f"phase {name}", flush=True)  # the driver reads the last one when it has to kill the process
 
 
+def ann_near_zero(ann_norm: float, numel: int) -> bool:
+    """An ANN output whose RMS is below 1e-6 (lcnetv2_small's zero-initialised head: ||ANN|| 3e-13): a relative
+    error against it is meaningless, the row reports 'ANN output ~0' and the absolute error instead."""
+    return ann_norm < 1e-6 * max(numel, 1) ** 0.5
+
+
 def timm_one(name: str, size: int, T: int, img_size: bool = False) -> None:
     """Measure one model in this (fresh) process; print 'phase ...' lines as it goes, then one line
     'row STATUS|LINE' with STATUS 'converted' or 'refused'. Any other exception escapes: the driver records
@@ -201,9 +207,16 @@ def timm_one(name: str, size: int, T: int, img_size: bool = False) -> None:
     with torch.no_grad():
         out = snn(x)
     t_snn = time.perf_counter() - t0
-    rel = ((out - ref).norm() / ref.norm()).item()
+    diff, ann = (out - ref).norm().item(), ref.norm().item()
     keys = "same, strict load both ways" if keys else "CHANGED"
-    line = f"{name:<34} {hw:>4} {t_conv:8.1f} {t_snn:7.1f} {rel:9.4f}  keys {keys}"
+    if ann_near_zero(ann, ref.numel()):  # a relative error against ~0 means nothing: report the absolute one
+        rel_col = f"{'ANN~0':>9}"
+    else:
+        rel_col = f"{diff / ann:9.4f}"
+    line = (
+        f"{name:<34} {hw:>4} {t_conv:8.1f} {t_snn:7.1f} {rel_col}  keys {keys}  "
+        f"||ANN|| {ann:.3g} ||SNN - ANN|| {diff:.3g}"
+    )
     print(f"row converted|{line}", flush=True)
 
 
@@ -296,16 +309,25 @@ def timm_summary(cands, done, head, T: int, families: dict | None = None) -> lis
             why = line.split("refused: ", 1)[1].split(" -- ")[0]
             key = ", ".join(sorted({re.sub(r" x\d+$", "", w.strip()) for w in why.split(",")}))
             reasons[key] = reasons.get(key, 0) + 1
-    rels = [float(line.split()[4]) for status, line in rows if status == "converted"]
+    rels, near_zero = [], []
+    for status, line in rows:
+        if status != "converted":
+            continue
+        m = re.search(r"\|\|ANN\|\| (\S+) \|\|SNN - ANN\|\| (\S+)", line)
+        if line.split()[4] == "ANN~0":
+            near_zero.append((line.split()[0], m.group(1), m.group(2)))
+        else:
+            rels.append(float(line.split()[4]))
     tally = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("converted", "refused", "timeout", "memory", "crash"))
     what = "families (one model each)" if families else "models"
     out = [*head, f"summary: {len(rows)} of {len(cands)} {what} run: {tally}"]
     if families:
         failed = sum(counts.get(k, 0) for k in ("timeout", "memory", "crash"))
         in_snn = sum(1 for s, line in rows if s == "crash" and "inside snn(x)" in line)
+        conv = counts.get("converted", 0)
         out.append(
-            f"families: converted {counts.get('converted', 0)} of {len(cands)} "
-            f"({100 * counts.get('converted', 0) / max(len(cands), 1):.1f}%), refused {counts.get('refused', 0)} "
+            f"families: converted {conv} of the {len(rows)} run ({100 * conv / max(len(rows), 1):.1f}%), "
+            f"{conv} of all {len(cands)} ({100 * conv / max(len(cands), 1):.1f}%); refused {counts.get('refused', 0)} "
             f"(a ConversionError naming the ops), failed {failed} (timeouts {counts.get('timeout', 0)}, over the "
             f"memory cap {counts.get('memory', 0)}, exceptions {counts.get('crash', 0)}, of which inside snn(x) "
             f"{in_snn})"
@@ -313,8 +335,11 @@ def timm_summary(cands, done, head, T: int, families: dict | None = None) -> lis
     if rels:
         out.append(
             f"median relative error ||SNN - ANN|| / ||ANN|| at T={T} of the converted: {statistics.median(rels):.4f} "
-            f"(min {min(rels):.4f}, max {max(rels):.4f})"
+            f"(min {min(rels):.4f}, max {max(rels):.4f}; {len(rels)} models"
+            + (f", leaving out {len(near_zero)} whose ANN output is ~0)" if near_zero else ")")
         )
+    for name, ann, diff in near_zero:
+        out.append(f"ANN output ~0: {name} (||ANN|| {ann}; absolute error ||SNN - ANN|| {diff}, no relative error)")
     for why, k in sorted(reasons.items(), key=lambda kv: -kv[1]):
         out.append(f"refused ({k}): {why}")
     for status in ("timeout", "memory", "crash"):
@@ -348,7 +373,7 @@ def timm_sweep(args) -> None:
     out = Path(args.out)
     done = _read_rows(out) if args.resume or args.summary_only else {}
     if args.retry:
-        done = {n: r for n, r in done.items() if r[0] not in args.retry}
+        done = {n: r for n, r in done.items() if r[0] not in args.retry and n not in args.retry}
     cmd = "python benchmarks/zoo.py " + " ".join(sys.argv[1:])
     head = [
         cmd,
@@ -410,9 +435,14 @@ def main(argv=None):
     ap.add_argument("--note", nargs="*", default=[], help="note lines for the head of --out")
     ap.add_argument("--mem", type=float, default=10, help="GiB of address space per timm model (0: no cap)")
     ap.add_argument("--out", default=None, help="results file (default results/zoo_timm.txt, --all: zoo_timm_all.txt)")
-    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (failures run again)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (see --retry)")
     ap.add_argument("--refresh", action="store_true", help="rebuild the cached timm candidate list")
-    ap.add_argument("--retry", nargs="*", default=None, help="with --resume: run the rows of these statuses again")
+    ap.add_argument(
+        "--retry",
+        nargs="*",
+        default=None,
+        help="with --resume: run again the rows of these statuses (crash, refused, ...) or models (by name)",
+    )
     ap.add_argument("--timm-one", default=None, help="measure one timm model in this process (the sweep's worker)")
     args = ap.parse_args(argv)
     if args.out is None:

@@ -10,8 +10,11 @@ Facts (computed once here, read by the passes):
 - `snn_shape`: the tensor's shape for a batch of 2 (a tuple of shapes for tuple outputs), None otherwise;
 - `snn_batched`: the value depends on the input's batch (a tensor carrying the batch in dim 0, or a size
   computed from it); parameter-only subgraphs (weights standardised in forward) are not batched;
-- `snn_batch_value`: for sizes, 'int' (this int is the batch size), 'size' (a torch.Size whose first entry
-  is the batch size) or 'other' (derived from the batch size some other way);
+- `snn_batch_value`: for sizes, 'int' (this int is k times the batch size), 'size' (a torch.Size whose first
+  entry is k times the batch size) or 'other' (derived from the batch size some other way);
+- `snn_batch_dim`, `snn_batch_factor`: for tensors, the dim carrying the batch and k where its size is k * N
+  (k > 1 where the batch was merged with later dims: Swin's windows [N * nW, ...]); for 'int'/'size' values,
+  snn_batch_factor is their k;
 - `snn_kind`: from the registry `OPS`: 'activation' (becomes a neuron), 'maxpool', 'linear' (stateless and
   linear in its one batch-carrying input, safe on time-folded batches), 'tensors' (a tuple of such, from
   chunk/split), 'value' (shape arithmetic) or 'constant' (reads no batch-carrying tensor: any op is fine).
@@ -977,19 +980,37 @@ def _record(out, out2, n: int):
         return tuple(out.shape), tuple(out.shape) != tuple(out2.shape), None, d, k
     if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) or o is None for o in out):
         pairs = list(zip(out, out2))  # (attention's output, None): a tuple with an empty place
-        dims = tuple(None if o is None else _tensor_batch(o, p, n)[0] for o, p in pairs)
+        facts = [None if o is None else _tensor_batch(o, p, n) for o, p in pairs]
+        dims = tuple(None if f is None else f[0] for f in facts)
         batched = any(o is not None and o.shape != p.shape for o, p in pairs)
-        return tuple(None if o is None else tuple(o.shape) for o in out), batched, None, dims, 1
+        # the tuple's factor: its batched members' common one (unbind of Swin's qkv: the windows' nW)
+        ks = {f[1] for f in facts if f is not None and f[1] > 0}
+        return (
+            tuple(None if o is None else tuple(o.shape) for o in out),
+            batched,
+            None,
+            dims,
+            ks.pop() if len(ks) == 1 else 1,
+        )
     if isinstance(out, int) and not isinstance(out, bool):
         if out == out2:
             return None, False, None, None, 0
-        return None, True, "int" if (out, out2) == (n, n + 1) else "other", None, 0
+        k = _int_factor(out, out2, n)
+        return None, True, "int" if k else "other", None, k
     if isinstance(out, (tuple, list)) and out and all(isinstance(o, int) for o in out):
         if tuple(out) == tuple(out2):
             return None, False, None, None, 0
         same_rest = len(out) == len(out2) and tuple(out[1:]) == tuple(out2[1:])
-        return None, True, "size" if same_rest and (out[0], out2[0]) == (n, n + 1) else "other", None, 0
+        k = _int_factor(out[0], out2[0], n) if same_rest else 0
+        return None, True, "size" if k else "other", None, k
     return None, False, None, None, 0
+
+
+def _int_factor(a: int, b: int, n: int) -> int:
+    """k where a size is k times the batch (k * n at batch n, k * (n + 1) at n + 1), else 0: Swin's B_ of its
+    windows [B * nW, ...] is nW times the batch."""
+    k = b - a
+    return k if k > 0 and a == k * n else 0
 
 
 class _Recorder(fx.Interpreter):
@@ -1067,8 +1088,11 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str | None, str]:
         return "linear", ""
     t = node.target
     ins = node.all_input_nodes
-    if "snn_batched" in node.meta and not any(_batched(a) for a in ins) and node.op != "call_module":
-        return "constant", ""  # reads no batch-carrying tensor (parameters, constants): step-invariant
+    if "snn_batched" in node.meta and not any(_batched(a) for a in ins):
+        # reads no batch-carrying tensor (parameters, constants): step-invariant; a module too where it reads
+        # a constant (test_vit_relpos's position MLP, Linear -> ReLU on a coordinate table: no neurons there)
+        if node.op != "call_module" or (ins and not node.meta["snn_batched"]):
+            return "constant", ""
     if node.op == "call_function" and t is getattr:
         return "value", ""
     name = op_of(node, gm)

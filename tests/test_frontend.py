@@ -390,3 +390,80 @@ def test_roll_over_the_batch_is_refused():
 
 def test_tensor_constants_lifted_by_fx_stay_and_keys_do_not_change():
     converts_and_agrees(_CachedTensor(), T=128, tol=0.05)
+
+
+class _ShiftedWindowAttention(nn.Module):
+    """Swin's shifted-window attention as timm writes it: roll, window partition (B read from the tensor,
+    windows [B * nW, ws * ws, C]), attention over each window with the shift's mask (B_ // nW), softmax,
+    window reverse (view(B, ...) of a [B * nW, ...] tensor), roll back."""
+
+    def __init__(self, c=8, ws=4, heads=2, shift=2):
+        super().__init__()
+        self.ws, self.heads, self.shift = ws, heads, shift
+        self.embed = nn.Conv2d(3, c, 4, stride=2, padding=1)  # 16x16 -> 8x8 tokens: 4 windows of 4x4
+        self.qkv, self.proj, self.head = nn.Linear(c, 3 * c), nn.Linear(c, c), nn.Linear(c, 4)
+        mask = torch.zeros(8, 8)  # Swin's shift mask: tokens from different regions do not attend to each other
+        mask[-shift:, :] += 1
+        mask[:, -shift:] += 2
+        m = mask.view(2, ws, 2, ws).permute(0, 2, 1, 3).reshape(4, ws * ws)
+        self.register_buffer("mask", (m.unsqueeze(1) != m.unsqueeze(2)).float() * -100.0)
+
+    def forward(self, x):
+        x = torch.relu(self.embed(x)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        B, H, W, C = x.shape
+        ws, s, nW = self.ws, self.shift, self.mask.shape[0]
+        x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+        x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        attn = attn.view(B_ // nW, nW, self.heads, N, N) + self.mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, self.heads, N, N).softmax(-1)
+        x = self.proj((attn @ v).transpose(1, 2).reshape(B_, N, -1))
+        x = x.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        x = torch.relu(torch.roll(x, shifts=(s, s), dims=(1, 2)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_window_attention_sizes_follow_the_folded_batch():
+    """Sizes k times the batch (B_ = B * nW of the windows) are recorded with their factor and rebuilt from the
+    reshaped tensor's own batch: size(0) // k_src * k (fold_batch_sizes), so partition, masked attention and
+    reverse follow [T * N * nW, ...]; the SNN approaches the ANN as T grows."""
+    torch.manual_seed(0)
+    model = _ShiftedWindowAttention().eval()
+    gm = annotate(trace(model), torch.rand(4, 3, 16, 16))
+    ints = {n.meta["snn_batch_factor"] for n in gm.graph.nodes if n.meta.get("snn_batch_value") == "int"}
+    assert ints == {1, 4}, ints  # B and B_ // nW; B_ = 4 B
+    calib, x = torch.rand(32, 3, 16, 16), torch.rand(5, 3, 16, 16)
+    snn = snnconv.convert(model, T=16, calib=calib)
+    assert list(snn.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+        rel = {}
+        for T in (16, 256):
+            snn.T = T
+            rel[T] = ((snn(x) - ref).norm() / ref.norm()).item()
+    assert rel[256] < rel[16] and rel[256] < 0.01, rel
+
+
+class _TableMlp(nn.Module):
+    """A module applied to a constant table (timm's RelPosMlp: Linear -> ReLU -> Linear on log-spaced
+    coordinates) whose output is added to the features: step-invariant, no neurons there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 16 * 16, 4)
+        self.register_buffer("coords", torch.linspace(-1, 1, 16 * 16 * 2).view(16 * 16, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        bias = self.mlp(self.coords).t().reshape(1, 8, 16, 16)
+        return self.fc(torch.relu(self.conv(x) + bias).flatten(1))
+
+
+def test_modules_on_constants_are_constants():
+    gm = annotate(trace(_TableMlp().eval()), torch.rand(4, 3, 16, 16))
+    kinds = {n.target: n.meta["snn_kind"] for n in gm.graph.nodes if n.op == "call_module"}
+    assert kinds["mlp.0"] == kinds["mlp.1"] == kinds["mlp.2"] == "constant", kinds
+    converts_and_agrees(_TableMlp(), T=128, tol=0.05)
