@@ -477,24 +477,11 @@ def _inference_identity(node: fx.Node) -> bool:
     return inference_identity(node)
 
 
-_HINTS = {
-    "sigmoid": "sigmoid is not a ReLU-like activation: integrate-and-fire neurons cannot represent it",
-    "tanh": "tanh takes negative values: integrate-and-fire neurons cannot represent it",
-    "gelu": "GELU is not piecewise linear: retrain with nn.ReLU",
-    "silu": "SiLU/Swish is not piecewise linear: retrain with nn.ReLU",
-    "hardswish": "Hardswish multiplies the input by a gate: retrain with nn.ReLU",
-    "hardsigmoid": "Hardsigmoid gates are multiplicative: retrain with nn.ReLU",
-    "softmax": "softmax over a time-varying input differs from softmax of the rate; drop it from the "
-    "model (argmax is unchanged) and apply it to snn(x) afterwards",
-    "layer_norm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
-    "layernorm": "LayerNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
-    "group_norm": "GroupNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
-    "groupnorm": "GroupNorm normalises each sample per step with data-dependent statistics; use BatchNorm",
-    "leaky": "LeakyReLU passes negative values: use nn.ReLU",
-    "leaky_relu": "LeakyReLU passes negative values: use nn.ReLU",
-    "leakyrelu": "LeakyReLU passes negative values: use nn.ReLU",
-    "elu": "ELU passes negative values: use nn.ReLU",
+_HINTS = {  # why an op the registry does not know cannot run, where there is more to say than its name
     "maxpool": "max pooling with return_indices or dilation is not supported",
+    "lstm": "recurrent state across the sequence: an LSTM has no spiking equivalent here",
+    "gru": "recurrent state across the sequence: a GRU has no spiking equivalent here",
+    "rnn": "recurrent state across the sequence: an RNN has no spiking equivalent here",
 }
 
 
