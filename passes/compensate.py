@@ -13,6 +13,7 @@ import torch.fx as fx
 from snnconv.passes.contract import contract
 from snnconv.passes.lower_activations import free_name
 from snnconv.runtime.compensate import RunningDiff, RunningMean
+from snnconv.trace import time_varying
 
 
 def _insert(gm: fx.GraphModule, anchor: fx.Node, module, kind: str) -> fx.Node:
@@ -26,10 +27,6 @@ def _insert(gm: fx.GraphModule, anchor: fx.Node, module, kind: str) -> fx.Node:
     return new
 
 
-def _time_varying(a: fx.Node) -> bool:
-    return bool(a.meta.get("snn_batched")) and a.meta.get("snn_kind") not in ("value", "constant")
-
-
 def _mean_of(gm: fx.GraphModule, a: fx.Node, made: dict, depth: int = 2) -> fx.Node | None:
     """A node computing the running mean of `a` without a RunningMean, or None: a RunningDiff's input, or a cheap
     linear op (no weights) repeated on the means of its time-varying inputs."""
@@ -40,7 +37,7 @@ def _mean_of(gm: fx.GraphModule, a: fx.Node, made: dict, depth: int = 2) -> fx.N
         return a.args[0]
     if depth == 0 or kind != "linear" or a.op not in ("call_function", "call_method"):
         return None
-    inputs = [b for b in a.all_input_nodes if _time_varying(b)]
+    inputs = [b for b in a.all_input_nodes if time_varying(b)]
     means = [_mean_of(gm, b, made, depth - 1) for b in inputs]
     if not inputs or any(m is None for m in means):
         return None
@@ -66,7 +63,7 @@ def compensate(gm: fx.GraphModule, settings) -> fx.GraphModule:
             continue
         for i, n in enumerate(gm.graph.nodes):
             n.meta["snn_position"] = i
-        for a in [a for a in node.all_input_nodes if _time_varying(a)]:
+        for a in [a for a in node.all_input_nodes if time_varying(a)]:
             mean = _mean_of(gm, a, made)
             if mean is not None:
                 node.replace_input_with(a, mean)

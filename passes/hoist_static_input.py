@@ -36,9 +36,10 @@ def hoist_static_input(gm: fx.GraphModule, settings) -> fx.GraphModule:
             continue
         elif node.meta.get("snn_kind") == "constant" or node.op == "output":
             continue
-        elif any(a in static_sizes for a in ins) and all(a in static or not _batch_carrying(a) for a in ins):
-            static.add(node)  # built from a step-invariant batch size (cls_token.expand(x.shape[0], -1, -1))
-        elif all(a in static or not _batch_carrying(a) for a in ins) and any(a in static for a in ins):
+        # from step-invariant tensors, or built from a step-invariant batch size (cls_token.expand(x.shape[0], ...))
+        elif all(a in static or not _batch_carrying(a) for a in ins) and any(
+            a in static or a in static_sizes for a in ins
+        ):
             static.add(node)
             if node.meta.get("snn_kind") == "maxpool":
                 node.meta["static_input"] = True

@@ -16,15 +16,12 @@ import torch.nn.functional as F
 
 from snnconv.passes.contract import contract
 from snnconv.passes.lower_activations import add_neuron
+from snnconv.trace import time_varying
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LINEAR_MODULES = (nn.Linear, nn.MultiheadAttention)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm, torch.einsum, F.linear, "matmul", "__matmul__", "bmm")
-
-
-def _time_varying(a) -> bool:
-    return isinstance(a, fx.Node) and bool(a.meta.get("snn_batched")) and a.meta.get("snn_kind") != "value"
 
 
 def _depthwise(m: nn.Module) -> bool:
@@ -33,7 +30,7 @@ def _depthwise(m: nn.Module) -> bool:
 
 def weighted_inputs(gm: fx.GraphModule, node: fx.Node, depthwise: bool = True) -> tuple[list[fx.Node], int]:
     """(the time-varying inputs a weighted layer multiplies by its weights, their channel dim), or ([], 0)."""
-    ins = [a for a in node.all_input_nodes if _time_varying(a)]
+    ins = [a for a in node.all_input_nodes if time_varying(a)]
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if isinstance(m, _CONV):
@@ -57,7 +54,7 @@ def _reads_compensated(node: fx.Node, gm: fx.GraphModule, seen: set) -> bool:
         return True
     if kind not in ("linear", "tensors") or node.op == "placeholder" or weighted_inputs(gm, node)[0]:
         return False
-    return any(_reads_compensated(a, gm, seen) for a in node.all_input_nodes if _time_varying(a))
+    return any(_reads_compensated(a, gm, seen) for a in node.all_input_nodes if time_varying(a))
 
 
 @contract(requires=("neurons_lowered",), provides=("spike_inputs",))

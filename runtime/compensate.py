@@ -43,7 +43,6 @@ class _Running(nn.Module):
         super().__init__()
         self.batch_dim = batch_dim
         self.static_input = False  # hoist_static_input: the value is step-invariant (materialise sets it)
-        self.calls = 0  # SNN-mode calls that computed (reports count these float ops apart from spikes)
 
     def extra_repr(self) -> str:
         return f"batch_dim={self.batch_dim}"
@@ -63,7 +62,6 @@ class RunningMean(_Running):
         call = self._running()
         if call is None:
             return x
-        self.calls += 1
         xs = _steps_view(x, self.batch_dim, call.steps)
         total, t0 = call.state.get(self, (None, 0))
         sums = torch.cumsum(xs, 0)
@@ -88,7 +86,6 @@ class RunningDiff(_Running):
         call = self._running()
         if call is None or not isinstance(f, torch.Tensor):
             return f
-        self.calls += index is None or index == 0
         dim = self.batch_dim if isinstance(self.batch_dim, int) else self.batch_dim[index]
         if dim is None:  # an output that does not carry the batch
             return f

@@ -28,10 +28,7 @@ def by_channel(y: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def observed(neuron: Neuron, observer):
     """What an observer of `neuron` sees: its ANN activation, in magnitude for a two-sided neuron (its threshold
-    bounds |x|), rows along its channel dim."""
-    if not neuron.two_sided and neuron.channel_dim == 1:
-        return observer
-    observer.channel_dim = neuron.channel_dim
+    bounds |x|)."""
     return (lambda y: observer(y.abs())) if neuron.two_sided else observer
 
 
@@ -43,10 +40,8 @@ class Stats:
     Rows the kept values cannot decide (see Tail) take the merged histogram's estimate
     (snnconv.distributed.Histogram: within one bin, < 2 * max / 1024, of the exact percentile)."""
 
-    channel_dim = 1
-
-    def __init__(self, per_channel: bool, q: float):
-        self.per_channel, self.q = per_channel, q
+    def __init__(self, per_channel: bool, q: float, channel_dim: int = 1):
+        self.per_channel, self.q, self.channel_dim = per_channel, q, channel_dim
         self.max: torch.Tensor | None = None
         self.tail: distributed.Tail | None = None
         self.histogram: distributed.Histogram | None = None
@@ -140,7 +135,7 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
     neurons = [m for m in gm.modules() if isinstance(m, Neuron)]
     q = settings.percentile / 100.0
     merged = distributed.active()
-    observers = [Stats(settings.per_channel, q) for _ in neurons]
+    observers = [Stats(settings.per_channel, q, n.channel_dim) for n in neurons]
     seen = _observe(gm, calib, limit, neurons, observers, check)
     if merged:  # every rank must have data: an empty shard would leave its observers without a shape
         if distributed.all_reduce(torch.tensor(float(seen == 0)), "max").item():
@@ -162,7 +157,7 @@ def calibrate(gm, settings, calib, limit: int | None, check) -> None:
         th = stats.threshold("max" if settings.threshold_method == "max" else "percentile")
         tops.append(th.clamp(max=n.clip) if n.clip is not None else th)
     if search:
-        errors = [ClipError(top, settings.per_channel) for top in tops]
+        errors = [ClipError(top, settings.per_channel, n.channel_dim) for n, top in zip(neurons, tops)]
         _observe(gm, calib, limit, neurons, errors)
         levels = settings.T * settings.neuron.max_spikes
         tops = [err.best_threshold(levels, settings.neuron.v_init) for err in errors]
@@ -188,10 +183,13 @@ class ClipError:
     threshold, plus the count, sum and sum of squares of a / R >= 1 (clipped by any theta <= R), from
     which the squared error of every candidate theta is summed exactly up to the bin width (R / bins)."""
 
-    channel_dim = 1
-
-    def __init__(self, top: torch.Tensor, per_channel: bool, bins: int = 1024):
-        self.top, self.per_channel, self.bins = top.double().reshape(-1), per_channel, bins
+    def __init__(self, top: torch.Tensor, per_channel: bool, channel_dim: int = 1, bins: int = 1024):
+        self.top, self.per_channel, self.channel_dim, self.bins = (
+            top.double().reshape(-1),
+            per_channel,
+            channel_dim,
+            bins,
+        )
         self.counts = torch.zeros(len(self.top), bins, dtype=torch.float64)
         self.over = torch.zeros(3, len(self.top), dtype=torch.float64)  # count, sum, sum of squares above R
 

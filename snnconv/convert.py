@@ -229,7 +229,7 @@ def rebuild(model: nn.Module, settings: Settings) -> SpikingModel:
     """The SNN graph of `model` for validated `settings` (a checkpoint's), without calibration: the
     thresholds are the caller's to set (SpikingModel.load_conversion_state). `model` itself is never touched."""
     # facts are about shapes: any input of the right shape (token ids: zeros, a valid index in any table)
-    example = torch.zeros(2, *settings.input_shape, dtype=torch.long) if settings.input_integer else None
-    example = torch.rand(2, *settings.input_shape) if example is None else example
+    shape = (2, *settings.input_shape)
+    example = torch.zeros(shape, dtype=torch.long) if settings.input_integer else torch.rand(shape)
     gm, log = _prepare(copy.deepcopy(model).eval(), settings, example)
     return _lower(gm, settings, log, model)

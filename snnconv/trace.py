@@ -160,16 +160,21 @@ def _roll_rule(node):
     return None
 
 
-def _product_rule(node):
-    return None  # a product of two time-varying tensors is compensated (see _classify); by a weight, linear
-
-
 _DIM_ARG_OPS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+
+
+def time_varying(node) -> bool:
+    """Does this node carry the batch as a tensor (not a size, not a constant)? Such values differ per step."""
+    return (
+        isinstance(node, fx.Node)
+        and bool(node.meta.get("snn_batched"))
+        and node.meta.get("snn_kind") not in ("value", "constant")
+    )
 
 
 def is_time_product(node: fx.Node) -> bool:
     """A product (or quotient) of time-varying tensors, or a division by one: not linear in its inputs."""
-    batched = [a for a in node.all_input_nodes if a.meta.get("snn_batched") and a.meta.get("snn_kind") != "value"]
+    batched = [a for a in node.all_input_nodes if time_varying(a)]
     if len(batched) > 1:
         return True
     divides = node.target in (operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__")
@@ -286,13 +291,11 @@ OPS: dict[str, Op] = {
         ("add", "add_", "sub", "sub_", "neg", "__add__", "__radd__", "__sub__"),
         (_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor, _aten.neg.default),
     ),
-    "mul": Op(  # linear when at most one factor carries the batch (scaling by constants or parameters)
+    "mul": Op(  # linear when at most one factor carries the batch; else compensated (_classify)
         "linear",
         (operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div),
         ("mul", "mul_", "div", "div_", "__mul__", "__rmul__", "__truediv__"),
         (_aten.mul.Tensor, _aten.div.Tensor, _aten.mul.Scalar),
-        (),
-        _product_rule,
     ),
     "cat": Op(
         "linear", (torch.cat, torch.concat, torch.stack), (), (_aten.cat.default, _aten.stack.default), (), _cat_rule
@@ -425,7 +428,6 @@ OPS: dict[str, Op] = {
         ("matmul", "__matmul__", "bmm"),
         (_aten.matmul.default, _aten.bmm.default, _aten.mm.default),
         (nn.MultiheadAttention,),
-        _product_rule,
     ),
     # new tensors whose only batch-dependent arguments are sizes (hoist_static_input knows where each size was read)
     "new_tensor": Op(
@@ -1146,8 +1148,7 @@ def _merge_rule(node: fx.Node) -> str | None:
     factor = node.meta.get("snn_batch_factor", 1)
     if not node.meta.get("snn_batched") or not isinstance(node.meta.get("snn_batch_dim"), int) or factor == 0:
         return None
-    tensors = [a for a in node.all_input_nodes if a.meta.get("snn_batched") and a.meta.get("snn_kind") != "value"]
-    src = tensors[0] if tensors else None
+    src = next((a for a in node.all_input_nodes if time_varying(a)), None)
     if src is None or src.meta.get("snn_batch_factor", 1) == factor:
         return None
     if batch_dim(src) == 0 and node.meta.get("snn_batch_dim") == 0:

@@ -104,3 +104,15 @@ def _timm_model(name: str, img_size: int | None = None) -> torch.nn.Module:
 def timm_model():
     """timm_model(name, img_size=None): a timm model as the timm tests convert it (see _timm_model)."""
     return _timm_model
+
+
+def _same_state_dict(snn, model) -> None:
+    """The SNN's state_dict keys are the ANN's, in order, and each loads the other's strictly."""
+    assert list(snn.state_dict()) == list(model.state_dict())
+    snn.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(snn.state_dict(), strict=True)
+
+
+@pytest.fixture
+def same_state_dict():
+    return _same_state_dict

@@ -193,7 +193,7 @@ def test_two_sided_neuron_against_a_float64_loop():
 
 
 @pytest.mark.parametrize("name", sorted(MODERN_NETS))
-def test_modern_nets_convert_and_approach_the_ann(name, tmp_path):
+def test_modern_nets_convert_and_approach_the_ann(name, tmp_path, same_state_dict):
     torch.manual_seed(0)
     model = MODERN_NETS[name]().eval()
     calib, x = torch.rand(64, 1, 28, 28), torch.rand(16, 1, 28, 28)
@@ -205,9 +205,7 @@ def test_modern_nets_convert_and_approach_the_ann(name, tmp_path):
         with torch.no_grad():
             errors[T] = ((snn(x) - ref).abs().max() / ref.abs().max()).item()
     assert errors[64] < errors[8] and errors[64] < 0.05, errors
-    assert list(snn.state_dict()) == list(model.state_dict())  # keys unchanged, strict load both ways
-    snn.load_state_dict(model.state_dict(), strict=True)
-    model.load_state_dict(snn.state_dict(), strict=True)
+    same_state_dict(snn, model)  # keys unchanged, strict load both ways
     path = tmp_path / "m.safetensors"
     snnconv.save(snn, path)
     again = snnconv.load(path, model=MODERN_NETS[name]())

@@ -20,16 +20,14 @@ CI = {
 
 
 @pytest.mark.parametrize("name", sorted(CI))
-def test_timm_model_converts_and_agrees(name):
+def test_timm_model_converts_and_agrees(name, same_state_dict):
     size, T, tol = CI[name]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     g = torch.Generator().manual_seed(1)
     calib, x = torch.rand(16, 3, size, size, generator=g), torch.rand(3, 3, size, size, generator=g)
     snn = snnconv.convert(model, T=T, calib=calib)
-    assert list(snn.state_dict()) == list(model.state_dict())
-    snn.load_state_dict(model.state_dict(), strict=True)
-    model.load_state_dict(snn.state_dict(), strict=True)
+    same_state_dict(snn, model)
     with torch.no_grad():
         ref, out = model(x), snn(x)
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -52,13 +50,11 @@ MODERN = {
 SLOW = {"vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"}
 
 
-def _converts_and_approaches(model, size):
+def _converts_and_approaches(model, size, same_state_dict):
     g = torch.Generator().manual_seed(1)
     calib, x = torch.rand(4, 3, size, size, generator=g), torch.rand(2, 3, size, size, generator=g)
     snn = snnconv.convert(model, T=64, calib=calib)
-    assert list(snn.state_dict()) == list(model.state_dict())
-    snn.load_state_dict(model.state_dict(), strict=True)
-    model.load_state_dict(snn.state_dict(), strict=True)
+    same_state_dict(snn, model)
     with torch.no_grad():
         ref = model(x)
         rel64 = ((snn(x) - ref).norm() / ref.norm()).item()
@@ -68,13 +64,13 @@ def _converts_and_approaches(model, size):
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(MODERN)])
-def test_timm_modern_model_converts_and_approaches_the_ann(name, timm_model):
+def test_timm_modern_model_converts_and_approaches_the_ann(name, timm_model, same_state_dict):
     size, takes_img_size = MODERN[name]
-    _converts_and_approaches(timm_model(name, size if takes_img_size else None), size)
+    _converts_and_approaches(timm_model(name, size if takes_img_size else None), size, same_state_dict)
 
 
 # Swin's window partition/reverse reads sizes k times the batch (B_ = B * nW, B_ // nW): fold_batch_sizes
 # rebuilds them from the reshaped tensor's batch factor. Convert ~70 s here under load ~5: slow.
 @pytest.mark.slow
-def test_timm_swin_converts_and_approaches_the_ann(timm_model):
-    _converts_and_approaches(timm_model("swin_tiny_patch4_window7_224", 32), 32)
+def test_timm_swin_converts_and_approaches_the_ann(timm_model, same_state_dict):
+    _converts_and_approaches(timm_model("swin_tiny_patch4_window7_224", 32), 32, same_state_dict)

@@ -23,15 +23,13 @@ def input_size(name: str) -> int:
 
 
 @pytest.mark.parametrize("name", CI + MODERN_CI + [pytest.param(n, marks=pytest.mark.slow) for n in REST + MODERN_REST])
-def test_zoo_model_converts(name, tv_model):
+def test_zoo_model_converts(name, tv_model, same_state_dict):
     model = tv_model(name)
     hw = input_size(name)
     g = torch.Generator().manual_seed(2)
     calib, x = torch.rand(8, 3, hw, hw, generator=g), torch.rand(2, 3, hw, hw, generator=g)
     snn = snnconv.convert(model, T=4, calib=calib)
-    assert list(snn.state_dict()) == list(model.state_dict())
-    snn.load_state_dict(model.state_dict(), strict=True)
-    model.load_state_dict(snn.state_dict(), strict=True)
+    same_state_dict(snn, model)
     # both step modes, over the same 4 steps
     y_m = snn(x, per_step=True)
     snn.step_mode = "s"
